@@ -1,0 +1,91 @@
+"""Command-line front end: ``zotune train | eval | tasks | setup``.
+
+User errors (bad config, missing file or model, empty data) print one line
+``zotune: error: ...`` and exit with status 2; nothing is destroyed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import ZotuneError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_run_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", metavar="FILE", help="YAML config (every key has a default)")
+    sub.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
+    sub.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zotune",
+        description="Fine-tune language models with zeroth-order (forward-pass-only) optimizers.",
+    )
+    parser.add_argument("--version", action="version", version=f"zotune {_version()}")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_args(subs.add_parser("train", help="fine-tune a model on a task and evaluate it"))
+    _add_run_args(subs.add_parser("eval", help="evaluate a model on a task (zero-shot)"))
+    subs.add_parser("tasks", help="list built-in tasks and where their data comes from here")
+    subs.add_parser("setup", help="fetch the default data and prepare the embedded model (once)")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _dispatch(args)
+    except ZotuneError as err:
+        print(f"zotune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "tasks":
+        from .tasks import list_tasks
+
+        rows = list_tasks()
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            print(f"{r['name']:<{width}}  {r['description']}")
+            print(f"{'':<{width}}  source here: {r['source']}")
+        return 0
+
+    if args.command == "setup":
+        from .models import DEFAULT_MODEL, load_model
+        from .tasks.fetch import fetch_polarity
+
+        print(f"default data: {fetch_polarity()}")
+        load_model(DEFAULT_MODEL)
+        print(f"default model: {DEFAULT_MODEL} ready")
+        return 0
+
+    from .config import load_config
+    from .train.trainer import run_eval, run_train
+
+    cfg = load_config(args.config, args.overrides)
+    runner = run_train if args.command == "train" else run_eval
+    runner(cfg, args.out, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

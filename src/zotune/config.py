@@ -1,0 +1,241 @@
+"""Run configuration: YAML file + ``key=value`` overrides, validated into dataclasses.
+
+Every key has a default here, so a config file only says what differs. Unknown keys, wrong
+types and out-of-range values raise :class:`~zotune.errors.ConfigError` with one line naming
+the key. The ``task`` section is free-form here and validated by :func:`zotune.tasks.task_spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_TASK = "rotten_tomatoes"
+SCHEMES = ("full",)
+FO_OPTIMIZERS = ("SGD", "AdamW")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+
+
+@dataclass
+class TuningConfig:
+    scheme: str = "full"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "ZOSGD"
+    lr: float | None = None  # None: the default for this optimizer and scheme
+    eps: float | None = None
+    n_queries: int = 1
+    distribution: str = "gaussian"
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    eval_every: int = 0  # 0: evaluate on the dev set only at the end
+    log_every: int = 10
+    max_length: int = 128  # prompt + continuation tokens; longer prompts are cut on the left
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = None  # cap on test examples (None: all of the task's test set)
+    batch_size: int = 16
+    zero_shot: bool = True  # `zotune train` also evaluates before training
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_TASK})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- loading -------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (optional), apply ``a.b=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{near[0]!r}?)" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        typ, value, dotted = hints[name], raw[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} must be a section (mapping), got {value!r}")
+            values[name] = _build(typ, value, prefix=f"{dotted}.")
+        else:
+            values[name] = _coerce(value, typ, dotted)
+    return cls(**values)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against a field type; numbers written as strings (``1e-6``) are parsed."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(typ)
+        if value is None and type(None) in options:
+            return None
+        typ = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(typ)
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} must be {_type_name(typ)}, got {value!r}")
+
+
+def _type_name(typ: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+# -- validation ----------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone do not express."""
+    from .models.loader import resolve_dtype
+    from .optim.factory import optimizer_names
+
+    resolve_dtype(cfg.model.dtype)
+    if cfg.tuning.scheme not in SCHEMES:
+        raise ConfigError(
+            f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"
+        )
+    names = optimizer_names()
+    if cfg.optimizer.name not in names:
+        near = difflib.get_close_matches(cfg.optimizer.name, names, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else f"; choose one of {', '.join(names)}"
+        raise ConfigError(f"unknown optimizer.name {cfg.optimizer.name!r}{hint}")
+    o, t, e = cfg.optimizer, cfg.train, cfg.eval
+    _require(o.lr is None or o.lr >= 0, "optimizer.lr", "must be >= 0", o.lr)
+    _require(o.eps is None or o.eps > 0, "optimizer.eps", "must be > 0", o.eps)
+    _require(o.n_queries >= 1, "optimizer.n_queries", "must be >= 1", o.n_queries)
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", o.weight_decay)
+    _require(
+        o.distribution in ("gaussian", "rademacher"),
+        "optimizer.distribution", "must be gaussian or rademacher", o.distribution,
+    )
+    _require(t.steps >= 1, "train.steps", "must be >= 1", t.steps)
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _require(t.max_length >= 8, "train.max_length", "must be >= 8", t.max_length)
+    _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)
+    _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
+    if not cfg.task:
+        raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} {rule}, got {value!r}")

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (bad config, missing file, unknown model, empty data) raises
+:class:`ZotuneError` with one clear line. The CLI prints it as ``zotune: error: <message>``
+and exits non-zero, without a traceback. Programming errors stay ordinary exceptions.
+"""
+
+
+class ZotuneError(Exception):
+    """An error caused by user input, reported as one line without a traceback."""
+
+
+class ConfigError(ZotuneError):
+    """Invalid configuration: unknown key, wrong type, value out of range."""
+
+
+class DataError(ZotuneError):
+    """Missing, unreadable, empty or inconsistent data."""
+
+
+class ModelError(ZotuneError):
+    """A model that cannot be found or loaded."""

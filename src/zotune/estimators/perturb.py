@@ -1,0 +1,129 @@
+"""Perturb parameters on the fly, leaving the weights untouched.
+
+MeZO perturbs weights in place (``x += eps*z`` ... ``x -= 2*eps*z`` ... ``x += eps*z``), which
+does not return ``x`` bit-for-bit in floating point. Here the weights are never written during
+a probe. Inside :class:`Perturbation`, a :class:`~torch.overrides.TorchFunctionMode` swaps
+every registered parameter that reaches a torch op for ``p + scale * z(p)``, materialised
+into a pooled buffer just before that op and recycled right after it. So:
+
+* restoration is exact by construction (nothing to restore), whatever the dtype, and a
+  closure that raises or returns NaN leaves the weights as they were;
+* extra memory is O(largest parameter), never a second copy of the model;
+* it works for any model and any closure (modules, tied weights, raw tensor maths), because
+  it sees ops rather than modules. Its cost is one Python call per op (~2k ops per forward
+  for a 30-layer model, unmeasurable next to the matmuls).
+
+An op whose output aliases the perturbed buffer (``w.t()``, ``w.view(...)``) keeps the buffer
+alive through that output; such a buffer is simply not recycled.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .directions import DirectionSampler
+
+_PLAIN = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
+class _BufferPool:
+    """Free lists of flat buffers keyed by (numel, dtype)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        free = self._free[(numel, dtype)]
+        return free.pop() if free else torch.empty(numel, dtype=dtype)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free[(buf.numel(), buf.dtype)].append(buf)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+def _may_alias(out: object, ptr: int) -> bool:
+    """True unless ``out`` certainly holds no reference to the storage at ``ptr``."""
+    if isinstance(out, torch.Tensor):
+        return out.untyped_storage().data_ptr() == ptr
+    if isinstance(out, (tuple, list)):
+        return any(_may_alias(o, ptr) for o in out)
+    return not isinstance(out, _PLAIN)
+
+
+class Perturbation:
+    """Context manager under which ``params[i]`` reads as ``params[i] + scale * z(keys[i])``.
+
+    ``materializations`` counts how many perturbed copies were built (a parameter used by
+    two ops, e.g. a tied embedding, is built twice).
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        keys: list[int],
+        scale: float,
+        sampler: DirectionSampler,
+        pool: _BufferPool | None = None,
+    ):
+        self._targets = {id(p): (p, k) for p, k in zip(params, keys)}
+        self.scale = scale
+        self.sampler = sampler
+        self.pool = pool if pool is not None else _BufferPool()
+        self.materializations = 0
+        self._mode: _PerturbMode | None = None
+
+    def materialize(self, p: torch.Tensor, key: int) -> torch.Tensor:
+        """``p + scale * z`` in p's dtype, built chunk by chunk into a pooled buffer."""
+        if not p.is_contiguous():
+            raise ValueError("zotune perturbs contiguous parameters only")
+        buf = self.pool.take(p.numel(), p.dtype)
+        flat = p.detach().view(-1)
+        for start, stop, z in self.sampler.chunks(p.numel(), key):
+            torch.add(flat[start:stop], z, alpha=self.scale, out=buf[start:stop])
+        self.materializations += 1
+        return buf.view(p.shape)
+
+    def __enter__(self) -> Perturbation:
+        self._mode = _PerturbMode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._mode is not None
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+
+class _PerturbMode(TorchFunctionMode):
+    def __init__(self, perturbation: Perturbation):
+        super().__init__()
+        self.p = perturbation
+
+    def _swap(self, arg: object, built: list[torch.Tensor]) -> object:
+        if isinstance(arg, torch.Tensor):
+            target = self.p._targets.get(id(arg))
+            if target is None:
+                return arg
+            buf = self.p.materialize(*target)
+            built.append(buf)
+            return buf
+        if isinstance(arg, (list, tuple)) and any(id(a) in self.p._targets for a in arg):
+            return type(arg)(self._swap(a, built) for a in arg)
+        return arg
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        built: list[torch.Tensor] = []
+        args = tuple(self._swap(a, built) for a in args)
+        if kwargs:
+            kwargs = {k: self._swap(v, built) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        for buf in built:
+            if not _may_alias(out, buf.untyped_storage().data_ptr()):
+                self.p.pool.give(buf.view(-1))
+        return out

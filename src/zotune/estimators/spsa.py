@@ -1,0 +1,114 @@
+"""SPSA (simultaneous perturbation) gradient estimate, as in MeZO (Malladi et al. 2023, Alg. 1).
+
+For each of ``n_queries`` directions z_j (seeded, regenerated, never stored)::
+
+    g_j = (f(x + eps*z_j) - f(x - eps*z_j)) / (2*eps)      # the projected gradient
+    grad_hat = (1/q) * sum_j g_j * z_j
+
+The estimate is kept implicit, as the scalars g_j and the seeds that name z_j: a whole
+fine-tune is thus described by a few numbers per step (MeZO's trajectory storage). Update
+rules read it back chunk by chunk (:meth:`SPSAEstimate.chunks`) or as a full tensor per
+parameter (:meth:`SPSAEstimate.materialize`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .directions import DirectionSampler, mix
+from .perturb import Perturbation, _BufferPool
+
+
+def loss_value(loss: object) -> float:
+    """A closure's return value as a Python float."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+        return float(loss.detach().float().item())
+    return float(loss)  # type: ignore[arg-type]
+
+
+def direction_key(query_seed: int, param_index: int) -> int:
+    """Key of z for one parameter (by its index among the optimizer's parameters)."""
+    return mix(query_seed, param_index)
+
+
+@dataclass
+class SPSAEstimate:
+    """An implicit gradient estimate: sum_j weights[j] * z(seeds[j])."""
+
+    seeds: list[int]
+    projected_grads: list[float]
+    loss: float
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (f+, f-) per query
+    sampler: DirectionSampler | None = None
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
+
+    @property
+    def weights(self) -> list[float]:
+        """Coefficient of each direction in grad_hat (g_j / q)."""
+        q = len(self.projected_grads)
+        return [g / q for g in self.projected_grads]
+
+    def chunks(self, param_index: int, numel: int) -> Iterator[tuple[int, int, float, torch.Tensor]]:
+        """Yield ``(start, stop, weight, z_chunk)`` for every direction and chunk of a parameter."""
+        assert self.sampler is not None
+        for seed, w in zip(self.seeds, self.weights):
+            for start, stop, z in self.sampler.chunks(numel, direction_key(seed, param_index)):
+                yield start, stop, w, z
+
+    def materialize(self, param_index: int, out: torch.Tensor) -> torch.Tensor:
+        """Write grad_hat for one parameter into ``out`` (float32, flat or shaped)."""
+        flat = out.view(-1)
+        flat.zero_()
+        for start, stop, w, z in self.chunks(param_index, flat.numel()):
+            flat[start:stop].add_(z, alpha=w)
+        return out
+
+
+class SPSA:
+    """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly (see perturb.py)."""
+
+    def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian"):
+        self.eps = eps
+        self.n_queries = n_queries
+        self.sampler = DirectionSampler(distribution)
+        self._pool = _BufferPool()
+        self.materializations = 0
+
+    def query_seeds(self, step_seed: int) -> list[int]:
+        return [mix(step_seed, j) for j in range(self.n_queries)]
+
+    def estimate(
+        self,
+        closure: Callable[[], object],
+        params: list[torch.Tensor],
+        indices: list[int],
+        step_seed: int,
+    ) -> SPSAEstimate:
+        """Probe the closure at x +- eps*z_j for every query. The weights are never written."""
+        seeds = self.query_seeds(step_seed)
+        losses: list[tuple[float, float]] = []
+        grads: list[float] = []
+        for seed in seeds:
+            keys = [direction_key(seed, i) for i in indices]
+            pair = []
+            for scale in (self.eps, -self.eps):
+                with Perturbation(params, keys, scale, self.sampler, self._pool) as pert:
+                    pair.append(loss_value(closure()))
+                self.materializations += pert.materializations
+            losses.append((pair[0], pair[1]))
+            grads.append((pair[0] - pair[1]) / (2 * self.eps))
+        mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
+        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler)
+
+    def release_memory(self) -> None:
+        """Drop pooled perturbation buffers (they are rebuilt on the next probe)."""
+        self._pool.clear()

@@ -1,0 +1,147 @@
+"""The zeroth-order optimizer base: a gradient estimator plus an update rule.
+
+Subclasses implement only :meth:`ZOOptimizer.update_param` (how one parameter moves given
+the estimate); estimating, seeding, skipping non-finite steps, state_dict and the record of
+each step live here once.
+
+Guarantees (CONTRACT.md), in every dtype:
+
+* ``lr == 0``: parameters are not written at all, so they stay bit-identical;
+* the same seed, model and closures give bit-identical parameters (the step seed is
+  ``mix(seed, step)``, nothing reads global RNG state);
+* ``state_dict()`` carries the step counter and seed, so a reloaded optimizer continues
+  bit-identically;
+* probes never write the weights (see estimators/perturb.py): a closure that raises leaves
+  them untouched and the error propagates; a NaN/inf loss skips the update, counted in
+  ``skipped_steps``, and ``step`` returns the non-finite loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..estimators.directions import DISTRIBUTIONS, mix
+from ..estimators.spsa import SPSA, SPSAEstimate
+
+
+@dataclass
+class StepRecord:
+    """What one step did: enough to redo its update without a forward pass."""
+
+    step: int
+    seed: int
+    query_seeds: list[int]
+    projected_grads: list[float]
+    lrs: list[float]
+    loss: float
+    skipped: bool
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: SPSA estimate, then ``update_param`` for every trainable parameter."""
+
+    forwards_per_query = 2
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        n_queries: int = 1,
+        distribution: str = "gaussian",
+        weight_decay: float = 0.0,
+        **defaults: Any,
+    ):
+        _check(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a number >= 0, got {lr!r}")
+        _check(isinstance(eps, (int, float)) and eps > 0, f"eps must be a number > 0, got {eps!r}")
+        _check(isinstance(seed, int), f"seed must be an int, got {seed!r}")
+        _check(
+            isinstance(n_queries, int) and n_queries >= 1,
+            f"n_queries must be an int >= 1, got {n_queries!r}",
+        )
+        _check(distribution in DISTRIBUTIONS, f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+        self.seed = seed
+        self.eps = float(eps)
+        self.estimator = SPSA(self.eps, n_queries, distribution)
+        self.steps_done = 0
+        self.skipped_steps = 0
+        self.last_record: StepRecord | None = None
+
+    @property
+    def n_queries(self) -> int:
+        return self.estimator.n_queries
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.forwards_per_query * self.n_queries
+
+    def trainable(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """``(index, param, group)`` for every parameter that requires grad; the index is
+        the parameter's position over all groups and names its random direction."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    yield index, p, group
+                index += 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        step_seed = mix(self.seed, self.steps_done)
+        trainable = list(self.trainable())
+        params = [p for _, p, _ in trainable]
+        indices = [i for i, _, _ in trainable]
+        estimate = self.estimator.estimate(closure, params, indices, step_seed)
+        skipped = not estimate.finite
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            for index, p, group in trainable:
+                if group["lr"] != 0:
+                    self.update_param(p, index, estimate, group, self.state[p])
+        self.last_record = StepRecord(
+            step=self.steps_done,
+            seed=step_seed,
+            query_seeds=estimate.seeds,
+            projected_grads=estimate.projected_grads,
+            lrs=[g["lr"] for g in self.param_groups],
+            loss=estimate.loss,
+            skipped=skipped,
+        )
+        self.steps_done += 1
+        return torch.tensor(estimate.loss)
+
+    def update_param(
+        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+    ) -> None:
+        """Move one parameter (lr != 0 here). Called inside ``torch.no_grad()``."""
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done, "skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        super().load_state_dict(state_dict)
+        if zo is not None:
+            self.seed = int(zo["seed"])
+            self.steps_done = int(zo["steps_done"])
+            self.skipped_steps = int(zo["skipped_steps"])
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,55 @@
+"""Build an optimizer from a config section; default hyperparameters per optimizer and scheme.
+
+Zeroth-order defaults follow MeZO (Malladi et al. 2023, Table 15): full fine-tuning
+lr 1e-6 / eps 1e-3. First-order baselines are plain ``torch.optim`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..config import OptimizerConfig
+from .base import ZOOptimizer
+from .sgd import ZOSGD
+
+ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {"ZOSGD": ZOSGD}
+FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
+
+# (lr, eps) by scheme for ZO; lr for FO.
+ZO_DEFAULTS = {"full": (1e-6, 1e-3)}
+FO_DEFAULTS = {"SGD": 1e-4, "AdamW": 1e-5}
+
+
+def optimizer_names() -> list[str]:
+    return [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]
+
+
+def is_zeroth_order(name: str) -> bool:
+    return name in ZO_OPTIMIZERS
+
+
+def resolved_hparams(cfg: OptimizerConfig, scheme: str) -> tuple[float, float | None]:
+    """(lr, eps) with defaults filled in; eps is None for first-order optimizers."""
+    if is_zeroth_order(cfg.name):
+        lr, eps = ZO_DEFAULTS[scheme]
+        return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
+    return (cfg.lr if cfg.lr is not None else FO_DEFAULTS[cfg.name], None)
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter], scheme: str, seed: int
+) -> torch.optim.Optimizer:
+    lr, eps = resolved_hparams(cfg, scheme)
+    if is_zeroth_order(cfg.name):
+        return ZO_OPTIMIZERS[cfg.name](
+            params,
+            lr=lr,
+            eps=eps,
+            seed=seed,
+            n_queries=cfg.n_queries,
+            distribution=cfg.distribution,
+            weight_decay=cfg.weight_decay,
+        )
+    return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay)

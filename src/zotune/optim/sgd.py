@@ -1,0 +1,36 @@
+"""ZO-SGD: MeZO's update, x <- x - lr * (grad_hat + weight_decay * x)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..estimators.spsa import SPSAEstimate
+from .base import ZOOptimizer
+
+
+class ZOSGD(ZOOptimizer):
+    """MeZO / ZO-SGD (Malladi et al. 2023, Algorithm 1).
+
+    ``grad_hat = (1/q) sum_j g_j z_j`` with ``g_j = (f(x+eps z_j) - f(x-eps z_j)) / (2 eps)``.
+    The update streams z chunk by chunk into the parameter: no parameter-sized temporary.
+
+    Args:
+        params: parameters or param groups (``lr`` and ``weight_decay`` per group).
+        lr: learning rate (MeZO full fine-tuning: 1e-6 / 1e-7).
+        eps: perturbation scale (MeZO: 1e-3), shared by all groups.
+        seed: names every random direction of the run.
+        n_queries: directions per step (n-SPSA), averaged.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        weight_decay: L2 penalty folded into the update, as in MeZO.
+    """
+
+    def update_param(
+        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+    ) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            p.mul_(1 - lr * wd)
+        flat = p.view(-1)
+        for start, stop, weight, z in estimate.chunks(index, p.numel()):
+            if weight:
+                flat[start:stop].add_(z, alpha=-lr * weight)

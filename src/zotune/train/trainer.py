@@ -1,0 +1,237 @@
+"""The training recipe: config -> task, model, scheme -> optimizer -> loop -> run directory.
+
+Reads top to bottom like a torchtune recipe. Zeroth-order optimizers get a closure that runs
+one forward on the batch (the optimizer calls it 2q times, under ``no_grad``); first-order
+baselines (``torch.optim.SGD`` / ``AdamW``) go through the same loop with ``backward``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..estimators.directions import mix
+from ..models import load_model
+from ..optim.base import ZOOptimizer
+from ..optim.factory import build_optimizer, is_zeroth_order, resolved_hparams
+from ..tasks import Example, TaskData, load_task, task_spec
+from ..tuning import apply_scheme
+from .evaluate import EvalResult, evaluate
+from .plots import plot_training
+from .rundir import RunDir
+from .scoring import ChoiceScorer
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(mix(seed, epoch)).shuffle(order)
+    return tuple(order)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Examples of a step's batch: consecutive slices of seeded per-epoch shuffles.
+
+    A pure function of (step, seed), so a resumed run draws the same batches."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        out.append(_epoch_order(seed, epoch, n)[offset])
+    return out
+
+
+@dataclass
+class Session:
+    """Everything a run needs, built once from the config."""
+
+    cfg: Config
+    data: TaskData
+    model: torch.nn.Module
+    scorer: ChoiceScorer
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: Config, log=print) -> Session:
+        spec = task_spec(cfg.task)
+        data = load_task(spec, seed=cfg.seed)
+        log(
+            f"task {spec.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test examples"
+        )
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
+        model, trainable = apply_scheme(model, cfg.tuning)
+        scorer = ChoiceScorer(tokenizer, spec, cfg.train.max_length)
+        return cls(cfg, data, model, scorer, trainable)
+
+    def test_examples(self) -> list[Example]:
+        n = self.cfg.eval.max_examples
+        return self.data.test if n is None else self.data.test[:n]
+
+    def evaluate(self, examples: list[Example], desc: str) -> EvalResult:
+        return evaluate(self.model, self.scorer, examples, self.cfg.eval.batch_size, desc=desc, progress=sys.stderr.isatty())
+
+
+def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """`zotune eval`: evaluate the (untuned) model on the task's test examples."""
+    run = RunDir(out, overwrite)
+    run.write_yaml("config.yaml", cfg.to_dict())
+    t0 = time.perf_counter()
+    session = Session.build(cfg, log)
+    result = session.evaluate(session.test_examples(), "eval")
+    result.write_predictions(run.file("predictions.jsonl"))
+    summary = {
+        "eval": result.metrics,
+        "steps": 0,
+        "forward_passes": 0,
+        "eval_forward_passes": result.forward_passes,
+        "n_test": len(result.predictions),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    run.write_json("summary.json", summary)
+    for name, value in result.metrics.items():
+        log(f"{name}: {value:.4f} on {len(result.predictions)} test examples")
+    return summary
+
+
+def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir."""
+    run = RunDir(out, overwrite)
+    run.write_yaml("config.yaml", cfg.to_dict())
+    t_start = time.perf_counter()
+    session = Session.build(cfg, log)
+    model, scorer, tcfg = session.model, session.scorer, cfg.train
+    metric = session.data.spec.metric
+    test = session.test_examples()
+
+    before = None
+    if cfg.eval.zero_shot:
+        before = session.evaluate(test, "zero-shot eval")
+        before.write_predictions(run.file("predictions_zero_shot.jsonl"))
+        log(f"zero-shot {metric}: {before.metrics[metric]:.4f}")
+
+    opt = build_optimizer(cfg.optimizer, session.trainable, cfg.tuning.scheme, cfg.seed)
+    zo = is_zeroth_order(cfg.optimizer.name)
+    lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
+    log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}")
+    if zo:
+        run.append_jsonl("trajectory.jsonl", _trajectory_header(cfg, opt))
+
+    train = session.data.train
+    forwards = 0
+    steps_log, losses_log, dev_log = [], [], []
+    t_train = time.perf_counter()
+    bar = tqdm(range(tcfg.steps), desc="train", unit="step", disable=not sys.stderr.isatty())
+    for step in bar:
+        batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
+        if zo:
+            loss = float(opt.step(lambda: scorer.loss(model, batch)))
+            forwards += opt.forwards_per_step
+            _append_trajectory(run, opt)
+        else:
+            loss = _first_order_step(opt, model, scorer, batch)
+            forwards += 1
+        steps_log.append(step + 1)
+        losses_log.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", fwd=forwards)
+        record: dict[str, Any] = {}
+        if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
+            dev = session.evaluate(session.data.dev, "dev eval")
+            record["dev"] = dev.metrics
+            dev_log.append((step + 1, dev.metrics[metric]))
+        if record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+            record = {
+                "step": step + 1,
+                "loss": loss,
+                "forward_passes": forwards,
+                "wall_s": round(time.perf_counter() - t_train, 3),
+                "lr": opt.param_groups[0]["lr"],
+                **({"projected_grad": opt.last_record.projected_grads, "skipped_steps": opt.skipped_steps} if zo else {}),
+                **record,
+            }
+            run.append_jsonl("metrics.jsonl", record)
+    bar.close()
+    train_wall = time.perf_counter() - t_train
+
+    after = session.evaluate(test, "final eval")
+    after.write_predictions(run.file("predictions.jsonl"))
+    summary = {
+        "eval": after.metrics,
+        **({"eval_zero_shot": before.metrics} if before else {}),
+        "steps": tcfg.steps,
+        "forward_passes": forwards,
+        "skipped_steps": opt.skipped_steps if zo else 0,
+        "optimizer": cfg.optimizer.name,
+        "lr": lr,
+        **({"eps": eps} if zo else {}),
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_wall_s": round(train_wall, 2),
+        "s_per_step": round(train_wall / tcfg.steps, 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "wall_s": round(time.perf_counter() - t_start, 2),
+    }
+    run.write_json("summary.json", summary)
+    plot_training(
+        run.file("training.png"), steps_log, losses_log, dev_log, metric,
+        before.metrics[metric] if before else None, after.metrics[metric],
+        f"{cfg.optimizer.name} on {session.data.spec.name} ({cfg.model.name}, {cfg.tuning.scheme})",
+    )
+    line = f"test {metric}: {after.metrics[metric]:.4f}"
+    if before:
+        line = f"test {metric}: zero-shot {before.metrics[metric]:.4f} -> after {cfg.optimizer.name} {after.metrics[metric]:.4f}"
+    log(line)
+    log(f"run directory: {run.path}")
+    return summary
+
+
+def _first_order_step(opt: torch.optim.Optimizer, model, scorer: ChoiceScorer, batch) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = scorer.loss(model, batch)
+    if not math.isfinite(float(loss)):
+        return float(loss)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _trajectory_header(cfg: Config, opt: ZOOptimizer) -> dict[str, Any]:
+    return {
+        "format": "zotune-trajectory",
+        "version": 1,
+        "model": cfg.model.name,
+        "dtype": cfg.model.dtype,
+        "scheme": cfg.tuning.scheme,
+        "optimizer": type(opt).__name__,
+        "seed": opt.seed,
+        "eps": opt.eps,
+        "n_queries": opt.n_queries,
+        "distribution": opt.estimator.sampler.distribution,
+    }
+
+
+def _append_trajectory(run: RunDir, opt: ZOOptimizer) -> None:
+    r = opt.last_record
+    assert r is not None
+    run.append_jsonl(
+        "trajectory.jsonl",
+        {"step": r.step, "seed": r.seed, "projected_grads": r.projected_grads, "lrs": r.lrs, "skipped": r.skipped},
+    )

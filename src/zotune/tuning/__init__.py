@@ -1,0 +1,29 @@
+"""Tuning schemes: which parameters a run trains.
+
+``full`` trains every parameter. Parameter-efficient schemes (LoRA, prefix, prompt via peft)
+plug in here as further entries of ``SCHEMES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..config import TuningConfig
+
+
+def full(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
+    """Full fine-tuning: every parameter is trainable."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+SCHEMES: dict[str, Callable[[torch.nn.Module, TuningConfig], torch.nn.Module]] = {"full": full}
+
+
+def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """Prepare ``model`` for the scheme; return it and its trainable parameters."""
+    model = SCHEMES[cfg.scheme](model, cfg)
+    return model, [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,237 @@
+"""Contract guarantees of ZOSGD (CONTRACT.md): exactness, determinism, state, faults, maths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zotune.estimators import SPSA, DirectionSampler, Perturbation
+from zotune.estimators.spsa import direction_key
+from zotune.optim import ZOSGD
+
+from .conftest import tiny_llama
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def identical(a: list[torch.Tensor], b) -> bool:
+    return all(torch.equal(x.view(torch.uint8), y.detach().view(torch.uint8)) for x, y in zip(a, b))
+
+
+def closure_for(model, batch):
+    return lambda: model(**batch).loss
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lr_zero_is_bit_exact(dtype, tiny_batch):
+    model = tiny_llama(dtype)
+    before = snapshot(model)
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-3, seed=3, weight_decay=0.1)
+    for _ in range(4):
+        loss = opt.step(closure_for(model, tiny_batch))
+        assert torch.isfinite(loss)
+    assert identical(before, model.parameters())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_seed_same_weights_bit_for_bit(dtype, tiny_batch):
+    runs = []
+    for _ in range(2):
+        model = tiny_llama(dtype)
+        opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2, seed=7, n_queries=2)
+        for _ in range(3):
+            opt.step(closure_for(model, tiny_batch))
+        runs.append(snapshot(model))
+    assert identical(runs[0], runs[1])
+    assert not identical(snapshot(tiny_llama(dtype)), runs[0]), "the steps must move the weights"
+
+    other = tiny_llama(dtype)
+    opt = ZOSGD(other.parameters(), lr=1e-3, eps=1e-2, seed=8, n_queries=2)
+    for _ in range(3):
+        opt.step(closure_for(other, tiny_batch))
+    assert not identical(runs[0], other.parameters()), "another seed must give other weights"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_state_dict_round_trip_continues_bit_identically(dtype, tiny_batch):
+    model = tiny_llama(dtype)
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2, seed=11)
+    for _ in range(2):
+        opt.step(closure_for(model, tiny_batch))
+    saved_weights, saved_state = snapshot(model), copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.step(closure_for(model, tiny_batch))
+    uninterrupted = snapshot(model)
+
+    resumed = tiny_llama(dtype)
+    with torch.no_grad():
+        for p, w in zip(resumed.parameters(), saved_weights):
+            p.copy_(w)
+    opt2 = ZOSGD(resumed.parameters(), lr=1e-3, eps=1e-2, seed=999)  # seed comes from the state
+    opt2.load_state_dict(saved_state)
+    for _ in range(3):
+        opt2.step(closure_for(resumed, tiny_batch))
+    assert identical(uninterrupted, resumed.parameters())
+    assert opt2.steps_done == opt.steps_done == 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_closure_that_raises_leaves_weights_intact(dtype, tiny_batch):
+    model = tiny_llama(dtype)
+    opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2)
+    calls = {"n": 0}
+
+    def failing():
+        calls["n"] += 1
+        loss = model(**tiny_batch).loss  # runs a perturbed forward first
+        if calls["n"] == 2:  # fail inside the second probe
+            raise RuntimeError("boom")
+        return loss
+
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing)
+    assert identical(before, model.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_skips_and_counts(bad, tiny_batch):
+    model = tiny_llama()
+    opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2)
+    before = snapshot(model)
+    loss = opt.step(lambda: model(**tiny_batch).loss * bad)
+    assert not torch.isfinite(loss)
+    assert opt.skipped_steps == 1 and opt.last_record.skipped
+    assert identical(before, model.parameters())
+    opt.step(closure_for(model, tiny_batch))  # a good step afterwards still moves
+    assert opt.skipped_steps == 1
+    assert not identical(before, model.parameters())
+
+
+def test_update_is_mezo_formula():
+    """x <- x - lr * (mean_j g_j z_j + wd * x), g_j = (f(x+eps z_j) - f(x-eps z_j)) / (2 eps)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(50))
+    target = torch.randn(50)
+    f = lambda v: ((v - target) ** 2).sum()  # noqa: E731
+    lr, eps, wd, q = 0.01, 1e-3, 0.1, 3
+    opt = ZOSGD([w], lr=lr, eps=eps, seed=5, n_queries=q, weight_decay=wd)
+    x = w.detach().clone()
+    opt.step(lambda: f(w))
+    rec = opt.last_record
+    sampler = DirectionSampler("gaussian")
+    expected = x * (1 - lr * wd)
+    for seed, g in zip(rec.query_seeds, rec.projected_grads):
+        z = sampler.full(50, direction_key(seed, 0))
+        g_manual = (float(f(x + eps * z)) - float(f(x - eps * z))) / (2 * eps)
+        assert g == pytest.approx(g_manual, rel=1e-3, abs=1e-3)
+        expected = expected - lr * (g / q) * z
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_estimate_is_unbiased_on_a_quadratic(distribution):
+    """E[g z] = grad f: the mean of many SPSA estimates approaches the true gradient."""
+    torch.manual_seed(0)
+    d = 8
+    a = torch.randn(d, d)
+    a = a @ a.T / d + torch.eye(d)
+    b = torch.randn(d)
+    x = torch.nn.Parameter(torch.randn(d))
+    true_grad = a @ x.detach() + b
+    f = lambda: 0.5 * x @ a @ x + b @ x  # noqa: E731
+    spsa = SPSA(eps=1e-2, n_queries=1, distribution=distribution)
+    n = 4000
+    total = torch.zeros(d)
+    with torch.no_grad():
+        for s in range(n):
+            total += spsa.estimate(f, [x], [0], step_seed=s).materialize(0, torch.empty(d))
+    mean = total / n
+    rel_err = (mean - true_grad).norm() / true_grad.norm()
+    assert rel_err < 0.12, rel_err  # Monte-Carlo error ~ sqrt(d / n) ~ 0.045
+    # and a single estimate is far from exact, so the average is doing the work
+    single = spsa.estimate(f, [x], [0], step_seed=n + 1).materialize(0, torch.empty(d))
+    assert (single - true_grad).norm() / true_grad.norm() > rel_err
+
+
+def test_probe_sees_perturbed_weights_and_tied_uses_agree():
+    """Inside a probe every use of a parameter, tied or not, reads x + eps*z(x)."""
+    model = tiny_llama()
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert emb is head
+    params = list(model.parameters())
+    sampler = DirectionSampler("gaussian")
+    keys = [direction_key(42, i) for i in range(len(params))]
+    seen = []
+    hook = lambda mod, args, out: seen.append(mod.weight.clone())  # noqa: E731
+    handles = [model.model.embed_tokens.register_forward_hook(hook), model.lm_head.register_forward_hook(hook)]
+    with torch.no_grad(), Perturbation(params, keys, 0.5, sampler):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    for h in handles:
+        h.remove()
+    i = params.index(emb)
+    expected = emb.detach() + 0.5 * sampler.full(emb.numel(), keys[i]).view(emb.shape)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_only_trainable_params_and_groups_with_lr_move(tiny_batch):
+    model = tiny_llama()
+    frozen = model.model.norm.weight
+    frozen.requires_grad_(False)
+    slow = list(model.model.layers[0].parameters())
+    slow_ids = {id(p) for p in slow}
+    rest = [p for p in model.parameters() if id(p) not in slow_ids]
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    opt = ZOSGD([{"params": slow, "lr": 0.0}, {"params": rest}], lr=1e-2, eps=1e-2)
+    opt.step(closure_for(model, tiny_batch))
+    assert torch.equal(frozen, before[id(frozen)])
+    assert all(torch.equal(p, before[id(p)]) for p in slow)
+    moved = [p for p in rest if p.requires_grad and not torch.equal(p, before[id(p)])]
+    assert len(moved) == sum(1 for p in rest if p.requires_grad)
+
+
+def test_no_parameter_sized_temporaries(tiny_batch):
+    """Pooled perturbation buffers never exceed two parameters' worth (an op's weight and bias)."""
+    model = tiny_llama()
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
+    opt.step(closure_for(model, tiny_batch))
+    pooled = sum(b.numel() for bufs in opt.estimator._pool._free.values() for b in bufs)
+    sizes = sorted((p.numel() for p in model.parameters()), reverse=True)
+    total = sum(sizes)
+    assert 0 < pooled <= 2 * sum(sorted(set(sizes), reverse=True)[:4])
+    assert pooled < total
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=1e-3, eps=0.0), "eps"),
+        (dict(lr=1e-3, n_queries=0), "n_queries"),
+        (dict(lr=1e-3, distribution="uniform"), "distribution"),
+        (dict(lr=1e-3, weight_decay=-0.1), "weight_decay"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZOSGD([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_step_needs_a_closure():
+    opt = ZOSGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+
+
+def test_rademacher_directions_are_signs():
+    z = DirectionSampler("rademacher", chunk_size=1000).full(2500, key=3)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(z.mean())) < 0.1

@@ -1,0 +1,11 @@
+"""Tasks as data: YAML specs (template, verbalizer, source, metric), loaders, splits."""
+
+from .data import load_task
+from .fetch import fetch_polarity
+from .registry import builtin_tasks, list_tasks, task_spec
+from .spec import Example, TaskData, TaskSpec, make_spec
+
+__all__ = [
+    "Example", "TaskData", "TaskSpec", "builtin_tasks", "fetch_polarity", "list_tasks",
+    "load_task", "make_spec", "task_spec",
+]

@@ -23,3 +23,32 @@ def tiny_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (4, 12), generator=g)
     return {"input_ids": ids, "labels": ids}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory, with the embedded model's tokenizer."""
+    from zotune.models import load_model
+
+    _, tokenizer = load_model()  # the embedded model's cached tokenizer (no download)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    """A small two-class CSV whose label is readable from the words (learnable)."""
+    good = ["a wonderful film", "great acting and a moving story", "i loved every minute", "a delight"]
+    bad = ["a boring mess", "terrible acting and a dull plot", "i hated every minute", "a waste of time"]
+    rows = [f'"{t} number {i}",1' for i in range(10) for t in good] + [f'"{t} number {i}",0' for i in range(10) for t in bad]
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path

@@ -140,8 +140,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     for key in raw:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{near[0]!r}?)" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
     values = {}
     for name in names:
         if name not in raw:

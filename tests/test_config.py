@@ -1,0 +1,81 @@
+"""Config loading: YAML + dotted overrides, defaults, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from zotune.config import Config, load_config
+from zotune.errors import ConfigError
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.task == {"name": "rotten_tomatoes"}
+    assert cfg.optimizer.name == "ZOSGD"
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\noptimizer: {name: ZOSGD, lr: 1.0e-6}\ntrain: {steps: 5}\n")
+    cfg = load_config(path, ["optimizer.lr=1e-5", "train.batch_size=4", "task.name=rotten_tomatoes", "eval.max_examples=null"])
+    assert cfg.seed == 3 and cfg.train.steps == 5 and cfg.train.batch_size == 4
+    assert cfg.optimizer.lr == 1e-5  # "1e-5" is a string in YAML 1.1: coerced to float
+    assert cfg.eval.max_examples is None
+
+
+def test_inline_task_spec_override(tmp_path):
+    cfg = load_config(None, ["task.path=reviews.csv", "task.text_template={text} It was"])
+    assert cfg.task["path"] == "reviews.csv" and cfg.task["text_template"] == "{text} It was"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.stpes=5", "did you mean 'train.steps'"),
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("optimizer.eps=0", "optimizer.eps"),
+        ("train.steps=0", "train.steps"),
+        ("train.steps=2.5", "train.steps"),
+        ("train.batch_size=-4", "train.batch_size"),
+        ("optimizer.name=ZOSDG", "did you mean 'ZOSGD'"),
+        ("optimizer.n_queries=0", "optimizer.n_queries"),
+        ("optimizer.distribution=uniform", "optimizer.distribution"),
+        ("model.dtype=int8", "model.dtype"),
+        ("tuning.scheme=magic", "tuning.scheme"),
+        ("eval.zero_shot=maybe", "eval.zero_shot"),
+        ("train=5", "must be a section"),
+        ("noequals", "key=value"),
+    ],
+)
+def test_bad_values_give_one_clear_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("seed: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("train: {steps: many}\n", "train.steps"),
+    ],
+)
+def test_bad_files(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)

@@ -1,0 +1,110 @@
+"""The training recipe end to end on a tiny local model and a small CSV (fast, offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zotune.config import load_config
+from zotune.errors import ConfigError
+from zotune.train.trainer import batch_indices, run_eval, run_train
+
+
+def config(model_dir, csv, *extra):
+    return load_config(None, [
+        f"model.name={model_dir}", f"task.path={csv}", "task.text_template={text} It was",
+        'task.choices={"0": " bad", "1": " good"}', "task.k_shot=8", "train.steps=6",
+        "train.batch_size=4", "train.eval_every=3", "train.log_every=2", "eval.batch_size=8", *extra,
+    ])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "SGD", "AdamW"])
+def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_path, optimizer):
+    out = tmp_path / "run"
+    summary = run_train(config(tiny_model_dir, reviews_csv, f"optimizer.name={optimizer}", "optimizer.lr=1e-3"), out, log=lambda *_: None)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "predictions.jsonl", "predictions_zero_shot.jsonl", "training.png"):
+        assert (out / name).is_file(), name
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [2, 3, 4, 6]
+    assert all({"step", "loss", "forward_passes", "wall_s"} <= set(m) for m in metrics)
+    assert "dev" in metrics[1] and "accuracy" in metrics[1]["dev"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == summary
+    assert {"eval", "steps", "forward_passes", "peak_rss_mb", "wall_s"} <= set(summary)
+    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert summary["forward_passes"] == (12 if optimizer == "ZOSGD" else 6)
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert len(preds) == summary["n_test"]
+    row = preds[0]
+    assert set(row) == {"input", "prompt", "label", "prediction", "scores"}
+    assert row["prompt"] == row["input"]["text"] + " It was"
+    assert set(row["scores"]) == {" bad", " good"}
+    assert row["prediction"] == max(("0", "1"), key=lambda lab: row["scores"][{"0": " bad", "1": " good"}[lab]])
+    if optimizer == "ZOSGD":
+        traj = read_jsonl(out / "trajectory.jsonl")
+        assert traj[0]["format"] == "zotune-trajectory" and len(traj) == 7
+        assert all(len(r["projected_grads"]) == 1 for r in traj[1:])
+
+
+def test_zosgd_learns_the_tiny_task(tiny_model_dir, reviews_csv, tmp_path):
+    """Full-parameter ZOSGD lowers the training loss on an easy task (not just noise)."""
+    cfg = config(tiny_model_dir, reviews_csv, "optimizer.lr=5e-3", "optimizer.eps=1e-2",
+                 "train.steps=150", "train.eval_every=0", "train.log_every=1", "eval.zero_shot=false",
+                 "optimizer.n_queries=4")
+    run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < first - 0.05, (first, last)
+
+
+def test_same_seed_same_run(tiny_model_dir, reviews_csv, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        run_train(config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3"), tmp_path / name, log=lambda *_: None)
+        runs.append([(m["loss"], m["forward_passes"]) for m in read_jsonl(tmp_path / name / "metrics.jsonl")])
+        runs[-1].append((tmp_path / name / "predictions.jsonl").read_text())
+    assert runs[0] == runs[1]
+
+
+def test_eval_only(tiny_model_dir, reviews_csv, tmp_path):
+    summary = run_eval(config(tiny_model_dir, reviews_csv), tmp_path / "ev", log=lambda *_: None)
+    assert summary["steps"] == 0 and len(read_jsonl(tmp_path / "ev" / "predictions.jsonl")) == summary["n_test"]
+
+
+def test_existing_run_is_not_destroyed(tiny_model_dir, reviews_csv, tmp_path):
+    out = tmp_path / "run"
+    run_eval(config(tiny_model_dir, reviews_csv), out, log=lambda *_: None)
+    before = (out / "summary.json").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_train(config(tiny_model_dir, reviews_csv), out, log=lambda *_: None)
+    assert (out / "summary.json").read_text() == before
+
+
+def test_batches_are_a_pure_function_of_step_and_seed():
+    a = [batch_indices(s, 5, 12, seed=0) for s in range(6)]
+    assert a == [batch_indices(s, 5, 12, seed=0) for s in range(6)]
+    flat = [i for b in a for i in b]
+    assert sorted(flat[:12]) == list(range(12))  # each epoch visits every example once
+    assert a != [batch_indices(s, 5, 12, seed=1) for s in range(6)]
+
+
+def test_scores_do_not_depend_on_padding(tiny_model_dir):
+    """Left padding with explicit positions: an example scores the same alone or in a batch."""
+    from zotune.models import load_model
+    from zotune.tasks import Example, make_spec
+    from zotune.train.scoring import ChoiceScorer
+
+    model, tok = load_model(str(tiny_model_dir))
+    spec = make_spec({"path": "x.csv", "text_template": "{text} It was", "choices": {"0": " bad", "1": " really good"}})
+    scorer = ChoiceScorer(tok, spec)
+    short, long = Example({"text": "fine"}, "1"), Example({"text": "a much longer sentence than the other one"}, "0")
+    with torch.no_grad():
+        alone = scorer.scores(model, scorer.encode([short]))
+        together = scorer.scores(model, scorer.encode([long, short]))
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-4, atol=1e-4)

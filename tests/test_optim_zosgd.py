@@ -235,3 +235,14 @@ def test_rademacher_directions_are_signs():
     z = DirectionSampler("rademacher", chunk_size=1000).full(2500, key=3)
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(z.mean())) < 0.1
+
+
+def test_tied_weights_are_built_once_per_probe_after_the_first(tiny_batch):
+    model = tiny_llama()
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
+    n_params = len(list(model.parameters()))  # the tied embedding/head counts once
+    opt.step(closure_for(model, tiny_batch))
+    first = opt.estimator.materializations
+    assert first == (n_params + 1) + n_params  # the + probe learns the tie, the - probe reuses it
+    opt.step(closure_for(model, tiny_batch))
+    assert opt.estimator.materializations - first == 2 * n_params

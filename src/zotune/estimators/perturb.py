@@ -15,6 +15,9 @@ into a pooled buffer just before that op and recycled right after it. So:
 
 An op whose output aliases the perturbed buffer (``w.t()``, ``w.view(...)``) keeps the buffer
 alive through that output; such a buffer is simply not recycled.
+
+A parameter known to be used by several ops (``reuse``: e.g. an embedding tied to the LM
+head) is materialised once and kept until the probe ends, instead of once per use.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ def _may_alias(out: object, ptr: int) -> bool:
 class Perturbation:
     """Context manager under which ``params[i]`` reads as ``params[i] + scale * z(keys[i])``.
 
-    ``materializations`` counts how many perturbed copies were built (a parameter used by
-    two ops, e.g. a tied embedding, is built twice).
+    ``uses`` counts, per parameter id, how many ops read it; ``materializations`` how many
+    perturbed copies were built. Parameters whose id is in ``reuse`` are built once.
     """
 
     def __init__(
@@ -69,8 +72,12 @@ class Perturbation:
         scale: float,
         sampler: DirectionSampler,
         pool: _BufferPool | None = None,
+        reuse: frozenset[int] = frozenset(),
     ):
         self._targets = {id(p): (p, k) for p, k in zip(params, keys)}
+        self.reuse = reuse
+        self.uses: dict[int, int] = defaultdict(int)
+        self._kept: dict[int, torch.Tensor] = {}
         self.scale = scale
         self.sampler = sampler
         self.pool = pool if pool is not None else _BufferPool()
@@ -97,6 +104,9 @@ class Perturbation:
         assert self._mode is not None
         self._mode.__exit__(*exc)
         self._mode = None
+        for buf in self._kept.values():
+            self.pool.give(buf.view(-1))
+        self._kept.clear()
 
 
 class _PerturbMode(TorchFunctionMode):
@@ -106,9 +116,15 @@ class _PerturbMode(TorchFunctionMode):
 
     def _swap(self, arg: object, built: list[torch.Tensor]) -> object:
         if isinstance(arg, torch.Tensor):
-            target = self.p._targets.get(id(arg))
+            pid = id(arg)
+            target = self.p._targets.get(pid)
             if target is None:
                 return arg
+            self.p.uses[pid] += 1
+            if pid in self.p.reuse:
+                if pid not in self.p._kept:
+                    self.p._kept[pid] = self.p.materialize(*target)
+                return self.p._kept[pid]
             buf = self.p.materialize(*target)
             built.append(buf)
             return buf

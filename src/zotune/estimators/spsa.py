@@ -81,6 +81,7 @@ class SPSA:
         self.n_queries = n_queries
         self.sampler = DirectionSampler(distribution)
         self._pool = _BufferPool()
+        self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
         self.materializations = 0
 
     def query_seeds(self, step_seed: int) -> list[int]:
@@ -101,9 +102,10 @@ class SPSA:
             keys = [direction_key(seed, i) for i in indices]
             pair = []
             for scale in (self.eps, -self.eps):
-                with Perturbation(params, keys, scale, self.sampler, self._pool) as pert:
+                with Perturbation(params, keys, scale, self.sampler, self._pool, self._reuse) as pert:
                     pair.append(loss_value(closure()))
                 self.materializations += pert.materializations
+                self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
             losses.append((pair[0], pair[1]))
             grads.append((pair[0] - pair[1]) / (2 * self.eps))
         mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))

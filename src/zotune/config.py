@@ -85,7 +85,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        key = key.strip()
+        # templates such as "{text} It was" would parse as YAML mappings: keep them verbatim
+        _set_dotted(raw, key, value if key.endswith("template") else _parse_value(value))
     return from_dict(raw)
 
 

@@ -1,4 +1,8 @@
-"""Tasks as data: YAML specs (template, verbalizer, source, metric), loaders, splits."""
+"""Tasks as data: YAML specs (template, verbalizer, source, metric), loaders, splits.
+
+``task_spec(cfg)`` turns the config's ``task:`` mapping into a :class:`TaskSpec`;
+``load_task(spec, seed)`` reads its data and returns deterministic train / dev / test splits.
+"""
 
 from .data import load_task
 from .fetch import fetch_polarity

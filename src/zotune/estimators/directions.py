@@ -6,7 +6,9 @@ with ``mix(key, chunk_index)``, so that
 
 * the same key gives the same z in every process, dtype and call order;
 * no temporary larger than one chunk is allocated (memory O(chunk), not O(parameter));
-* any chunk can be regenerated on its own.
+* any chunk can be regenerated on its own, so chunks are generated on two threads at once
+  (torch releases the GIL; the generator is the single-threaded part of the work) without
+  changing a single value.
 
 z is always generated in float32 and cast where it is used, so a direction does not depend on
 the dtype of the weights it perturbs.
@@ -14,7 +16,9 @@ the dtype of the weights it perturbs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,51 +42,93 @@ def mix(*values: int) -> int:
     return h >> 1
 
 
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_CPU = torch.device("cpu")
 
 
 def _fill_rademacher(out: torch.Tensor, gen: torch.Generator) -> None:
     """+-1 with equal probability: 8 signs per random byte."""
     n = out.numel()
-    packed = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=gen)
-    bits = (packed.unsqueeze(1) >> _BIT_SHIFTS).bitwise_and_(1).view(-1)[:n]
+    packed = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=gen, device=out.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
+    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[:n]
     out.copy_(bits).mul_(2.0).sub_(1.0)
 
 
-class DirectionSampler:
-    """Produces the chunks of z for a key: ``for start, stop, z in sampler.chunks(numel, key)``.
+ChunkFn = Callable[[int, int, torch.Tensor], None]
 
-    The yielded ``z`` is a view into a reused float32 scratch buffer: use it before the next
-    iteration.
+
+class DirectionSampler:
+    """Produces the chunks of z for a key.
+
+    ``apply(numel, key, fn)`` calls ``fn(start, stop, z)`` for every chunk, several chunks at
+    once on ``threads`` threads: ``fn`` must touch only its own slice ``[start, stop)``.
+    ``chunks(numel, key)`` yields the same chunks in order, on the calling thread. Either way
+    ``z`` is a view into a reused float32 scratch buffer, valid until ``fn`` returns or the
+    next iteration.
     """
 
-    def __init__(self, distribution: str = "gaussian", chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, distribution: str = "gaussian", chunk_size: int = DEFAULT_CHUNK, threads: int = 2):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.distribution = distribution
         self.chunk_size = chunk_size
-        self._gen = torch.Generator(device="cpu")
-        self._scratch = torch.empty(0, dtype=torch.float32)
+        self.threads = max(1, threads)
+        self._local = threading.local()
+        self._executor: ThreadPoolExecutor | None = None
 
-    def chunks(self, numel: int, key: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        size = min(numel, self.chunk_size)
-        if self._scratch.numel() < size:
-            self._scratch = torch.empty(size, dtype=torch.float32)
-        for index, start in enumerate(range(0, numel, self.chunk_size)):
-            stop = min(start + self.chunk_size, numel)
-            z = self._scratch[: stop - start]
-            self._gen.manual_seed(mix(key, index))
-            if self.distribution == "gaussian":
-                z.normal_(generator=self._gen)
-            else:
-                _fill_rademacher(z, self._gen)
-            yield start, stop, z
+    def _fill(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
+        """Chunk ``index`` of z(key), from this thread's own generator and scratch on ``device``.
 
-    def full(self, numel: int, key: int) -> torch.Tensor:
+        On an accelerator z comes from that device's generator: the same key gives the same z
+        on every run of that device type, not the same values as on the CPU."""
+        per_device = self._local.__dict__.setdefault("per_device", {})
+        if device not in per_device:
+            per_device[device] = [torch.Generator(device=device), torch.empty(0, device=device)]
+        gen, scratch = per_device[device]
+        if scratch.numel() < length:
+            scratch = per_device[device][1] = torch.empty(length, dtype=torch.float32, device=device)
+        z = scratch[:length]
+        gen.manual_seed(mix(key, index))
+        if self.distribution == "gaussian":
+            z.normal_(generator=gen)
+        else:
+            _fill_rademacher(z, gen)
+        return z
+
+    def _ranges(self, numel: int) -> list[tuple[int, int, int]]:
+        return [(i, s, min(s + self.chunk_size, numel)) for i, s in enumerate(range(0, numel, self.chunk_size))]
+
+    def chunks(self, numel: int, key: int, device: torch.device = _CPU) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for index, start, stop in self._ranges(numel):
+            yield start, stop, self._fill(key, index, stop - start, device)
+
+    def apply(self, numel: int, key: int, fn: ChunkFn, device: torch.device = _CPU) -> None:
+        ranges = self._ranges(numel)
+        if self.threads == 1 or len(ranges) == 1 or device.type != "cpu":
+            for index, start, stop in ranges:
+                fn(start, stop, self._fill(key, index, stop - start, device))
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-z")
+
+        def run(r: tuple[int, int, int]) -> None:
+            index, start, stop = r
+            fn(start, stop, self._fill(key, index, stop - start, device))
+
+        for _ in self._executor.map(run, ranges):  # re-raises a worker's exception here
+            pass
+
+    def __getstate__(self) -> dict:
+        return {"distribution": self.distribution, "chunk_size": self.chunk_size, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def full(self, numel: int, key: int, device: torch.device = _CPU) -> torch.Tensor:
         """The whole direction as a new float32 tensor (for tests and small parameters)."""
-        out = torch.empty(numel, dtype=torch.float32)
-        for start, stop, z in self.chunks(numel, key):
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        for start, stop, z in self.chunks(numel, key, device):
             out[start:stop] = z
         return out

@@ -90,8 +90,12 @@ class Perturbation:
             raise ValueError("zotune perturbs contiguous parameters only")
         buf = self.pool.take(p.numel(), p.dtype)
         flat = p.detach().view(-1)
-        for start, stop, z in self.sampler.chunks(p.numel(), key):
-            torch.add(flat[start:stop], z, alpha=self.scale, out=buf[start:stop])
+        scale = self.scale
+
+        def perturb(start: int, stop: int, z: torch.Tensor) -> None:
+            torch.add(flat[start:stop], z, alpha=scale, out=buf[start:stop])
+
+        self.sampler.apply(p.numel(), key, perturb, p.device)
         self.materializations += 1
         return buf.view(p.shape)
 

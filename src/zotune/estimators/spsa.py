@@ -14,7 +14,7 @@ parameter (:meth:`SPSAEstimate.materialize`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,19 +57,25 @@ class SPSAEstimate:
         q = len(self.projected_grads)
         return [g / q for g in self.projected_grads]
 
-    def chunks(self, param_index: int, numel: int) -> Iterator[tuple[int, int, float, torch.Tensor]]:
-        """Yield ``(start, stop, weight, z_chunk)`` for every direction and chunk of a parameter."""
+    def apply(
+        self,
+        param_index: int,
+        numel: int,
+        fn: Callable[[int, int, float, torch.Tensor], None],
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
+        """Call ``fn(start, stop, weight, z_chunk)`` for every direction and chunk of one
+        parameter; chunks of one direction may run concurrently (each touches its own slice),
+        directions run one after the other."""
         assert self.sampler is not None
         for seed, w in zip(self.seeds, self.weights):
-            for start, stop, z in self.sampler.chunks(numel, direction_key(seed, param_index)):
-                yield start, stop, w, z
+            self.sampler.apply(numel, direction_key(seed, param_index), lambda s, e, z, w=w: fn(s, e, w, z), device)
 
     def materialize(self, param_index: int, out: torch.Tensor) -> torch.Tensor:
         """Write grad_hat for one parameter into ``out`` (float32, flat or shaped)."""
         flat = out.view(-1)
         flat.zero_()
-        for start, stop, w, z in self.chunks(param_index, flat.numel()):
-            flat[start:stop].add_(z, alpha=w)
+        self.apply(param_index, flat.numel(), lambda s, e, w, z: flat[s:e].add_(z, alpha=w), out.device)
         return out
 
 

@@ -31,6 +31,9 @@ class ZOSGD(ZOOptimizer):
         if wd:
             p.mul_(1 - lr * wd)
         flat = p.view(-1)
-        for start, stop, weight, z in estimate.chunks(index, p.numel()):
+
+        def step(start: int, stop: int, weight: float, z: torch.Tensor) -> None:
             if weight:
                 flat[start:stop].add_(z, alpha=-lr * weight)
+
+        estimate.apply(index, p.numel(), step, p.device)

@@ -28,6 +28,22 @@ def closure_for(model, batch):
     return lambda: model(**batch).loss
 
 
+@pytest.fixture(params=["one-chunk", "many-chunks"], autouse=True)
+def chunking(request, monkeypatch):
+    """Run every test twice: whole parameters per chunk, and small chunks drawn on two threads
+    (the path real models take, whose parameters span many 1M-value chunks)."""
+    if request.param == "many-chunks":
+        from zotune.estimators import directions
+
+        init = directions.DirectionSampler.__init__
+
+        def small_chunks(self, distribution="gaussian", chunk_size=256, threads=2):
+            init(self, distribution, chunk_size=256, threads=threads)
+
+        monkeypatch.setattr(directions.DirectionSampler, "__init__", small_chunks)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lr_zero_is_bit_exact(dtype, tiny_batch):
     model = tiny_llama(dtype)

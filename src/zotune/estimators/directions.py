@@ -113,9 +113,12 @@ class DirectionSampler:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-z")
 
+        grad_enabled = torch.is_grad_enabled()  # grad mode is thread-local: carry it over
+
         def run(r: tuple[int, int, int]) -> None:
             index, start, stop = r
-            fn(start, stop, self._fill(key, index, stop - start, device))
+            with torch.set_grad_enabled(grad_enabled):
+                fn(start, stop, self._fill(key, index, stop - start, device))
 
         for _ in self._executor.map(run, ranges):  # re-raises a worker's exception here
             pass

@@ -206,11 +206,12 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
 def _first_order_step(opt: torch.optim.Optimizer, model, scorer: ChoiceScorer, batch) -> float:
     opt.zero_grad(set_to_none=True)
     loss = scorer.loss(model, batch)
-    if not math.isfinite(float(loss)):
-        return float(loss)
+    value = float(loss.detach())
+    if not math.isfinite(value):  # skip, as the ZO optimizers do
+        return value
     loss.backward()
     opt.step()
-    return float(loss.detach())
+    return value
 
 
 def _trajectory_header(cfg: Config, opt: ZOOptimizer) -> dict[str, Any]:

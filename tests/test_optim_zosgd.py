@@ -278,3 +278,15 @@ def test_directions_do_not_depend_on_threads(distribution):
     two.apply(n, 99, write)
     assert torch.equal(out, one.full(n, 99))
     assert not torch.equal(out, one.full(n, 100))
+
+
+def test_metadata_reads_do_not_build_perturbed_copies():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    pert = Perturbation([w], [1], 0.5, DirectionSampler("gaussian"))
+    with torch.no_grad(), pert:
+        assert w.dtype == torch.float32 and w.shape == (4, 3) and w.size(0) == 4 and w.dim() == 2
+        assert pert.materializations == 0
+        t = w.T  # a view of the values: must see the perturbation
+        assert pert.materializations == 1
+    z = DirectionSampler("gaussian").full(12, 1).view(4, 3)
+    torch.testing.assert_close(t, (w.detach() + 0.5 * z).T, rtol=0, atol=1e-6)

@@ -31,6 +31,23 @@ from .directions import DirectionSampler
 
 _PLAIN = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
 
+# Reads of metadata (``w.dtype``, ``w.shape``, ``w.size()``) also reach the mode; they are the
+# same for ``w`` and ``w + eps*z``, so they must not cost a materialisation.
+_TENSOR_ATTRS = torch._C.TensorBase.__dict__
+_METADATA_DESCRIPTORS = frozenset(
+    id(_TENSOR_ATTRS[name])
+    for name in ("dtype", "shape", "device", "requires_grad", "is_leaf", "ndim", "layout", "is_cuda", "is_meta", "grad_fn", "names")
+    if name in _TENSOR_ATTRS
+)
+_METADATA_METHODS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size", "is_floating_point", "get_device")
+)
+
+
+def _reads_metadata_only(func: object) -> bool:
+    return func in _METADATA_METHODS or id(getattr(func, "__self__", None)) in _METADATA_DESCRIPTORS
+
 
 class _BufferPool:
     """Free lists of flat buffers keyed by (numel, dtype)."""
@@ -138,6 +155,8 @@ class _PerturbMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _reads_metadata_only(func):
+            return func(*args, **kwargs)
         built: list[torch.Tensor] = []
         args = tuple(self._swap(a, built) for a in args)
         if kwargs:

@@ -139,7 +139,9 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     forwards = 0
     steps_log, losses_log, dev_log = [], [], []
     t_train = time.perf_counter()
-    bar = tqdm(range(tcfg.steps), desc="train", unit="step", disable=not sys.stderr.isatty())
+    interactive = sys.stderr.isatty()
+    bar = tqdm(range(tcfg.steps), desc="train", unit="step", disable=not interactive)
+    every = max(1, tcfg.steps // 10)  # without a terminal: a plain progress line per tenth
     for step in bar:
         batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
         if zo:
@@ -168,6 +170,11 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
                 **record,
             }
             run.append_jsonl("metrics.jsonl", record)
+        if not interactive and ((step + 1) % every == 0 or step + 1 == tcfg.steps):
+            elapsed = time.perf_counter() - t_train
+            dev_note = f", dev {metric} {dev_log[-1][1]:.3f}" if dev_log and dev_log[-1][0] == step + 1 else ""
+            log(f"step {step + 1}/{tcfg.steps}: loss {loss:.4f}, {forwards} forward passes, "
+                f"{elapsed / (step + 1):.2f} s/step{dev_note}")
     bar.close()
     train_wall = time.perf_counter() - t_train
 

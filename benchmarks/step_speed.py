@@ -2,8 +2,9 @@
 
 Prints, for the default model at each batch shape: the no-grad forward time, the ZOSGD step
 time, and the ratio step / (2 x forward), which is 1.0 for a step that costs exactly its two
-forwards. All figures are medians measured in this one process, so the ratio is robust to a
-noisy shared machine; absolute seconds are not.
+forwards. All figures are medians measured in this one process, the three timings taken in
+turn within each repetition, so the ratios are robust to a noisy shared machine; absolute
+seconds are not.
 
 For reference, the same run also times MeZO's original in-place algorithm (re-implemented
 here from the paper: global ``torch.manual_seed`` per perturbation, ``p.data = p.data +
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,14 +26,18 @@ import zotune
 from zotune.optim import ZOSGD
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median time of each function, timed in turn within every repetition, so that a drift
+    of the machine's speed affects all of them alike (their ratios stay meaningful)."""
+    for fn in fns.values():  # warm-up
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def mezo_reference_step(model, closure, lr: float, eps: float, seed: int) -> None:
@@ -82,19 +88,22 @@ def main() -> None:
         def closure():
             return model(**batch).loss
 
-        with torch.no_grad():
-            fwd = median_time(closure, args.repeats)
-        # a tiny non-zero lr: the update pass runs (lr=0 skips it) and the weights barely move;
-        # they are restored after each timing anyway
+        def forward():
+            with torch.no_grad():
+                closure()
+
+        # a tiny non-zero lr: the update pass runs (lr=0 skips it) while the weights barely move
         state = {k: v.clone() for k, v in model.state_dict().items()}
         opt = ZOSGD(model.parameters(), lr=1e-12, eps=1e-3, seed=0)
-        step = median_time(lambda: opt.step(closure), args.repeats)
-        model.load_state_dict(state)
-        row = f"{shape:>8} {fwd:>10.3f} {step:>13.3f} {step / (2 * fwd):>13.2f}"
+        fns = {"forward": forward, "zosgd": lambda: opt.step(closure)}
         if not args.no_reference:
-            ref = median_time(lambda: mezo_reference_step(model, closure, 1e-12, 1e-3, 0), args.repeats)
-            model.load_state_dict(state)
-            row += f" {ref:>16.3f} {ref / (2 * fwd):>12.2f}"
+            fns["reference"] = lambda: mezo_reference_step(model, closure, 1e-12, 1e-3, 0)
+        t = interleaved_medians(fns, args.repeats)
+        model.load_state_dict(state)
+        fwd = t["forward"]
+        row = f"{shape:>8} {fwd:>10.3f} {t['zosgd']:>13.3f} {t['zosgd'] / (2 * fwd):>13.2f}"
+        if not args.no_reference:
+            row += f" {t['reference']:>16.3f} {t['reference'] / (2 * fwd):>12.2f}"
         print(row, flush=True)
 
 

@@ -1,6 +1,9 @@
 """``torch.optim``-style zeroth-order optimizers: an estimator plus an update rule."""
 
+from .adam import ZOAdam
 from .base import StepRecord, ZOOptimizer
+from .momentum import ZOSGDMomentum
 from .sgd import ZOSGD
+from .sign import ZOSGDSign
 
-__all__ = ["ZOOptimizer", "ZOSGD", "StepRecord"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOAdam"]

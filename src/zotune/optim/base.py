@@ -18,6 +18,7 @@ Guarantees (CONTRACT.md), in every dtype:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         n_queries: int = 1,
         distribution: str = "gaussian",
         weight_decay: float = 0.0,
-        **defaults: Any,
+        *,
+        defaults: dict[str, Any] | None = None,
     ):
         _check(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a number >= 0, got {lr!r}")
         _check(isinstance(eps, (int, float)) and eps > 0, f"eps must be a number > 0, got {eps!r}")
@@ -66,7 +68,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
         _check(distribution in DISTRIBUTIONS, f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+        # ``defaults``: a subclass's own per-group options (momentum, betas, ...)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **(defaults or {})))
         self.seed = seed
         self.eps = float(eps)
         self.estimator = SPSA(self.eps, n_queries, distribution)
@@ -126,6 +129,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Move one parameter (lr != 0 here). Called inside ``torch.no_grad()``."""
         raise NotImplementedError
 
+    # -- helpers for update rules ---------------------------------------------------------
+    @staticmethod
+    def decay(p: torch.Tensor, group: dict) -> None:
+        """MeZO's weight decay, folded into the step: x <- x * (1 - lr * weight_decay)."""
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+
+    def gradient(self, p: torch.Tensor, index: int, estimate: SPSAEstimate) -> torch.Tensor:
+        """grad_hat for one parameter, float32, in a scratch buffer reused across parameters
+        of the same size (valid until the next call): O(largest parameter) memory."""
+        scratch = self.__dict__.setdefault("_grad_scratch", {})
+        key = (p.numel(), p.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+        return estimate.materialize(index, scratch[key]).view(p.shape)
+
+    @staticmethod
+    def buffer(state: dict, name: str, p: torch.Tensor) -> torch.Tensor:
+        """Per-parameter float32 state (momentum, moments), created as zeros."""
+        if name not in state:
+            state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return state[name]
+
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -133,9 +159,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch.optim, except that saved tensors keep their dtype: torch would cast float32
+        moments to a bfloat16 parameter's dtype, and the continuation would not be exact."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[p] = {
+                    k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                    for k, v in state_dict["state"][saved_id].items()
+                }
         if zo is not None:
             self.seed = int(zo["seed"])
             self.steps_done = int(zo["steps_done"])

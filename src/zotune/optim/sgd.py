@@ -27,9 +27,8 @@ class ZOSGD(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd:
-            p.mul_(1 - lr * wd)
+        lr = group["lr"]
+        self.decay(p, group)
         flat = p.view(-1)
 
         def step(start: int, stop: int, weight: float, z: torch.Tensor) -> None:

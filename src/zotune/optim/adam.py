@@ -1,0 +1,50 @@
+"""ZO-Adam (MeZO appendix, ZO-Bench): Adam moments on the SPSA estimate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..estimators.spsa import SPSAEstimate
+from .base import ZOOptimizer
+
+
+class ZOAdam(ZOOptimizer):
+    """Adam on ``grad_hat``: ``m, v`` (float32) with bias correction,
+    ``x <- x - lr * m_hat / (sqrt(v_hat) + adam_eps)`` (plus weight decay, decoupled).
+
+    Memory: weights + two float32 moments, nothing more. ``eps`` stays the perturbation scale;
+    Adam's own epsilon is ``adam_eps``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        **options,
+    ):
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        if adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {adam_eps!r}")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(betas=(b1, b2), adam_eps=adam_eps), **options)
+
+    def update_param(
+        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+    ) -> None:
+        b1, b2 = group["betas"]
+        g = self.gradient(p, index, estimate)
+        m, v = self.buffer(state, "exp_avg", p), self.buffer(state, "exp_avg_sq", p)
+        state["step"] = state.get("step", 0) + 1
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = group["lr"] / (1 - b1 ** state["step"])
+        denom = v.sqrt().div_(math.sqrt(1 - b2 ** state["step"])).add_(group["adam_eps"])
+        self.decay(p, group)
+        p.addcdiv_(m, denom, value=-step_size)

@@ -1,0 +1,30 @@
+"""ZO-SGD-MMT (ZO-Bench): heavy-ball momentum on the SPSA estimate."""
+
+from __future__ import annotations
+
+import torch
+
+from ..estimators.spsa import SPSAEstimate
+from .base import ZOOptimizer
+
+
+class ZOSGDMomentum(ZOOptimizer):
+    """``m <- momentum * m + grad_hat;  x <- x - lr * m`` (plus weight decay).
+
+    The momentum buffer is float32 whatever the parameter's dtype (ZO estimates are small and
+    noisy; a half-precision buffer would round them away): one extra float32 copy of the
+    trainable parameters.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9, **options):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(momentum=momentum), **options)
+
+    def update_param(
+        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+    ) -> None:
+        m = self.buffer(state, "momentum_buffer", p)
+        m.mul_(group["momentum"]).add_(self.gradient(p, index, estimate))
+        self.decay(p, group)
+        p.add_(m, alpha=-group["lr"])

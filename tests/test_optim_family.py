@@ -1,0 +1,109 @@
+"""Every ZO optimizer: learns a small seeded problem, keeps the contract guarantees."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zotune.config import load_config
+from zotune.errors import ConfigError
+from zotune.optim import ZOSGD, ZOAdam, ZOSGDMomentum, ZOSGDSign
+from zotune.optim.factory import build_optimizer
+
+from .conftest import tiny_llama
+
+# (class, lr) chosen so that 300 steps make clear progress on the regression below
+FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOAdam, 1e-2)]
+IDS = [cls.__name__ for cls, _ in FAMILY]
+
+
+def regression(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, w_true = torch.randn(64, 10, generator=g), torch.randn(10, 1, generator=g)
+    y = x @ w_true
+    model = torch.nn.Linear(10, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    return model, (lambda: ((model(x) - y) ** 2).mean())
+
+
+@pytest.mark.parametrize("cls, lr", FAMILY, ids=IDS)
+def test_reduces_the_loss_of_a_seeded_problem(cls, lr):
+    model, loss = regression()
+    start = float(loss().detach())
+    opt = cls(model.parameters(), lr=lr, eps=1e-3, seed=0, n_queries=2)
+    for _ in range(300):
+        opt.step(loss)
+    assert float(loss().detach()) < 0.3 * start
+
+
+@pytest.mark.parametrize("cls, lr", FAMILY, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lr_zero_and_state_dict_continuation(cls, lr, dtype, tiny_batch):
+    model = tiny_llama(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt0 = cls(model.parameters(), lr=0.0, eps=1e-2)
+    for _ in range(2):
+        opt0.step(lambda: model(**tiny_batch).loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    opt = cls(model.parameters(), lr=lr, eps=1e-2, seed=4)
+    closure = lambda: model(**tiny_batch).loss  # noqa: E731
+    for _ in range(2):
+        opt.step(closure)
+    weights, state = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        opt.step(closure)
+    expected = [p.detach().clone() for p in model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(weights, expected)), "steps must move the weights"
+
+    other = tiny_llama(dtype)
+    with torch.no_grad():
+        for p, w in zip(other.parameters(), weights):
+            p.copy_(w)
+    opt2 = cls(other.parameters(), lr=lr, eps=1e-2, seed=0)
+    opt2.load_state_dict(state)
+    for _ in range(2):
+        opt2.step(lambda: other(**tiny_batch).loss)
+    assert all(torch.equal(a, b) for a, b in zip(expected, other.parameters()))
+
+
+def test_sign_moves_every_coordinate_by_lr():
+    w = torch.nn.Parameter(torch.zeros(100))
+    target = torch.randn(100)
+    opt = ZOSGDSign([w], lr=0.25, eps=1e-3)
+    opt.step(lambda: ((w - target) ** 2).sum())
+    assert set(w.detach().abs().unique().tolist()) == {0.25}
+
+
+def test_momentum_and_adam_keep_float32_state():
+    w = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    for cls, names in ((ZOSGDMomentum, ["momentum_buffer"]), (ZOAdam, ["exp_avg", "exp_avg_sq"])):
+        opt = cls([w], lr=1e-3)
+        opt.step(lambda: (w.float() ** 2).sum() + w.float().sum())
+        assert [opt.state[w][n].dtype for n in names] == [torch.float32] * len(names)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=1.0), dict(momentum=-0.1)])
+def test_momentum_validation(kwargs):
+    with pytest.raises(ValueError, match="momentum"):
+        ZOSGDMomentum([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, **kwargs)
+
+
+def test_adam_validation():
+    with pytest.raises(ValueError, match="betas"):
+        ZOAdam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(1.0, 0.9))
+
+
+def test_factory_builds_each_by_name_with_options():
+    model = torch.nn.Linear(2, 1)
+    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "SGD", "AdamW"):
+        cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
+        assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
+    cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer
+    assert build_optimizer(cfg, model.parameters(), "full", seed=0).param_groups[0]["momentum"] == 0.5
+    bad = load_config(None, ["optimizer.name=ZOSGD", "optimizer.options={colour: 1}"]).optimizer
+    with pytest.raises(ConfigError, match="colour"):
+        build_optimizer(bad, model.parameters(), "full", seed=0)

@@ -9,13 +9,13 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import ZOSGD, ZOAdam, ZOSGDMomentum, ZOSGDSign
+from zotune.optim import ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zotune.optim.factory import build_optimizer
 
 from .conftest import tiny_llama
 
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
-FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOAdam, 1e-2)]
+FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
 
 
@@ -99,7 +99,7 @@ def test_adam_validation():
 
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
-    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "SGD", "AdamW"):
+    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer
@@ -107,3 +107,39 @@ def test_factory_builds_each_by_name_with_options():
     bad = load_config(None, ["optimizer.name=ZOSGD", "optimizer.options={colour: 1}"]).optimizer
     with pytest.raises(ConfigError, match="colour"):
         build_optimizer(bad, model.parameters(), "full", seed=0)
+
+
+@pytest.mark.parametrize("n_queries", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_conservative_never_accepts_a_worse_loss(n_queries, dtype, tiny_batch):
+    """Each step's batch loss is <= the loss before it, and an accepted candidate's evaluated
+    loss is exactly the loss at the new weights (the candidates are bit-exact)."""
+    model = tiny_llama(dtype)
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        return model(**tiny_batch).loss
+
+    opt = ZOSGDConservative(model.parameters(), lr=0.03, eps=1e-2, n_queries=n_queries)  # large: some rejections
+    seen = set()
+    for _ in range(8):
+        with torch.no_grad():
+            before = float(closure())
+        calls["n"] = 0
+        opt.step(closure)
+        assert calls["n"] == opt.forwards_per_step == 2 * n_queries + 3
+        with torch.no_grad():
+            after = float(closure())
+        extra = opt.last_record.extra
+        seen.add(extra["accepted"])
+        assert after <= before
+        f0, f_minus, f_plus = extra["candidate_losses"]
+        assert f0 == before
+        assert after == {0: f0, -1: f_minus, 1: f_plus}[extra["accepted"]]
+    assert len(seen) > 1, "the test should see both accepted and rejected steps"
+
+
+def test_conservative_rejects_weight_decay():
+    with pytest.raises(ValueError, match="weight_decay"):
+        ZOSGDConservative([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)

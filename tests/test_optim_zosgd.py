@@ -187,7 +187,7 @@ def test_probe_sees_perturbed_weights_and_tied_uses_agree():
     seen = []
     hook = lambda mod, args, out: seen.append(mod.weight.clone())  # noqa: E731
     handles = [model.model.embed_tokens.register_forward_hook(hook), model.lm_head.register_forward_hook(hook)]
-    with torch.no_grad(), Perturbation(params, keys, 0.5, sampler):
+    with torch.no_grad(), Perturbation.along(params, keys, 0.5, sampler):
         model(input_ids=torch.tensor([[1, 2, 3]]))
     for h in handles:
         h.remove()
@@ -282,7 +282,7 @@ def test_directions_do_not_depend_on_threads(distribution):
 
 def test_metadata_reads_do_not_build_perturbed_copies():
     w = torch.nn.Parameter(torch.randn(4, 3))
-    pert = Perturbation([w], [1], 0.5, DirectionSampler("gaussian"))
+    pert = Perturbation.along([w], [1], 0.5, DirectionSampler("gaussian"))
     with torch.no_grad(), pert:
         assert w.dtype == torch.float32 and w.shape == (4, 3) and w.size(0) == 4 and w.dim() == 2
         assert pert.materializations == 0

@@ -75,44 +75,65 @@ def _may_alias(out: object, ptr: int) -> bool:
     return not isinstance(out, _PLAIN)
 
 
-class Perturbation:
-    """Context manager under which ``params[i]`` reads as ``params[i] + scale * z(keys[i])``.
+Terms = list[tuple[int, float]]  # (direction key, scale) pairs, summed in order
 
-    ``uses`` counts, per parameter id, how many ops read it; ``materializations`` how many
-    perturbed copies were built. Parameters whose id is in ``reuse`` are built once.
+
+class Perturbation:
+    """Context manager under which parameter ``params[i]`` reads as
+    ``params[i] + sum(scale * z(key) for key, scale in terms[i])``.
+
+    The sum is built with the same kernel and in the same order as the ZO update rules write
+    it, so a perturbed point and the weights an update would produce are bit-identical (this is
+    what lets ZO-SGD-Cons compare candidates exactly). ``along(...)`` builds the usual single
+    direction. ``uses`` counts, per parameter id, how many ops read it; ``materializations`` how
+    many perturbed copies were built. Parameters whose id is in ``reuse`` are built once.
     """
 
     def __init__(
         self,
+        params: list[torch.Tensor],
+        terms: list[Terms],
+        sampler: DirectionSampler,
+        pool: _BufferPool | None = None,
+        reuse: frozenset[int] = frozenset(),
+    ):
+        self._targets = {id(p): (p, [t for t in ts if t[1] != 0]) for p, ts in zip(params, terms)}
+        self.reuse = reuse
+        self.uses: dict[int, int] = defaultdict(int)
+        self._kept: dict[int, torch.Tensor] = {}
+        self.sampler = sampler
+        self.pool = pool if pool is not None else _BufferPool()
+        self.materializations = 0
+        self._mode: _PerturbMode | None = None
+
+    @classmethod
+    def along(
+        cls,
         params: list[torch.Tensor],
         keys: list[int],
         scale: float,
         sampler: DirectionSampler,
         pool: _BufferPool | None = None,
         reuse: frozenset[int] = frozenset(),
-    ):
-        self._targets = {id(p): (p, k) for p, k in zip(params, keys)}
-        self.reuse = reuse
-        self.uses: dict[int, int] = defaultdict(int)
-        self._kept: dict[int, torch.Tensor] = {}
-        self.scale = scale
-        self.sampler = sampler
-        self.pool = pool if pool is not None else _BufferPool()
-        self.materializations = 0
-        self._mode: _PerturbMode | None = None
+    ) -> Perturbation:
+        """``params[i] + scale * z(keys[i])``: one direction, one scale."""
+        return cls(params, [[(k, scale)] for k in keys], sampler, pool, reuse)
 
-    def materialize(self, p: torch.Tensor, key: int) -> torch.Tensor:
-        """``p + scale * z`` in p's dtype, built chunk by chunk into a pooled buffer."""
+    def materialize(self, p: torch.Tensor, terms: Terms) -> torch.Tensor:
+        """``p + sum(scale * z)`` in p's dtype, built chunk by chunk into a pooled buffer."""
+        if not terms:
+            return p
         if not p.is_contiguous():
             raise ValueError("zotune perturbs contiguous parameters only")
         buf = self.pool.take(p.numel(), p.dtype)
-        flat = p.detach().view(-1)
-        scale = self.scale
+        src = p.detach().view(-1)
+        for key, scale in terms:
 
-        def perturb(start: int, stop: int, z: torch.Tensor) -> None:
-            torch.add(flat[start:stop], z, alpha=scale, out=buf[start:stop])
+            def perturb(start: int, stop: int, z: torch.Tensor, src=src, scale=scale) -> None:
+                torch.add(src[start:stop], z, alpha=scale, out=buf[start:stop])
 
-        self.sampler.apply(p.numel(), key, perturb, p.device)
+            self.sampler.apply(p.numel(), key, perturb, p.device)
+            src = buf
         self.materializations += 1
         return buf.view(p.shape)
 
@@ -142,6 +163,8 @@ class _PerturbMode(TorchFunctionMode):
             if target is None:
                 return arg
             self.p.uses[pid] += 1
+            if not target[1]:  # nothing to add: the parameter as it is
+                return arg
             if pid in self.p.reuse:
                 if pid not in self.p._kept:
                     self.p._kept[pid] = self.p.materialize(*target)

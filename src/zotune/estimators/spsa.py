@@ -13,6 +13,7 @@ parameter (:meth:`SPSAEstimate.materialize`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class SPSAEstimate:
     @property
     def finite(self) -> bool:
         return all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
+
+    def negated(self) -> SPSAEstimate:
+        """The estimate of the opposite direction (-grad_hat)."""
+        return dataclasses.replace(self, projected_grads=[-g for g in self.projected_grads])
 
     @property
     def weights(self) -> list[float]:
@@ -108,7 +113,7 @@ class SPSA:
             keys = [direction_key(seed, i) for i in indices]
             pair = []
             for scale in (self.eps, -self.eps):
-                with Perturbation(params, keys, scale, self.sampler, self._pool, self._reuse) as pert:
+                with Perturbation.along(params, keys, scale, self.sampler, self._pool, self._reuse) as pert:
                     pair.append(loss_value(closure()))
                 self.materializations += pert.materializations
                 self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)

@@ -2,8 +2,9 @@
 
 from .adam import ZOAdam
 from .base import StepRecord, ZOOptimizer
+from .conservative import ZOSGDConservative
 from .momentum import ZOSGDMomentum
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOAdam"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam"]

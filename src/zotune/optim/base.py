@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ class StepRecord:
     lrs: list[float]
     loss: float
     skipped: bool
+    extra: dict[str, Any] = field(default_factory=dict)  # optimizer-specific (e.g. accepted candidate)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -105,12 +106,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         indices = [i for i, _, _ in trainable]
         estimate = self.estimator.estimate(closure, params, indices, step_seed)
         skipped = not estimate.finite
+        extra: dict[str, Any] = {}
         if skipped:
             self.skipped_steps += 1
         else:
-            for index, p, group in trainable:
-                if group["lr"] != 0:
-                    self.update_param(p, index, estimate, group, self.state[p])
+            extra = self.update(closure, estimate, trainable) or {}
         self.last_record = StepRecord(
             step=self.steps_done,
             seed=step_seed,
@@ -119,9 +119,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             lrs=[g["lr"] for g in self.param_groups],
             loss=estimate.loss,
             skipped=skipped,
+            extra=extra,
         )
         self.steps_done += 1
         return torch.tensor(estimate.loss)
+
+    def update(
+        self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
+    ) -> dict[str, Any] | None:
+        """Apply the update rule to every trainable parameter of a group with lr != 0.
+        Returns optimizer-specific scalars for the step's record (None: nothing)."""
+        for index, p, group in trainable:
+            if group["lr"] != 0:
+                self.update_param(p, index, estimate, group, self.state[p])
+        return None
 
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict

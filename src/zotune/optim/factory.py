@@ -16,12 +16,13 @@ from ..config import OptimizerConfig
 from ..errors import ConfigError
 from .adam import ZOAdam
 from .base import ZOOptimizer
+from .conservative import ZOSGDConservative
 from .momentum import ZOSGDMomentum
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
 
 ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOAdam)
+    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam)
 }
 FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
 

@@ -241,5 +241,5 @@ def _append_trajectory(run: RunDir, opt: ZOOptimizer) -> None:
     assert r is not None
     run.append_jsonl(
         "trajectory.jsonl",
-        {"step": r.step, "seed": r.seed, "projected_grads": r.projected_grads, "lrs": r.lrs, "skipped": r.skipped},
+        {"step": r.step, "seed": r.seed, "projected_grads": r.projected_grads, "lrs": r.lrs, "skipped": r.skipped, **r.extra},
     )

@@ -1,0 +1,61 @@
+"""ZO-SGD-Cons (ZO-Bench): take the SPSA step only where it helps on the batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..estimators.perturb import Perturbation
+from ..estimators.spsa import SPSAEstimate, direction_key, loss_value
+from .sgd import ZOSGD
+
+
+class ZOSGDConservative(ZOSGD):
+    """Keep the best of ``{x, x - lr*grad_hat, x + lr*grad_hat}`` by the batch loss.
+
+    After the SPSA probes it evaluates the closure at ``x`` and at both candidates (3 more
+    forward passes per step) and moves to the candidate with the lowest loss, or stays. The
+    candidates are evaluated on the fly (the weights are untouched until the choice) and are
+    bit-identical to the weights the chosen update writes, so a step never increases the batch
+    loss. The step's record says which was taken (``accepted``: -1 descent, +1 ascent, 0 none).
+    Weight decay is not offered: it would move ``x`` off the compared candidates.
+    """
+
+    forwards_per_query = 2
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, weight_decay: float = 0.0, **options):
+        if weight_decay:
+            raise ValueError("ZOSGDConservative does not take weight_decay (its candidates are compared exactly)")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, **options)
+
+    @property
+    def forwards_per_step(self) -> int:
+        return 2 * self.n_queries + 3
+
+    def update(
+        self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
+    ) -> dict[str, Any]:
+        losses = {0: loss_value(closure())}
+        params = [p for _, p, _ in trainable]
+        sampler = self.estimator.sampler
+        for sign, candidate in ((-1, estimate), (1, estimate.negated())):
+            # the same terms, in the same order, as ZOSGD.update_param writes for `candidate`
+            terms = [
+                [(direction_key(seed, index), -group["lr"] * w) for seed, w in zip(candidate.seeds, candidate.weights)]
+                if group["lr"] != 0 else []
+                for index, _, group in trainable
+            ]
+            with Perturbation(params, terms, sampler):
+                losses[sign] = loss_value(closure())
+        finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+        accepted = min(finite, key=lambda k: (finite[k], k != -1, k != 1)) if finite else 0
+        if accepted == -1 and finite[-1] < losses[0]:
+            super().update(closure, estimate, trainable)
+        elif accepted == 1 and finite[1] < losses[0]:
+            super().update(closure, estimate.negated(), trainable)
+        else:
+            accepted = 0
+        return {"accepted": accepted, "candidate_losses": [losses[0], losses[-1], losses[1]]}

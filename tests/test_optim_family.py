@@ -9,13 +9,13 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
+from zotune.optim import ZOSGD, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, newton_schulz
 from zotune.optim.factory import build_optimizer
 
 from .conftest import tiny_llama
 
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
-FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2)]
+FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ZOMuon, 2e-2)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
 
 
@@ -99,7 +99,7 @@ def test_adam_validation():
 
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
-    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "SGD", "AdamW"):
+    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ZOMuon", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer
@@ -143,3 +143,34 @@ def test_conservative_never_accepts_a_worse_loss(n_queries, dtype, tiny_batch):
 def test_conservative_rejects_weight_decay():
     with pytest.raises(ValueError, match="weight_decay"):
         ZOSGDConservative([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (200, 8)])
+def test_newton_schulz_pushes_singular_values_towards_one(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 5.0
+    o = newton_schulz(g)
+    assert o.shape == g.shape and o.dtype == torch.float32
+    s = torch.linalg.svdvals(o)
+    assert float(s.min()) > 0.6 and float(s.max()) < 1.25, s
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh  # the exact orthogonal factor: NS must point the same way
+    cos = float((o * polar).sum() / (o.norm() * polar.norm()))
+    assert cos > 0.95
+
+
+def test_newton_schulz_rejects_vectors():
+    with pytest.raises(ValueError, match="matrix"):
+        newton_schulz(torch.ones(5))
+
+
+def test_muon_matrix_step_has_unit_spectral_scale():
+    """A rank-1 estimate becomes a step of spectral norm ~lr, whatever g's size."""
+    w = torch.nn.Parameter(torch.zeros(16, 8))
+    b = torch.nn.Parameter(torch.zeros(8))
+    target = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 100
+    opt = ZOMuon([w, b], lr=0.1, eps=1e-3)
+    opt.step(lambda: ((w - target) ** 2).sum() + (b ** 2).sum())
+    top = float(torch.linalg.svdvals(w.detach())[0])
+    scale = 2 ** 0.5  # 16 x 8: sqrt(rows / cols)
+    assert 0.1 * scale * 0.65 < top < 0.1 * scale * 1.25  # NS leaves singular values in ~[0.7, 1.2]
+    assert float(torch.linalg.svdvals(w.detach())[1]) < 1e-3 * top  # still rank 1

@@ -4,7 +4,9 @@ from .adam import ZOAdam
 from .base import StepRecord, ZOOptimizer
 from .conservative import ZOSGDConservative
 from .momentum import ZOSGDMomentum
+from .muon import ZOMuon
+from .newton_schulz import newton_schulz
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ZOMuon", "newton_schulz"]

@@ -164,13 +164,13 @@ def test_newton_schulz_rejects_vectors():
 
 
 def test_muon_matrix_step_has_unit_spectral_scale():
-    """A rank-1 estimate becomes a step of spectral norm ~lr, whatever g's size."""
+    """The estimate g * z (z a random matrix) becomes a step whose singular values are all
+    about lr * scale, whatever the size of g."""
     w = torch.nn.Parameter(torch.zeros(16, 8))
     b = torch.nn.Parameter(torch.zeros(8))
     target = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 100
     opt = ZOMuon([w, b], lr=0.1, eps=1e-3)
     opt.step(lambda: ((w - target) ** 2).sum() + (b ** 2).sum())
-    top = float(torch.linalg.svdvals(w.detach())[0])
+    s = torch.linalg.svdvals(w.detach())
     scale = 2 ** 0.5  # 16 x 8: sqrt(rows / cols)
-    assert 0.1 * scale * 0.65 < top < 0.1 * scale * 1.25  # NS leaves singular values in ~[0.7, 1.2]
-    assert float(torch.linalg.svdvals(w.detach())[1]) < 1e-3 * top  # still rank 1
+    assert float(s.min()) > 0.1 * scale * 0.6 and float(s.max()) < 0.1 * scale * 1.25

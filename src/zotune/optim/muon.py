@@ -16,8 +16,9 @@ class ZOMuon(ZOOptimizer):
     ``scale = sqrt(max(1, rows / cols))`` and ``NS`` five Newton-Schulz iterations; parameters
     of other shapes (norms, biases) take the momentum step ``W <- W - lr * M``.
 
-    A rank-1 SPSA estimate orthogonalises to a matrix of unit spectral norm whatever the size of
-    ``g_j``: every step has the same length, like a sign method. ``M`` is float32.
+    The SPSA estimate ``g * z`` is a random matrix scaled by ``g``; orthogonalised, every
+    singular value of the step is about ``lr * scale`` whatever the size of ``g``: the step
+    length is fixed, as in a sign method. ``M`` is float32.
     """
 
     def __init__(

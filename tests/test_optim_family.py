@@ -9,14 +9,20 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import ZOSGD, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, newton_schulz
+from zotune.optim import ZOSGD, ForwardGrad, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, newton_schulz
 from zotune.optim.factory import build_optimizer
 
 from .conftest import tiny_llama
 
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
-FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ZOMuon, 2e-2)]
+FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ForwardGrad, 2e-3), (ZOMuon, 2e-2)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
+
+
+def prepared(model, cls):
+    if getattr(cls, "needs_forward_ad", False):
+        model.set_attn_implementation("eager")
+    return model
 
 
 def regression(seed: int = 0):
@@ -42,7 +48,7 @@ def test_reduces_the_loss_of_a_seeded_problem(cls, lr):
 @pytest.mark.parametrize("cls, lr", FAMILY, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_lr_zero_and_state_dict_continuation(cls, lr, dtype, tiny_batch):
-    model = tiny_llama(dtype)
+    model = prepared(tiny_llama(dtype), cls)
     before = [p.detach().clone() for p in model.parameters()]
     opt0 = cls(model.parameters(), lr=0.0, eps=1e-2)
     for _ in range(2):
@@ -59,7 +65,7 @@ def test_lr_zero_and_state_dict_continuation(cls, lr, dtype, tiny_batch):
     expected = [p.detach().clone() for p in model.parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(weights, expected)), "steps must move the weights"
 
-    other = tiny_llama(dtype)
+    other = prepared(tiny_llama(dtype), cls)
     with torch.no_grad():
         for p, w in zip(other.parameters(), weights):
             p.copy_(w)
@@ -99,7 +105,7 @@ def test_adam_validation():
 
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
-    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ZOMuon", "SGD", "AdamW"):
+    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "ZOMuon", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer
@@ -174,3 +180,54 @@ def test_muon_matrix_step_has_unit_spectral_scale():
     s = torch.linalg.svdvals(w.detach())
     scale = 2 ** 0.5  # 16 x 8: sqrt(rows / cols)
     assert float(s.min()) > 0.1 * scale * 0.6 and float(s.max()) < 0.1 * scale * 1.25
+
+
+def test_forward_grad_jvp_is_exact(tiny_batch):
+    """The recorded projected gradient is grad f . z, checked against a backward pass."""
+    from zotune.estimators import DirectionSampler
+    from zotune.estimators.spsa import direction_key
+
+    model = prepared(tiny_llama(), ForwardGrad)
+    opt = ForwardGrad(model.parameters(), lr=0.0)
+    opt.step(lambda: model(**tiny_batch).loss)
+    model.zero_grad()
+    model(**tiny_batch).loss.backward()
+    sampler, seed = DirectionSampler("gaussian"), opt.last_record.query_seeds[0]
+    expected = sum(
+        float((p.grad.view(-1) * sampler.full(p.numel(), direction_key(seed, i))).sum())
+        for i, p in enumerate(model.parameters())
+    )
+    assert opt.last_record.projected_grads[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_forward_grad_is_unbiased_and_converges_with_queries():
+    torch.manual_seed(0)
+    d = 8
+    a = torch.randn(d, d)
+    a = a @ a.T / d + torch.eye(d)
+    x = torch.nn.Parameter(torch.randn(d))
+    true = (a @ x.detach()).clone()
+    f = lambda: 0.5 * x @ a @ x  # noqa: E731
+    from zotune.estimators.forward_grad import ForwardGradient
+
+    def mean_estimate(n_queries, steps):
+        est = ForwardGradient(n_queries=n_queries)
+        total = torch.zeros(d)
+        with torch.no_grad():
+            for s in range(steps):
+                total += est.estimate(f, [x], [0], step_seed=s).materialize(0, torch.empty(d))
+        return total / steps
+
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(mean_estimate(1, 2000), true, dim=0)) > 0.95  # unbiased: the average aligns
+    one = mean_estimate(1, 1)
+    many = mean_estimate(3000, 1)  # one step, many queries: approaches the true gradient
+    assert float((many - true).norm() / true.norm()) < 0.1 < float((one - true).norm() / true.norm())
+
+
+def test_forward_grad_names_the_fix_for_ops_without_forward_ad(tiny_batch):
+    model = tiny_llama()  # SDPA attention: no forward-AD rule on CPU
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NotImplementedError, match="eager"):
+        ForwardGrad(model.parameters(), lr=1e-2).step(lambda: model(**tiny_batch).loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

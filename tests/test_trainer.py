@@ -24,7 +24,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("optimizer", ["ZOSGD", "SGD", "AdamW"])
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "ForwardGrad", "SGD", "AdamW"])
 def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_path, optimizer):
     out = tmp_path / "run"
     summary = run_train(config(tiny_model_dir, reviews_csv, f"optimizer.name={optimizer}", "optimizer.lr=1e-3"), out, log=lambda *_: None)
@@ -38,7 +38,7 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_
     assert on_disk == summary
     assert {"eval", "steps", "forward_passes", "peak_rss_mb", "wall_s"} <= set(summary)
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
-    assert summary["forward_passes"] == (12 if optimizer == "ZOSGD" else 6)
+    assert summary["forward_passes"] == (12 if optimizer == "ZOSGD" else 6)  # ForwardGrad: 1 JVP forward per step
     preds = read_jsonl(out / "predictions.jsonl")
     assert len(preds) == summary["n_test"]
     row = preds[0]
@@ -46,7 +46,7 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_
     assert row["prompt"] == row["input"]["text"] + " It was"
     assert set(row["scores"]) == {" bad", " good"}
     assert row["prediction"] == max(("0", "1"), key=lambda lab: row["scores"][{"0": " bad", "1": " good"}[lab]])
-    if optimizer == "ZOSGD":
+    if optimizer in ("ZOSGD", "ForwardGrad"):
         traj = read_jsonl(out / "trajectory.jsonl")
         assert traj[0]["format"] == "zotune-trajectory" and len(traj) == 7
         assert all(len(r["projected_grads"]) == 1 for r in traj[1:])

@@ -89,6 +89,8 @@ class Perturbation:
     many perturbed copies were built. Parameters whose id is in ``reuse`` are built once.
     """
 
+    recycle = True  # built tensors go back to the pool once no output aliases them
+
     def __init__(
         self,
         params: list[torch.Tensor],
@@ -146,8 +148,9 @@ class Perturbation:
         assert self._mode is not None
         self._mode.__exit__(*exc)
         self._mode = None
-        for buf in self._kept.values():
-            self.pool.give(buf.view(-1))
+        if self.recycle:
+            for buf in self._kept.values():
+                self.pool.give(buf.view(-1))
         self._kept.clear()
 
 
@@ -185,7 +188,32 @@ class _PerturbMode(TorchFunctionMode):
         if kwargs:
             kwargs = {k: self._swap(v, built) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
-        for buf in built:
-            if not _may_alias(out, buf.untyped_storage().data_ptr()):
-                self.p.pool.give(buf.view(-1))
+        if self.p.recycle:
+            for buf in built:
+                if not _may_alias(out, buf.untyped_storage().data_ptr()):
+                    self.p.pool.give(buf.view(-1))
         return out
+
+
+class Tangents(Perturbation):
+    """Under ``torch.autograd.forward_ad.dual_level()``: every op sees the dual tensor
+    ``(p, z(key))`` in place of ``p``, so the closure's output carries the directional
+    derivative ``grad f . z`` as its tangent (forward-mode AD through the unchanged closure).
+    Tangents are fresh tensors, never pooled: a dual's primal storage is the weight itself."""
+
+    recycle = False
+
+    def materialize(self, p: torch.Tensor, terms: Terms) -> torch.Tensor:
+        import torch.autograd.forward_ad as fwAD
+
+        if not terms:
+            return p
+        ((key, scale),) = terms
+        tangent = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+
+        def fill(start: int, stop: int, z: torch.Tensor) -> None:
+            torch.mul(z, scale, out=tangent[start:stop])
+
+        self.sampler.apply(p.numel(), key, fill, p.device)
+        self.materializations += 1
+        return fwAD.make_dual(p.detach(), tangent.view(p.shape))

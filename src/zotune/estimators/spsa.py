@@ -33,6 +33,11 @@ def loss_value(loss: object) -> float:
     return float(loss)  # type: ignore[arg-type]
 
 
+def query_seeds(step_seed: int, n_queries: int) -> list[int]:
+    """Seeds of a step's directions z_1..z_q."""
+    return [mix(step_seed, j) for j in range(n_queries)]
+
+
 def direction_key(query_seed: int, param_index: int) -> int:
     """Key of z for one parameter (by its index among the optimizer's parameters)."""
     return mix(query_seed, param_index)
@@ -45,7 +50,7 @@ class SPSAEstimate:
     seeds: list[int]
     projected_grads: list[float]
     loss: float
-    losses: list[tuple[float, float]] = field(default_factory=list)  # (f+, f-) per query
+    losses: list[tuple[float, float]] = field(default_factory=list)  # per query: (f+, f-), or (f, jvp)
     sampler: DirectionSampler | None = None
 
     @property
@@ -95,9 +100,6 @@ class SPSA:
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
         self.materializations = 0
 
-    def query_seeds(self, step_seed: int) -> list[int]:
-        return [mix(step_seed, j) for j in range(self.n_queries)]
-
     def estimate(
         self,
         closure: Callable[[], object],
@@ -106,7 +108,7 @@ class SPSA:
         step_seed: int,
     ) -> SPSAEstimate:
         """Probe the closure at x +- eps*z_j for every query. The weights are never written."""
-        seeds = self.query_seeds(step_seed)
+        seeds = query_seeds(step_seed, self.n_queries)
         losses: list[tuple[float, float]] = []
         grads: list[float] = []
         for seed in seeds:

@@ -17,13 +17,14 @@ from ..errors import ConfigError
 from .adam import ZOAdam
 from .base import ZOOptimizer
 from .conservative import ZOSGDConservative
+from .forward_grad import ForwardGrad
 from .momentum import ZOSGDMomentum
 from .muon import ZOMuon
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
 
 ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ZOMuon)
+    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, ZOMuon)
 }
 FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
 

@@ -24,7 +24,7 @@ from ..config import Config
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.base import ZOOptimizer
-from ..optim.factory import build_optimizer, is_zeroth_order, resolved_hparams
+from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..tuning import apply_scheme
 from .evaluate import EvalResult, evaluate
@@ -77,6 +77,8 @@ class Session:
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
+        if getattr(ZO_OPTIMIZERS.get(cfg.optimizer.name), "needs_forward_ad", False):
+            model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         model, trainable = apply_scheme(model, cfg.tuning)
         scorer = ChoiceScorer(tokenizer, spec, cfg.train.max_length)
         return cls(cfg, data, model, scorer, trainable)

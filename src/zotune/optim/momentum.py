@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..estimators.spsa import SPSAEstimate
@@ -16,15 +18,22 @@ class ZOSGDMomentum(ZOOptimizer):
     trainable parameters.
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9, **options):
+    def __init__(
+        self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9,
+        *, defaults: dict[str, Any] | None = None, **options,
+    ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(momentum=momentum), **options)
+        super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(momentum=momentum, **(defaults or {})), **options)
+
+    def accumulate(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> torch.Tensor:
+        """``m <- momentum * m + grad_hat`` for one parameter; returns m (float32)."""
+        m = self.buffer(state, "momentum_buffer", p)
+        return m.mul_(group["momentum"]).add_(self.gradient(p, index, estimate))
 
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
-        m = self.buffer(state, "momentum_buffer", p)
-        m.mul_(group["momentum"]).add_(self.gradient(p, index, estimate))
+        m = self.accumulate(p, index, estimate, group, state)
         self.decay(p, group)
         p.add_(m, alpha=-group["lr"])

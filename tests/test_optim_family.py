@@ -9,13 +9,20 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import ZOSGD, ForwardGrad, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, newton_schulz
+from zotune.optim import ZOSGD, ForwardGrad, JaguarSignSGD, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, newton_schulz
 from zotune.optim.factory import build_optimizer
 
 from .conftest import tiny_llama
 
+class Jaguar30(JaguarSignSGD):
+    """Sign-JAGUAR drawing 30% of the coordinates per step (the default 1% suits LLMs)."""
+
+    def __init__(self, params, lr, **kwargs):
+        super().__init__(params, lr, coord_fraction=0.3, **kwargs)
+
+
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
-FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ForwardGrad, 2e-3), (ZOMuon, 2e-2)]
+FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ForwardGrad, 2e-3), (Jaguar30, 1e-2), (ZOMuon, 2e-2)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
 
 
@@ -105,7 +112,7 @@ def test_adam_validation():
 
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
-    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "ZOMuon", "SGD", "AdamW"):
+    for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer
@@ -231,3 +238,30 @@ def test_forward_grad_names_the_fix_for_ops_without_forward_ad(tiny_batch):
     with pytest.raises(NotImplementedError, match="eager"):
         ForwardGrad(model.parameters(), lr=1e-2).step(lambda: model(**tiny_batch).loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_jaguar_probes_touch_only_the_chosen_coordinates():
+    from zotune.estimators.directions import mix
+    from zotune.estimators.spsa import direction_key, query_seeds
+
+    w = torch.nn.Parameter(torch.randn(3000))
+    tau, seen = 0.5, []
+    opt = JaguarSignSGD([w], lr=1e-3, eps=tau, coord_fraction=0.05, seed=9)
+    original = w.detach().clone()  # not a parameter: reads as itself inside the probes
+    opt.step(lambda: (seen.append((w + 0).detach() - original), (w ** 2).sum())[1])
+    mask = opt.estimator.sampler.full(3000, direction_key(query_seeds(mix(9, 0), 1)[0], 0)).bool()
+    assert 0.02 < float(mask.float().mean()) < 0.08
+    for diff in seen:  # the + and - probes
+        assert torch.equal(diff != 0, mask)
+        torch.testing.assert_close(diff[mask].abs(), torch.full((int(mask.sum()),), tau), rtol=0, atol=1e-5)
+    memory = opt.state[w]["memory"]
+    assert torch.equal(memory != 0, mask) and set(memory[mask].abs().unique().tolist()) == {tau}
+
+
+def test_jaguar_options():
+    w = torch.nn.Parameter(torch.zeros(100))
+    assert JaguarSignSGD([w], lr=1e-3, block_size=25).coord_fraction == 0.25
+    for kwargs, needle in [(dict(block_size=0), "block_size"), (dict(coord_fraction=1.5), "fraction"),
+                           (dict(coord_fraction=0.1, block_size=5), "not both"), (dict(variant="x"), "variant")]:
+        with pytest.raises(ValueError, match=needle):
+            JaguarSignSGD([w], lr=1e-3, **kwargs)

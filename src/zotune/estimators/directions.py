@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 _MASK64 = (1 << 64) - 1
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher")  # user-facing; "coordinates" is JAGUAR's block mask
 DEFAULT_CHUNK = 1 << 20
 
 
@@ -67,9 +67,14 @@ class DirectionSampler:
     next iteration.
     """
 
-    def __init__(self, distribution: str = "gaussian", chunk_size: int = DEFAULT_CHUNK, threads: int = 2):
-        if distribution not in DISTRIBUTIONS:
+    def __init__(
+        self, distribution: str = "gaussian", chunk_size: int = DEFAULT_CHUNK, threads: int = 2, fraction: float = 1.0
+    ):
+        if distribution not in (*DISTRIBUTIONS, "coordinates"):
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if distribution == "coordinates" and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"the fraction of coordinates must be in (0, 1], got {fraction!r}")
+        self.fraction = fraction
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.distribution = distribution
@@ -93,8 +98,11 @@ class DirectionSampler:
         gen.manual_seed(mix(key, index))
         if self.distribution == "gaussian":
             z.normal_(generator=gen)
-        else:
+        elif self.distribution == "rademacher":
             _fill_rademacher(z, gen)
+        else:  # coordinates: 1 on a random `fraction` of the entries, 0 elsewhere
+            z.uniform_(generator=gen)
+            z.copy_(z < self.fraction)
         return z
 
     def _ranges(self, numel: int) -> list[tuple[int, int, int]]:
@@ -124,7 +132,8 @@ class DirectionSampler:
             pass
 
     def __getstate__(self) -> dict:
-        return {"distribution": self.distribution, "chunk_size": self.chunk_size, "threads": self.threads}
+        return {"distribution": self.distribution, "chunk_size": self.chunk_size, "threads": self.threads,
+                "fraction": self.fraction}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

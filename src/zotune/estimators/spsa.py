@@ -92,10 +92,10 @@ class SPSAEstimate:
 class SPSA:
     """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly (see perturb.py)."""
 
-    def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian"):
+    def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian", sampler: DirectionSampler | None = None):
         self.eps = eps
         self.n_queries = n_queries
-        self.sampler = DirectionSampler(distribution)
+        self.sampler = sampler if sampler is not None else DirectionSampler(distribution)
         self._pool = _BufferPool()
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
         self.materializations = 0

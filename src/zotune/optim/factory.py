@@ -18,13 +18,14 @@ from .adam import ZOAdam
 from .base import ZOOptimizer
 from .conservative import ZOSGDConservative
 from .forward_grad import ForwardGrad
+from .jaguar import JaguarSignSGD
 from .momentum import ZOSGDMomentum
 from .muon import ZOMuon
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
 
 ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, ZOMuon)
+    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon)
 }
 FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
 

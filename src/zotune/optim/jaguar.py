@@ -1,0 +1,69 @@
+"""ZO Sign-JAGUAR: coordinate-block finite differences into a gradient memory, sign-SGD on it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..estimators.directions import DirectionSampler
+from ..estimators.spsa import SPSA, SPSAEstimate, direction_key
+from .base import ZOOptimizer
+
+
+class JaguarSignSGD(ZOOptimizer):
+    """Each step draws a random block of coordinates (``coord_fraction`` of every parameter's
+    entries, or ``block_size`` coordinates in all, seeded by the step), probes ``f`` at
+    ``x +- tau`` on that block only (``tau`` is ``eps``), writes ``sign(f+ - f-) * tau`` into a
+    persistent float32 gradient memory ``h`` at those coordinates, and steps
+    ``x <- x - lr * sign(h)`` (``variant="sign"``) or ``x <- x - lr * h`` (``"plain"``).
+
+    Coordinates never drawn have ``h = 0`` and do not move. The memory is part of
+    ``state_dict``; the blocks are a function of (seed, step), so they replay exactly.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        coord_fraction: float | None = None,
+        block_size: int | None = None,
+        variant: str = "sign",
+        n_queries: int = 1,
+        distribution: str = "gaussian",
+        weight_decay: float = 0.0,
+    ):
+        if distribution != "gaussian":
+            raise ValueError("JaguarSignSGD perturbs blocks of coordinates by +-tau; it takes no distribution")
+        if variant not in ("sign", "plain"):
+            raise ValueError(f"variant must be 'sign' or 'plain', got {variant!r}")
+        if coord_fraction is not None and block_size is not None:
+            raise ValueError("give coord_fraction or block_size, not both")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, weight_decay=weight_decay,
+                         defaults=dict(variant=variant))
+        if block_size is not None:
+            total = sum(p.numel() for _, p, _ in self.trainable())
+            if not isinstance(block_size, int) or not 1 <= block_size <= total:
+                raise ValueError(f"block_size must be an int in [1, {total}], got {block_size!r}")
+            coord_fraction = block_size / total
+        coord_fraction = 0.01 if coord_fraction is None else coord_fraction
+        sampler = DirectionSampler("coordinates", fraction=coord_fraction)  # validates the fraction
+        self.coord_fraction = coord_fraction
+        self.estimator = SPSA(self.eps, n_queries, sampler=sampler)
+
+    def update_param(
+        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+    ) -> None:
+        memory = self.buffer(state, "memory", p).view(-1)
+        for seed, g in zip(estimate.seeds, estimate.projected_grads):
+            value = math.copysign(self.eps, g) if g != 0 else 0.0  # sign(f+ - f-) * tau
+
+            def write(start: int, stop: int, mask: torch.Tensor, value: float = value) -> None:
+                memory[start:stop].masked_fill_(mask.bool(), value)
+
+            self.estimator.sampler.apply(p.numel(), direction_key(seed, index), write, p.device)
+        self.decay(p, group)
+        step = memory.sign() if group["variant"] == "sign" else memory
+        p.add_(step.view(p.shape), alpha=-group["lr"])

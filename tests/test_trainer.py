@@ -108,3 +108,13 @@ def test_scores_do_not_depend_on_padding(tiny_model_dir):
         alone = scorer.scores(model, scorer.encode([short]))
         together = scorer.scores(model, scorer.encode([long, short]))
     torch.testing.assert_close(alone[0], together[1], rtol=1e-4, atol=1e-4)
+
+
+def test_blockwise_training_counts_forwards_per_block(tiny_model_dir, reviews_csv, tmp_path):
+    cfg = config(tiny_model_dir, reviews_csv, "optimizer.blockwise=true", "optimizer.lr=1e-3", "train.steps=2",
+                 "train.eval_every=0", "eval.zero_shot=false")
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["forward_passes"] == 2 * 2 * 3  # steps x (+,-) x blocks (2 layers + the rest)
+    with pytest.raises(ConfigError, match="zeroth-order"):
+        run_train(config(tiny_model_dir, reviews_csv, "optimizer.blockwise=true", "optimizer.name=SGD"),
+                  tmp_path / "fo", log=lambda *_: None)

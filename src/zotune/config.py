@@ -43,6 +43,7 @@ class OptimizerConfig:
     n_queries: int = 1
     distribution: str = "gaussian"
     weight_decay: float = 0.0
+    blockwise: bool = False  # ZO-Bench block-wise ZO: one query set per transformer layer / the rest
     options: dict[str, Any] = field(default_factory=dict)  # class-specific: momentum, betas, ...
 
 

@@ -52,6 +52,7 @@ class SPSAEstimate:
     loss: float
     losses: list[tuple[float, float]] = field(default_factory=list)  # per query: (f+, f-), or (f, jvp)
     sampler: DirectionSampler | None = None
+    coverage: list[frozenset[int]] | None = None  # block-wise: the parameter indices each query perturbed
 
     @property
     def finite(self) -> bool:
@@ -61,11 +62,15 @@ class SPSAEstimate:
         """The estimate of the opposite direction (-grad_hat)."""
         return dataclasses.replace(self, projected_grads=[-g for g in self.projected_grads])
 
-    @property
-    def weights(self) -> list[float]:
-        """Coefficient of each direction in grad_hat (g_j / q)."""
-        q = len(self.projected_grads)
-        return [g / q for g in self.projected_grads]
+    def terms(self, param_index: int) -> list[tuple[int, float]]:
+        """``(seed, weight)`` of every direction in one parameter's grad_hat: ``g_j / q`` over
+        the q queries that perturbed it (all of them, unless block-wise)."""
+        pairs = [
+            (seed, g)
+            for j, (seed, g) in enumerate(zip(self.seeds, self.projected_grads))
+            if self.coverage is None or param_index in self.coverage[j]
+        ]
+        return [(seed, g / len(pairs)) for seed, g in pairs]
 
     def apply(
         self,
@@ -78,7 +83,7 @@ class SPSAEstimate:
         parameter; chunks of one direction may run concurrently (each touches its own slice),
         directions run one after the other."""
         assert self.sampler is not None
-        for seed, w in zip(self.seeds, self.weights):
+        for seed, w in self.terms(param_index):
             self.sampler.apply(numel, direction_key(seed, param_index), lambda s, e, z, w=w: fn(s, e, w, z), device)
 
     def materialize(self, param_index: int, out: torch.Tensor) -> torch.Tensor:
@@ -106,23 +111,32 @@ class SPSA:
         params: list[torch.Tensor],
         indices: list[int],
         step_seed: int,
+        blocks: list[list[int]] | None = None,
     ) -> SPSAEstimate:
-        """Probe the closure at x +- eps*z_j for every query. The weights are never written."""
-        seeds = query_seeds(step_seed, self.n_queries)
+        """Probe the closure at x +- eps*z_j for every query. The weights are never written.
+
+        ``blocks`` (block-wise ZO, ZO-Bench): lists of positions in ``params``; each block gets
+        its own ``n_queries`` queries, which perturb that block only."""
+        blocks = blocks if blocks is not None else [list(range(len(params)))]
+        seeds = query_seeds(step_seed, self.n_queries * len(blocks))
+        block_of_query = [b for b in blocks for _ in range(self.n_queries)]
         losses: list[tuple[float, float]] = []
         grads: list[float] = []
-        for seed in seeds:
+        for seed, block in zip(seeds, block_of_query):
+            chosen = set(block)
             keys = [direction_key(seed, i) for i in indices]
             pair = []
             for scale in (self.eps, -self.eps):
-                with Perturbation.along(params, keys, scale, self.sampler, self._pool, self._reuse) as pert:
+                terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
+                with Perturbation(params, terms, self.sampler, self._pool, self._reuse) as pert:
                     pair.append(loss_value(closure()))
                 self.materializations += pert.materializations
                 self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
             losses.append((pair[0], pair[1]))
             grads.append((pair[0] - pair[1]) / (2 * self.eps))
         mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
-        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler)
+        coverage = None if len(blocks) == 1 else [frozenset(indices[pos] for pos in b) for b in block_of_query]
+        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, coverage)
 
     def release_memory(self) -> None:
         """Drop pooled perturbation buffers (they are rebuilt on the next probe)."""

@@ -57,6 +57,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         n_queries: int = 1,
         distribution: str = "gaussian",
         weight_decay: float = 0.0,
+        blockwise: bool = False,
         *,
         defaults: dict[str, Any] | None = None,
     ):
@@ -73,6 +74,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **(defaults or {})))
         self.seed = seed
         self.eps = float(eps)
+        self.blockwise = bool(blockwise)  # each param group is a block with its own queries
         self.estimator = SPSA(self.eps, n_queries, distribution)
         self.steps_done = 0
         self.skipped_steps = 0
@@ -84,7 +86,18 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @property
     def forwards_per_step(self) -> int:
-        return self.forwards_per_query * self.n_queries
+        return self.forwards_per_query * self.n_queries * len(self.blocks())
+
+    def blocks(self) -> list[list[int]]:
+        """Block-wise: positions (in ``trainable()`` order) of each param group's trainable
+        parameters; otherwise one block holding everything."""
+        trainable = list(self.trainable())
+        if not self.blockwise:
+            return [list(range(len(trainable)))]
+        by_group: dict[int, list[int]] = {}
+        for pos, (_, _, group) in enumerate(trainable):
+            by_group.setdefault(id(group), []).append(pos)
+        return list(by_group.values())
 
     def trainable(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
         """``(index, param, group)`` for every parameter that requires grad; the index is
@@ -104,7 +117,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         trainable = list(self.trainable())
         params = [p for _, p, _ in trainable]
         indices = [i for i, _, _ in trainable]
-        estimate = self.estimator.estimate(closure, params, indices, step_seed)
+        if self.blockwise:
+            estimate = self.estimator.estimate(closure, params, indices, step_seed, blocks=self.blocks())
+        else:
+            estimate = self.estimator.estimate(closure, params, indices, step_seed)
         skipped = not estimate.finite
         extra: dict[str, Any] = {}
         if skipped:

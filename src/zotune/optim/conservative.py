@@ -44,7 +44,7 @@ class ZOSGDConservative(ZOSGD):
         for sign, candidate in ((-1, estimate), (1, estimate.negated())):
             # the same terms, in the same order, as ZOSGD.update_param writes for `candidate`
             terms = [
-                [(direction_key(seed, index), -group["lr"] * w) for seed, w in zip(candidate.seeds, candidate.weights)]
+                [(direction_key(seed, index), -group["lr"] * w) for seed, w in candidate.terms(index)]
                 if group["lr"] != 0 else []
                 for index, _, group in trainable
             ]

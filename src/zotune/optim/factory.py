@@ -66,8 +66,11 @@ def build_optimizer(
                 n_queries=cfg.n_queries,
                 distribution=cfg.distribution,
                 weight_decay=cfg.weight_decay,
+                **({"blockwise": True} if cfg.blockwise else {}),
                 **cfg.options,
             )
+        if cfg.blockwise:
+            raise ConfigError("optimizer.blockwise applies to zeroth-order optimizers only")
         return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None

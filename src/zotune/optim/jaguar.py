@@ -57,7 +57,7 @@ class JaguarSignSGD(ZOOptimizer):
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
         memory = self.buffer(state, "memory", p).view(-1)
-        for seed, g in zip(estimate.seeds, estimate.projected_grads):
+        for seed, g in estimate.terms(index):  # g / q: the sign is what counts
             value = math.copysign(self.eps, g) if g != 0 else 0.0  # sign(f+ - f-) * tau
 
             def write(start: int, stop: int, mask: torch.Tensor, value: float = value) -> None:

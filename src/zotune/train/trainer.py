@@ -26,7 +26,7 @@ from ..models import load_model
 from ..optim.base import ZOOptimizer
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
-from ..tuning import apply_scheme
+from ..tuning import apply_scheme, layer_blocks
 from .evaluate import EvalResult, evaluate
 from .plots import plot_training
 from .rundir import RunDir
@@ -130,7 +130,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         before.write_predictions(run.file("predictions_zero_shot.jsonl"))
         log(f"zero-shot {metric}: {before.metrics[metric]:.4f}")
 
-    opt = build_optimizer(cfg.optimizer, session.trainable, cfg.tuning.scheme, cfg.seed)
+    params = layer_blocks(model, session.trainable) if cfg.optimizer.blockwise else session.trainable
+    opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed)
     zo = is_zeroth_order(cfg.optimizer.name)
     lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
     log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}")

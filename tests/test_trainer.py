@@ -118,3 +118,41 @@ def test_blockwise_training_counts_forwards_per_block(tiny_model_dir, reviews_cs
     with pytest.raises(ConfigError, match="zeroth-order"):
         run_train(config(tiny_model_dir, reviews_csv, "optimizer.blockwise=true", "optimizer.name=SGD"),
                   tmp_path / "fo", log=lambda *_: None)
+
+
+def test_hybrid_zo_fo_trains_both_parts(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    """First layer + embeddings by ZOSGD, the rest by AdamW; backward never reaches the ZO part."""
+    from zotune.train import trainer
+
+    seen = {}
+    original = trainer._first_order_step
+
+    def spy(opt, model, scorer, batch, frozen=()):
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        value = original(opt, model, scorer, batch, frozen)
+        seen["zo_grads"] = [p.grad for p in frozen]
+        seen["fo_moved"] = any(not torch.equal(p, before[id(p)]) for g in opt.param_groups for p in g["params"])
+        seen["zo_untouched"] = all(torch.equal(p, before[id(p)]) for p in frozen)
+        return value
+
+    monkeypatch.setattr(trainer, "_first_order_step", spy)
+    cfg = config(tiny_model_dir, reviews_csv, "tuning.hybrid.zo_layers=1", "tuning.hybrid.fo_lr=1e-2",
+                 "optimizer.lr=1e-3", "train.steps=2", "train.eval_every=0", "eval.zero_shot=false")
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["forward_passes"] == 2 * (2 + 1)
+    assert seen["zo_grads"] and all(g is None for g in seen["zo_grads"])
+    assert seen["fo_moved"] and seen["zo_untouched"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("tuning.hybrid.zo_layers=5", "has 2 layers"),
+    ("tuning.hybrid.fo_optimizer=Adam", "tuning.hybrid.fo_optimizer"),
+])
+def test_hybrid_bad_input(tiny_model_dir, reviews_csv, tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        run_train(config(tiny_model_dir, reviews_csv, override), tmp_path / "run", log=lambda *_: None)
+
+
+def test_hybrid_needs_a_zo_optimizer():
+    with pytest.raises(ConfigError, match="zeroth-order"):
+        load_config(None, ["tuning.hybrid.zo_layers=1", "optimizer.name=AdamW"])

@@ -31,8 +31,16 @@ class ModelConfig:
 
 
 @dataclass
+class HybridConfig:
+    zo_layers: int | None = None  # ZO-Bench hybrid: the first K layers (+ embeddings) by ZO, the rest by FO
+    fo_optimizer: str = "AdamW"
+    fo_lr: float | None = None  # None: the FO optimizer's default
+
+
+@dataclass
 class TuningConfig:
     scheme: str = "full"
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
 @dataclass
@@ -215,6 +223,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"
         )
+    from .optim.factory import FO_OPTIMIZERS, is_zeroth_order
+
+    hybrid = cfg.tuning.hybrid
+    _require(hybrid.fo_optimizer in FO_OPTIMIZERS, "tuning.hybrid.fo_optimizer",
+             f"must be one of {', '.join(FO_OPTIMIZERS)}", hybrid.fo_optimizer)
+    _require(hybrid.fo_lr is None or hybrid.fo_lr >= 0, "tuning.hybrid.fo_lr", "must be >= 0", hybrid.fo_lr)
+    if hybrid.zo_layers is not None:
+        _require(hybrid.zo_layers >= 0, "tuning.hybrid.zo_layers", "must be >= 0", hybrid.zo_layers)
+        _require(is_zeroth_order(cfg.optimizer.name), "optimizer.name",
+                 "must be a zeroth-order optimizer with tuning.hybrid", cfg.optimizer.name)
     names = optimizer_names()
     if cfg.optimizer.name not in names:
         near = difflib.get_close_matches(cfg.optimizer.name, names, n=1)

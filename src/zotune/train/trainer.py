@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config
+from ..config import Config, OptimizerConfig
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.base import ZOOptimizer
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
-from ..tuning import apply_scheme, layer_blocks
+from ..tuning import apply_scheme, hybrid_split, layer_blocks
 from .evaluate import EvalResult, evaluate
 from .plots import plot_training
 from .rundir import RunDir
@@ -130,8 +130,20 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         before.write_predictions(run.file("predictions_zero_shot.jsonl"))
         log(f"zero-shot {metric}: {before.metrics[metric]:.4f}")
 
-    params = layer_blocks(model, session.trainable) if cfg.optimizer.blockwise else session.trainable
+    params, fo_params = session.trainable, []
+    hybrid = cfg.tuning.hybrid
+    if hybrid.zo_layers is not None:
+        params, fo_params = hybrid_split(model, session.trainable, hybrid.zo_layers)
+    zo_params = params
+    if cfg.optimizer.blockwise:
+        params = layer_blocks(model, params)
     opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed)
+    fo_opt = None
+    if fo_params:
+        fo_cfg = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
+        fo_opt = build_optimizer(fo_cfg, fo_params, cfg.tuning.scheme, cfg.seed)
+        log(f"hybrid ZO-FO: {sum(p.numel() for p in zo_params) / 1e6:.2f}M parameters by {cfg.optimizer.name}, "
+            f"{sum(p.numel() for p in fo_params) / 1e6:.2f}M by {hybrid.fo_optimizer}")
     zo = is_zeroth_order(cfg.optimizer.name)
     lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
     log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}")
@@ -151,6 +163,9 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
             loss = float(opt.step(lambda: scorer.loss(model, batch)))
             forwards += opt.forwards_per_step
             _append_trajectory(run, opt)
+            if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
+                _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
+                forwards += 1
         else:
             loss = _first_order_step(opt, model, scorer, batch)
             forwards += 1
@@ -213,15 +228,25 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     return summary
 
 
-def _first_order_step(opt: torch.optim.Optimizer, model, scorer: ChoiceScorer, batch) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss = scorer.loss(model, batch)
-    value = float(loss.detach())
-    if not math.isfinite(value):  # skip, as the ZO optimizers do
+def _first_order_step(
+    opt: torch.optim.Optimizer, model, scorer: ChoiceScorer, batch, frozen: list[torch.nn.Parameter] = ()
+) -> float:
+    """Forward, backward, step. ``frozen`` parameters (hybrid ZO-FO's ZO part) do not require
+    grad meanwhile, so autograd keeps no activations below the first FO layer."""
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        opt.zero_grad(set_to_none=True)
+        loss = scorer.loss(model, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # skip, as the ZO optimizers do
+            return value
+        loss.backward()
+        opt.step()
         return value
-    loss.backward()
-    opt.step()
-    return value
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _trajectory_header(cfg: Config, opt: ZOOptimizer) -> dict[str, Any]:

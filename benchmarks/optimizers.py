@@ -1,0 +1,79 @@
+"""Every optimizer on the default model and task at an equal forward-pass budget.
+
+Each optimizer runs as its own ``zotune train`` process (so peak memory is its own), with as
+many steps as its forward passes per step allow within ``--budget`` (ZO-SGD: 2 per step,
+ZO-SGD-Cons: 5, ForwardGrad: 1 JVP forward, SGD/AdamW: 1 forward + backward). Prints one
+table: test accuracy (zero-shot alongside), final training loss, steps, forward passes, wall
+time, peak RSS. Run directories stay under ``--out`` for inspection.
+
+    .venv/bin/python benchmarks/optimizers.py [--budget 320] [--eval-examples 500]
+
+The learning rates below are starting points (ZO-SGD's is the demo's), not tuned per method:
+treat the table as a like-for-like run at these settings, not as each method's best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# name -> (lr, forwards per step, extra overrides)
+OPTIMIZERS: dict[str, tuple[float, int, list[str]]] = {
+    "ZOSGD": (3e-5, 2, []),
+    "ZOSGDSign": (1e-5, 2, []),
+    "ZOSGDMomentum": (5e-6, 2, []),
+    "ZOSGDConservative": (3e-5, 5, []),
+    "ZOAdam": (1e-4, 2, []),
+    "ForwardGrad": (3e-5, 1, []),
+    "JaguarSignSGD": (1e-5, 2, []),
+    "ZOMuon": (1e-3, 2, []),
+    "SGD": (1e-3, 1, []),
+    "AdamW": (1e-5, 1, []),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=320, help="forward passes per optimizer")
+    parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument("--out", default="runs/bench-optimizers")
+    parser.add_argument("--only", default="", help="comma-separated subset of optimizers")
+    args = parser.parse_args()
+    names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
+    zotune = Path(sys.executable).with_name("zotune")
+    rows = []
+    for name in names:
+        lr, per_step, extra = OPTIMIZERS[name]
+        steps = max(1, args.budget // per_step)
+        out = Path(args.out) / name
+        cmd = [
+            str(zotune), "train", "--config", "configs/demo.yaml", "--out", str(out), "--overwrite",
+            f"optimizer.name={name}", f"optimizer.lr={lr}", f"train.steps={steps}",
+            f"train.eval_every=0", f"train.log_every={max(1, steps // 10)}",
+            f"eval.max_examples={args.eval_examples}", *extra,
+        ]
+        print(f"{name}: {steps} steps ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append((name, lr, "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]))
+            continue
+        summary = json.loads((out / "summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows.append((name, lr, summary, losses[-1]))
+    print(f"{'optimizer':<18} {'lr':>8} {'steps':>6} {'fwd':>5} {'zero-shot':>9} {'test acc':>8} "
+          f"{'last loss':>9} {'wall s':>7} {'peak MB':>8}")
+    for row in rows:
+        if isinstance(row[2], str):
+            print(f"{row[0]:<18} {row[1]:>8.0e} {row[2]}")
+            continue
+        name, lr, s, loss = row
+        print(f"{name:<18} {lr:>8.0e} {s['steps']:>6} {s['forward_passes']:>5} "
+              f"{s['eval_zero_shot']['accuracy']:>9.3f} {s['eval']['accuracy']:>8.3f} {loss:>9.4f} "
+              f"{s['train_wall_s']:>7.0f} {s['peak_rss_mb']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()

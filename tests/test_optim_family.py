@@ -307,3 +307,16 @@ def test_layer_blocks_split_a_transformer_by_layer():
     groups = layer_blocks(model, list(model.parameters()))
     assert len(groups) == 3  # 2 layers + (embeddings, norm, tied head)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_conservative_blockwise_counts_every_forward():
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        return (a ** 2).sum() + (b ** 2).sum()
+
+    opt = ZOSGDConservative([{"params": [a]}, {"params": [b]}], lr=1e-2, n_queries=2, blockwise=True)
+    opt.step(closure)
+    assert calls["n"] == opt.forwards_per_step == 2 * 2 * 2 + 3

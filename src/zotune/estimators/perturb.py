@@ -50,20 +50,17 @@ def _reads_metadata_only(func: object) -> bool:
 
 
 class _BufferPool:
-    """Free lists of flat buffers keyed by (numel, dtype)."""
+    """Free lists of flat buffers keyed by (numel, dtype, device)."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        free = self._free[(numel, dtype)]
-        return free.pop() if free else torch.empty(numel, dtype=dtype)
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free[(numel, dtype, device)]
+        return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
-        self._free[(buf.numel(), buf.dtype)].append(buf)
-
-    def clear(self) -> None:
-        self._free.clear()
+        self._free[(buf.numel(), buf.dtype, buf.device)].append(buf)
 
 
 def _may_alias(out: object, ptr: int) -> bool:
@@ -127,7 +124,7 @@ class Perturbation:
             return p
         if not p.is_contiguous():
             raise ValueError("zotune perturbs contiguous parameters only")
-        buf = self.pool.take(p.numel(), p.dtype)
+        buf = self.pool.take(p.numel(), p.dtype, p.device)
         src = p.detach().view(-1)
         for key, scale in terms:
 

@@ -7,7 +7,7 @@ For each of ``n_queries`` directions z_j (seeded, regenerated, never stored)::
 
 The estimate is kept implicit, as the scalars g_j and the seeds that name z_j: a whole
 fine-tune is thus described by a few numbers per step (MeZO's trajectory storage). Update
-rules read it back chunk by chunk (:meth:`SPSAEstimate.chunks`) or as a full tensor per
+rules read it back chunk by chunk (:meth:`SPSAEstimate.apply`) or as a full tensor per
 parameter (:meth:`SPSAEstimate.materialize`).
 """
 
@@ -137,7 +137,3 @@ class SPSA:
         mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
         coverage = None if len(blocks) == 1 else [frozenset(indices[pos] for pos in b) for b in block_of_query]
         return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, coverage)
-
-    def release_memory(self) -> None:
-        """Drop pooled perturbation buffers (they are rebuilt on the next probe)."""
-        self._pool.clear()

@@ -24,8 +24,6 @@ class ZOSGDConservative(ZOSGD):
     Weight decay is not offered: it would move ``x`` off the compared candidates.
     """
 
-    forwards_per_query = 2
-
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, weight_decay: float = 0.0, **options):
         if weight_decay:
             raise ValueError("ZOSGDConservative does not take weight_decay (its candidates are compared exactly)")
@@ -33,7 +31,7 @@ class ZOSGDConservative(ZOSGD):
 
     @property
     def forwards_per_step(self) -> int:
-        return 2 * self.n_queries + 3
+        return super().forwards_per_step + 3  # the probes, then x and both candidates
 
     def update(
         self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]

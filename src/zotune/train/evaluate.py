@@ -10,15 +10,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tasks import Example
-from .metrics import compute_metric
-from .scoring import ChoiceScorer
+from .metrics import answer_metrics, label_metrics
+from .scoring import Scorer
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # every metric of the task type (accuracy and macro_f1, or f1 and exact_match)
     predictions: list[dict]
-    forward_passes: int
+    forward_passes: int  # model calls (a generation call counts once)
 
     def write_predictions(self, path: Path) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -29,36 +29,28 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    scorer: ChoiceScorer,
+    scorer: Scorer,
     examples: list[Example],
     batch_size: int = 16,
     desc: str = "eval",
     progress: bool = True,
 ) -> EvalResult:
-    """Score every choice of every example; predict the highest-scoring choice."""
+    """Predict every example (best candidate, or greedy answer) and compute the task's metrics."""
     predictions: list[dict] = []
     forwards = 0
     spec = scorer.spec
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = scorer.encode(chunk)
-        scores = scorer.scores(model, batch)
+        for ex, pred in zip(chunk, scorer.predict(model, scorer.encode(chunk))):
+            gold = {"answers": list(ex.answers)} if spec.type == "generation" else {"label": ex.label}
+            predictions.append({"input": ex.fields, "prompt": spec.render(ex.fields), **gold, **pred})
         forwards += 1
-        for ex, row in zip(chunk, scores.tolist()):
-            best = max(range(len(row)), key=row.__getitem__)
-            predictions.append(
-                {
-                    "input": ex.fields,
-                    "prompt": spec.render(ex.fields),
-                    "label": ex.label,
-                    "prediction": scorer.labels[best],
-                    "scores": {spec.choices[lab]: s for lab, s in zip(scorer.labels, row)},
-                }
-            )
         bar.update(len(chunk))
     bar.close()
-    gold = [p["label"] for p in predictions]
     pred = [p["prediction"] for p in predictions]
-    metrics = {spec.metric: compute_metric(spec.metric, gold, pred)}
+    if spec.type == "generation":
+        metrics = answer_metrics([p["answers"] for p in predictions], pred)
+    else:
+        metrics = label_metrics([p["label"] for p in predictions], pred)
     return EvalResult(metrics, predictions, forwards)

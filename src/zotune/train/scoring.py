@@ -1,14 +1,20 @@
-"""Classification by candidate log-likelihood (MeZO's "train as classification").
+"""How a task's examples become model inputs, losses and predictions (one scorer per task type).
 
-Each example's prompt is followed by every choice's continuation; a choice's score is the
-summed log-likelihood of its continuation tokens. Training minimises the cross-entropy over
-the choices' scores; evaluation predicts the highest-scoring choice.
+* :class:`ChoiceScorer` (classification, multiple choice; MeZO's "train as classification"):
+  each candidate's continuation follows the prompt and scores its summed log-likelihood;
+  training minimises the cross-entropy over the candidates, evaluation takes the best one.
+* :class:`AnswerScorer` (generation): training minimises the answer's per-token negative
+  log-likelihood; evaluation decodes greedily and the metric is SQuAD F1 / exact match.
+* :class:`HeadScorer` (``task.align: false``, ZO-Bench's alignment ablation): no template,
+  no verbalizer; a linear head on the last token's final hidden state, trained alongside.
 
-Sequences are left-padded so that every continuation ends at the last position: the LM head
-then runs only on the last ``K + 1`` positions (``logits_to_keep``), which saves the
-vocabulary projection (a fifth of a 135M model's FLOPs) on every other token. When all
-continuations are single tokens (" great" / " terrible"), one forward per example scores all
-choices at once.
+Sequences are left-padded so every continuation ends at the last position: the LM head then
+runs only on the last ``K + 1`` positions (``logits_to_keep``), which saves the vocabulary
+projection (a fifth of a 135M model's FLOPs) on every other token. When all continuations are
+single tokens (" great" / " terrible"), one row per example scores all choices at once.
+
+Every scorer also gives ``objective(model, batch, metric)``: minus the task metric on the batch
+(MeZO section 3.4, non-differentiable objectives for zeroth-order training).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..tasks import Example, TaskSpec
+from .metrics import answer_metrics, label_metrics
 
 
 @dataclass
@@ -30,87 +37,259 @@ class EncodedBatch:
     position_ids: torch.Tensor
     targets: torch.Tensor  # (N, K) continuation token ids, right-aligned, 0 where unused
     target_mask: torch.Tensor  # (N, K) 1 where targets are real
-    rows_per_example: int  # 1 (single-token choices) or C
-    labels: torch.Tensor  # (B,) index of the gold choice
+    row_example: torch.Tensor  # (N,) example of each row
+    row_choice: torch.Tensor  # (N,) candidate of each row (-1: the row scores every choice)
+    labels: torch.Tensor  # (B,) index of the gold candidate (generation: unused zeros)
+    examples: list[Example]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of left-padded token rows."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[i, width - len(row):] = 1
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp_(min=0)
+
+
+def right_aligned(conts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuation ids (N, K) aligned to the right (where they sit in the rows), and their mask."""
+    k = max(1, max(len(c) for c in conts))
+    targets = torch.zeros((len(conts), k), dtype=torch.long)
+    mask = torch.zeros((len(conts), k), dtype=torch.long)
+    for i, cont in enumerate(conts):
+        if cont:
+            targets[i, k - len(cont):] = torch.tensor(cont)
+            mask[i, k - len(cont):] = 1
+    return targets, mask
 
 
 class ChoiceScorer:
-    """Turns examples into model inputs and model outputs into per-choice scores."""
+    """Classification and multiple choice by candidate log-likelihood.
 
-    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128):
+    ``prefix`` (in-context learning) goes before every prompt; it is cut first when a row
+    exceeds ``max_length``."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_length = max_length
-        self.labels = spec.labels
-        self.choice_ids = [
-            tokenizer(spec.choices[label], add_special_tokens=False)["input_ids"] for label in self.labels
-        ]
-        for label, ids in zip(self.labels, self.choice_ids):
-            if not ids:
-                raise DataError(f"choice {label!r} of task {spec.name!r} tokenizes to nothing")
-        self.single_token = all(len(ids) == 1 for ids in self.choice_ids)
+        self.prefix = prefix
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.fixed_ids = None
+        if spec.type == "classification":
+            self.fixed_ids = [self._tokens(c) for c in spec.continuations(Example({}, spec.labels[0]))]
+        self.single_token = self.fixed_ids is not None and all(len(ids) == 1 for ids in self.fixed_ids)
 
-    def encode(self, examples: list[Example]) -> EncodedBatch:
-        prompts = [self.tokenizer(self.spec.render(ex.fields))["input_ids"] for ex in examples]
-        if self.single_token:
-            rows = [self._fit(p, []) for p in prompts]
-            conts = [[] for _ in prompts]
-        else:
-            rows, conts = [], []
-            for p in prompts:
-                for ids in self.choice_ids:
-                    rows.append(self._fit(p, ids))
-                    conts.append(ids)
-        width = max(len(r) for r in rows)
-        k = 1 if self.single_token else max(len(c) for c in conts)
-        n = len(rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        targets = torch.zeros((n, k), dtype=torch.long)
-        target_mask = torch.zeros((n, k), dtype=torch.long)
-        for i, (row, cont) in enumerate(zip(rows, conts)):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention[i, width - len(row):] = 1
-            if cont:
-                targets[i, k - len(cont):] = torch.tensor(cont)
-                target_mask[i, k - len(cont):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp_(min=0)
-        labels = torch.tensor([self.labels.index(ex.label) for ex in examples])
-        return EncodedBatch(
-            input_ids, attention, positions, targets, target_mask,
-            1 if self.single_token else len(self.labels), labels,
-        )
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def _tokens(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"a continuation of task {self.spec.name!r} tokenizes to nothing: {text!r}")
+        return ids
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
 
     def _fit(self, prompt: list[int], cont: list[int]) -> list[int]:
         """prompt + continuation, cutting the prompt on the left to fit ``max_length``."""
         keep = max(1, self.max_length - len(cont))
         return prompt[-keep:] + cont
 
+    def encode(self, examples: list[Example]) -> EncodedBatch:
+        if self.single_token:  # the last position's distribution scores every choice
+            return self.encode_prompts(examples)
+        rows, conts, owner, choice = [], [], [], []
+        for i, ex in enumerate(examples):
+            prompt = self.prompt_ids(ex)
+            ids_list = self.fixed_ids or [self._tokens(c) for c in self.spec.continuations(ex)]
+            for c, ids in enumerate(ids_list):
+                rows.append(self._fit(prompt, ids))
+                conts.append(ids)
+                owner.append(i)
+                choice.append(c)
+        input_ids, attention, positions = left_pad(rows, self.pad_id)
+        targets, target_mask = right_aligned(conts)
+        labels = torch.tensor([self.spec.target(ex) for ex in examples])
+        return EncodedBatch(input_ids, attention, positions, targets, target_mask,
+                            torch.tensor(owner), torch.tensor(choice), labels, examples)
+
+    def encode_prompts(self, examples: list[Example]) -> EncodedBatch:
+        """One row per example, the prompt alone (for features: a linear head or probe)."""
+        rows = [self._fit(self.prompt_ids(ex), []) for ex in examples]
+        input_ids, attention, positions = left_pad(rows, self.pad_id)
+        n = len(rows)
+        zeros = torch.zeros((n, 1), dtype=torch.long)
+        labels = torch.tensor([self.spec.target(ex) for ex in examples])
+        return EncodedBatch(input_ids, attention, positions, zeros, zeros, torch.arange(n),
+                            torch.full((n,), -1), labels, examples)
+
     def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
-        """Summed continuation log-likelihoods, shape (B, C), float32."""
-        k = batch.targets.shape[1]
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        params = _forward_params(model)
-        if "position_ids" in params:
-            kwargs["position_ids"] = batch.position_ids
-        if "logits_to_keep" in params:
-            kwargs["logits_to_keep"] = k + (0 if self.single_token else 1)
-        logits = model(**kwargs).logits
+        """Summed continuation log-likelihoods, shape (B, C), float32; -inf where an example
+        has fewer candidates than the widest one."""
         if self.single_token:
-            last = logits[:, -1, :].float().log_softmax(-1)
-            ids = torch.tensor([ids[0] for ids in self.choice_ids])
-            return last[:, ids]
-        # logits at position t predict token t+1: the K continuation tokens are predicted by
-        # the K positions before the last one.
-        logp = logits[:, -k - 1 : -1, :].float().log_softmax(-1)
-        token_logp = logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-        per_row = (token_logp * batch.target_mask).sum(-1)
-        return per_row.view(-1, batch.rows_per_example)
+            last = lm_logits(model, batch, keep=1)[:, -1, :].float().log_softmax(-1)
+            return last[:, torch.tensor([ids[0] for ids in self.fixed_ids])]
+        return _gather_rows(continuation_logprobs(model, batch).sum(-1), batch)
 
     def loss(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
-        """Cross-entropy over the choices' scores."""
+        """Cross-entropy over the candidates' scores."""
         return F.cross_entropy(self.scores(model, batch), batch.labels)
+
+    def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
+        scores = self.scores(model, batch)
+        out = []
+        for ex, row in zip(batch.examples, scores.tolist()):
+            names = self.spec.continuations(ex)
+            best = max(range(len(names)), key=row.__getitem__)
+            label = self.spec.labels[best] if self.spec.type == "classification" else str(best)
+            out.append({"prediction": label, "scores": dict(zip(names, row))})
+        return out
+
+    def objective(self, model: torch.nn.Module, batch: EncodedBatch, metric: str) -> torch.Tensor:
+        pred = self.scores(model, batch).argmax(-1).tolist()
+        gold = batch.labels.tolist()
+        return -torch.tensor(label_metrics([str(g) for g in gold], [str(p) for p in pred])[_label_metric(metric)])
+
+
+class HeadScorer(ChoiceScorer):
+    """``task.align: false``: the example's fields without template, classified by a linear head
+    (zero-initialised, float32) on the final hidden state of the last token."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, hidden_size: int, max_length: int = 128):
+        super().__init__(tokenizer, spec, max_length)
+        self.single_token = False
+        self.head = torch.nn.Linear(hidden_size, len(spec.labels), dtype=torch.float32)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters())
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        return self.tokenizer(" ".join(ex.fields[c] for c in self.spec.columns))["input_ids"]
+
+    def encode(self, examples: list[Example]) -> EncodedBatch:
+        return self.encode_prompts(examples)
+
+    def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        return self.head(last_hidden(model, batch).float())
+
+
+class AnswerScorer:
+    """Generation: the answer (rendered by ``choice_template``) is the continuation."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = max_length
+        self.prefix = prefix
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
+
+    def encode(self, examples: list[Example]) -> EncodedBatch:
+        rows, conts = [], []
+        for ex in examples:
+            cont = self.tokenizer(self.spec.choice_template.format_map({**ex.fields, "choice": ex.label}),
+                                  add_special_tokens=False)["input_ids"][: self.max_length // 2]
+            keep = max(1, self.max_length - len(cont))
+            rows.append(self.prompt_ids(ex)[-keep:] + cont)
+            conts.append(cont)
+        input_ids, attention, positions = left_pad(rows, self.pad_id)
+        targets, target_mask = right_aligned(conts)
+        n = len(rows)
+        return EncodedBatch(input_ids, attention, positions, targets, target_mask, torch.arange(n),
+                            torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), examples)
+
+    def loss(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        """Mean over examples of the answer's per-token negative log-likelihood."""
+        per_token = continuation_logprobs(model, batch)
+        return -(per_token.sum(-1) / batch.target_mask.sum(-1).clamp(min=1)).mean()
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, examples: list[Example]) -> list[str]:
+        """Greedy decoding of at most ``max_new_tokens``, cut at the first newline."""
+        budget = max(1, self.max_length)
+        input_ids, attention, _ = left_pad([self.prompt_ids(ex)[-budget:] for ex in examples], self.pad_id)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                             max_new_tokens=self.spec.max_new_tokens, pad_token_id=self.pad_id,
+                             stop_strings=["\n"], tokenizer=self.tokenizer)
+        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return [t.split("\n", 1)[0].strip() for t in texts]
+
+    def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
+        return [{"prediction": text} for text in self.generate(model, batch.examples)]
+
+    def objective(self, model: torch.nn.Module, batch: EncodedBatch, metric: str) -> torch.Tensor:
+        texts = self.generate(model, batch.examples)
+        scores = answer_metrics([ex.answers for ex in batch.examples], texts)
+        return -torch.tensor(scores["exact_match" if metric == "exact_match" else "f1"])
+
+
+Scorer = ChoiceScorer | AnswerScorer
+
+
+def make_scorer(tokenizer, spec: TaskSpec, max_length: int, model: torch.nn.Module | None = None,
+                prefix: str = "") -> Scorer:
+    """The scorer for a task type (and ``align: false``: a linear head sized for ``model``)."""
+    if spec.type == "generation":
+        return AnswerScorer(tokenizer, spec, max_length, prefix)
+    if not spec.align:
+        if model is None:
+            raise ValueError("a HeadScorer needs the model (for its hidden size)")
+        return HeadScorer(tokenizer, spec, model.config.hidden_size, max_length)
+    return ChoiceScorer(tokenizer, spec, max_length, prefix)
+
+
+def _label_metric(metric: str) -> str:
+    return "macro_f1" if metric in ("f1", "macro_f1") else "accuracy"
+
+
+def _gather_rows(per_row: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+    """Row scores (N,) -> (B, C), -inf where an example has no such candidate."""
+    n_examples = len(batch.examples)
+    width = int(batch.row_choice.max()) + 1
+    out = per_row.new_full((n_examples, width), float("-inf"))
+    return out.index_put((batch.row_example, batch.row_choice), per_row)
+
+
+def continuation_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+    """Log-probability of each continuation token, (N, K) float32, 0 where masked."""
+    k = batch.targets.shape[1]
+    # logits at position t predict token t+1: the K continuation tokens are predicted by the K
+    # positions before the last one.
+    logp = lm_logits(model, batch, keep=k + 1)[:, -k - 1 : -1, :].float().log_softmax(-1)
+    return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+
+
+def lm_logits(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> torch.Tensor:
+    """The model's logits, computed only for the last ``keep`` positions when it allows."""
+    return model(**_inputs(model, batch, keep)).logits
+
+
+def last_hidden(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+    """Final hidden state (after the last norm) of each row's last token, (N, H)."""
+    out = model(**_inputs(model, batch, keep=1), output_hidden_states=True)
+    return out.hidden_states[-1][:, -1, :]
+
+
+def _inputs(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> dict:
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    params = _forward_params(model)
+    if "position_ids" in params:
+        kwargs["position_ids"] = batch.position_ids
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    return kwargs
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:

@@ -7,6 +7,7 @@ baselines (``torch.optim.SGD`` / ``AdamW``) go through the same loop with ``back
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import resource
@@ -27,10 +28,11 @@ from ..optim.base import ZOOptimizer
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..tuning import apply_scheme, hybrid_split, layer_blocks
+from .baselines import icl_prefix, linear_probe
 from .evaluate import EvalResult, evaluate
 from .plots import plot_training
 from .rundir import RunDir
-from .scoring import ChoiceScorer
+from .scoring import Scorer, make_scorer
 
 
 def peak_rss_mb() -> float:
@@ -63,7 +65,8 @@ class Session:
     cfg: Config
     data: TaskData
     model: torch.nn.Module
-    scorer: ChoiceScorer
+    tokenizer: Any
+    scorer: Scorer
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
 
     @classmethod
@@ -80,26 +83,48 @@ class Session:
         if getattr(ZO_OPTIMIZERS.get(cfg.optimizer.name), "needs_forward_ad", False):
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         model, trainable = apply_scheme(model, cfg.tuning)
-        scorer = ChoiceScorer(tokenizer, spec, cfg.train.max_length)
-        return cls(cfg, data, model, scorer, trainable)
+        scorer = make_scorer(tokenizer, spec, cfg.train.max_length, model)
+        trainable += scorer.parameters()  # align: false -> the linear head, tuned alongside
+        return cls(cfg, data, model, tokenizer, scorer, trainable)
+
+    def eval_scorer(self, prefix: str = "") -> Scorer:
+        """A scorer for evaluation: ``eval.max_length`` (default: train's; 1024 with a prefix)."""
+        length = self.cfg.eval.max_length or (1024 if prefix else self.cfg.train.max_length)
+        if prefix:
+            return make_scorer(self.tokenizer, self.data.spec, length, self.model, prefix)
+        if length == self.scorer.max_length:
+            return self.scorer
+        scorer = copy.copy(self.scorer)  # shares a linear head (align: false) with training
+        scorer.max_length = length
+        return scorer
 
     def test_examples(self) -> list[Example]:
         n = self.cfg.eval.max_examples
         return self.data.test if n is None else self.data.test[:n]
 
-    def evaluate(self, examples: list[Example], desc: str) -> EvalResult:
-        return evaluate(self.model, self.scorer, examples, self.cfg.eval.batch_size, desc=desc, progress=sys.stderr.isatty())
+    def evaluate(self, examples: list[Example], desc: str, scorer: Scorer | None = None) -> EvalResult:
+        return evaluate(self.model, scorer or self.eval_scorer(), examples, self.cfg.eval.batch_size,
+                        desc=desc, progress=sys.stderr.isatty())
 
 
 def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """`zotune eval`: evaluate the (untuned) model on the task's test examples."""
+    """`zotune eval`: a baseline on the task's test examples (``eval.baseline``): zero-shot,
+    in-context learning, or linear probing on the frozen model."""
     run = RunDir(out, overwrite)
     run.write_yaml("config.yaml", cfg.to_dict())
     t0 = time.perf_counter()
     session = Session.build(cfg, log)
-    result = session.evaluate(session.test_examples(), "eval")
+    baseline, test = cfg.eval.baseline, session.test_examples()
+    if baseline == "linear_probe":
+        result = linear_probe(session.model, session.scorer, session.data.train, test, cfg.eval.batch_size)
+    elif baseline == "icl":
+        prefix = icl_prefix(session.data.spec, session.data.train, cfg.eval.icl_shots, cfg.seed)
+        result = session.evaluate(test, "icl eval", session.eval_scorer(prefix))
+    else:
+        result = session.evaluate(test, "eval")
     result.write_predictions(run.file("predictions.jsonl"))
     summary = {
+        "baseline": baseline,
         "eval": result.metrics,
         "steps": 0,
         "forward_passes": 0,
@@ -110,7 +135,7 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -
     }
     run.write_json("summary.json", summary)
     for name, value in result.metrics.items():
-        log(f"{name}: {value:.4f} on {len(result.predictions)} test examples")
+        log(f"{baseline} {name}: {value:.4f} on {len(result.predictions)} test examples")
     return summary
 
 
@@ -151,6 +176,10 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         run.append_jsonl("trajectory.jsonl", _trajectory_header(cfg, opt))
 
     train = session.data.train
+    if tcfg.objective == "loss":
+        objective = scorer.loss
+    else:  # MeZO 3.4: minus the batch metric, a non-differentiable objective
+        objective = lambda model, batch: scorer.objective(model, batch, tcfg.objective)  # noqa: E731
     forwards = 0
     steps_log, losses_log, dev_log = [], [], []
     t_train = time.perf_counter()
@@ -160,7 +189,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     for step in bar:
         batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
         if zo:
-            loss = float(opt.step(lambda: scorer.loss(model, batch)))
+            loss = float(opt.step(lambda: objective(model, batch)))
             forwards += opt.forwards_per_step
             _append_trajectory(run, opt)
             if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
@@ -229,7 +258,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
 
 
 def _first_order_step(
-    opt: torch.optim.Optimizer, model, scorer: ChoiceScorer, batch, frozen: list[torch.nn.Parameter] = ()
+    opt: torch.optim.Optimizer, model, scorer: Scorer, batch, frozen: list[torch.nn.Parameter] = ()
 ) -> float:
     """Forward, backward, step. ``frozen`` parameters (hybrid ZO-FO's ZO part) do not require
     grad meanwhile, so autograd keeps no activations below the first FO layer."""

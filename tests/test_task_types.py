@@ -280,3 +280,11 @@ def test_make_scorer_picks_by_type(tiny):
     spec = make_spec({"path": "x.csv", "text_template": "{text}", "choices": {"0": " a", "1": " b"}, "align": False})
     head = make_scorer(tok, spec, 64, model)
     assert head.head.out_features == 2 and head.parameters()[0].dtype == torch.float32
+
+
+def test_a_run_that_fails_on_its_data_leaves_out_reusable(tiny_model_dir, reviews_csv, tmp_path):
+    task = {"text_template": "{text} It was", "choices": {"0": " bad", "1": " good"}}
+    with pytest.raises(DataError, match="not found"):
+        run_eval(cfg_for(tiny_model_dir, *task_overrides(tmp_path / "missing.csv", task)), tmp_path / "ev", **QUIET)
+    assert not (tmp_path / "ev" / "config.yaml").exists()
+    assert run_eval(cfg_for(tiny_model_dir, *task_overrides(reviews_csv, task)), tmp_path / "ev", **QUIET)["n_test"] == 8

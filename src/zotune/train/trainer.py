@@ -111,9 +111,9 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -
     """`zotune eval`: a baseline on the task's test examples (``eval.baseline``): zero-shot,
     in-context learning, or linear probing on the frozen model."""
     run = RunDir(out, overwrite)
-    run.write_yaml("config.yaml", cfg.to_dict())
     t0 = time.perf_counter()
     session = Session.build(cfg, log)
+    run.write_yaml("config.yaml", cfg.to_dict())  # after the data and model loaded: a bad one leaves no run
     baseline, test = cfg.eval.baseline, session.test_examples()
     if baseline == "linear_probe":
         result = linear_probe(session.model, session.scorer, session.data.train, test, cfg.eval.batch_size)
@@ -142,9 +142,9 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -
 def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
     """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir."""
     run = RunDir(out, overwrite)
-    run.write_yaml("config.yaml", cfg.to_dict())
     t_start = time.perf_counter()
     session = Session.build(cfg, log)
+    run.write_yaml("config.yaml", cfg.to_dict())  # after the data and model loaded: a bad one leaves no run
     model, scorer, tcfg = session.model, session.scorer, cfg.train
     metric = session.data.spec.metric
     test = session.test_examples()

@@ -66,8 +66,8 @@ def right_aligned(conts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return targets, mask
 
 
-class ChoiceScorer:
-    """Classification and multiple choice by candidate log-likelihood.
+class PromptScorer:
+    """What every scorer shares: the tokenizer, the spec, the row budget and the prompt.
 
     ``prefix`` (in-context learning) goes before every prompt; it is cut first when a row
     exceeds ``max_length``."""
@@ -78,22 +78,30 @@ class ChoiceScorer:
         self.max_length = max_length
         self.prefix = prefix
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters of the scorer itself (none, but a linear head)."""
+        return []
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
+
+
+class ChoiceScorer(PromptScorer):
+    """Classification and multiple choice by candidate log-likelihood."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
+        super().__init__(tokenizer, spec, max_length, prefix)
         self.fixed_ids = None
         if spec.type == "classification":
             self.fixed_ids = [self._tokens(c) for c in spec.continuations(Example({}, spec.labels[0]))]
         self.single_token = self.fixed_ids is not None and all(len(ids) == 1 for ids in self.fixed_ids)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def _tokens(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"a continuation of task {self.spec.name!r} tokenizes to nothing: {text!r}")
         return ids
-
-    def prompt_ids(self, ex: Example) -> list[int]:
-        return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
 
     def _fit(self, prompt: list[int], cont: list[int]) -> list[int]:
         """prompt + continuation, cutting the prompt on the left to fit ``max_length``."""
@@ -180,21 +188,8 @@ class HeadScorer(ChoiceScorer):
         return self.head(last_hidden(model, batch).float())
 
 
-class AnswerScorer:
+class AnswerScorer(PromptScorer):
     """Generation: the answer (rendered by ``choice_template``) is the continuation."""
-
-    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
-        self.tokenizer = tokenizer
-        self.spec = spec
-        self.max_length = max_length
-        self.prefix = prefix
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
-
-    def prompt_ids(self, ex: Example) -> list[int]:
-        return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
 
     def encode(self, examples: list[Example]) -> EncodedBatch:
         rows, conts = [], []

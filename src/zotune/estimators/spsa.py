@@ -94,6 +94,14 @@ class SPSAEstimate:
         return out
 
 
+def block_coverage(blocks: list[list[int]], indices: list[int], n_queries: int) -> list[frozenset[int]] | None:
+    """Block-wise ZO: the parameter indices each query perturbs (``n_queries`` per block, block
+    after block); None when there is a single block (every query perturbs everything)."""
+    if len(blocks) == 1:
+        return None
+    return [frozenset(indices[pos] for pos in b) for b in blocks for _ in range(n_queries)]
+
+
 class SPSA:
     """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly (see perturb.py)."""
 
@@ -135,5 +143,4 @@ class SPSA:
             losses.append((pair[0], pair[1]))
             grads.append((pair[0] - pair[1]) / (2 * self.eps))
         mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
-        coverage = None if len(blocks) == 1 else [frozenset(indices[pos] for pos in b) for b in block_of_query]
-        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, coverage)
+        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries))

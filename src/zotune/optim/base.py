@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..estimators.directions import DISTRIBUTIONS, mix
-from ..estimators.spsa import SPSA, SPSAEstimate
+from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, query_seeds
 
 
 @dataclass
@@ -140,6 +140,38 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps_done += 1
         return torch.tensor(estimate.loss)
 
+    @torch.no_grad()
+    def replay(self, record: StepRecord) -> None:
+        """Redo a recorded step's update from its seed, projected gradients and learning rates,
+        without a forward pass (MeZO's trajectory): bit-identical to the step that recorded
+        it, optimizer state (momentum, moments, JAGUAR's memory) included."""
+        expected = mix(self.seed, self.steps_done)
+        if record.seed != expected or record.step != self.steps_done:
+            raise ValueError(f"record of step {record.step} (seed {record.seed}) does not follow this optimizer's "
+                             f"step {self.steps_done} (seed {expected}): another run's trajectory, or out of order")
+        if len(record.lrs) != len(self.param_groups):
+            raise ValueError(f"record has {len(record.lrs)} learning rates for {len(self.param_groups)} param groups")
+        for group, lr in zip(self.param_groups, record.lrs):
+            group["lr"] = lr
+        if record.skipped:
+            self.skipped_steps += 1
+        else:
+            trainable = list(self.trainable())
+            indices = [i for i, _, _ in trainable]
+            coverage = block_coverage(self.blocks(), indices, self.n_queries) if self.blockwise else None
+            estimate = SPSAEstimate(query_seeds(record.seed, len(record.projected_grads)), list(record.projected_grads),
+                                    record.loss, [], self.estimator.sampler, coverage)
+            self.replay_update(estimate, trainable, record.extra)
+        self.last_record = record
+        self.steps_done += 1
+
+    def replay_update(
+        self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
+    ) -> None:
+        """A replayed step's update; rules that consult the closure (ZO-SGD-Cons) override it
+        to follow the record instead."""
+        self.update(no_closure, estimate, trainable)
+
     def update(
         self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> dict[str, Any] | None:
@@ -203,6 +235,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.seed = int(zo["seed"])
             self.steps_done = int(zo["steps_done"])
             self.skipped_steps = int(zo["skipped_steps"])
+
+
+def no_closure() -> Any:
+    raise RuntimeError("a replayed step has no closure: override replay_update to follow the record")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ..estimators.perturb import Perturbation
 from ..estimators.spsa import SPSAEstimate, direction_key, loss_value
+from .base import no_closure
 from .sgd import ZOSGD
 
 
@@ -57,3 +58,11 @@ class ZOSGDConservative(ZOSGD):
         else:
             accepted = 0
         return {"accepted": accepted, "candidate_losses": [losses[0], losses[-1], losses[1]]}
+
+    def replay_update(
+        self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
+    ) -> None:
+        """Take the candidate the record says was accepted (-1 descent, +1 ascent, 0 none)."""
+        accepted = int(extra["accepted"])
+        if accepted:
+            super().update(no_closure, estimate if accepted == -1 else estimate.negated(), trainable)

@@ -95,3 +95,76 @@ def test_replay_refuses_a_foreign_or_reordered_record(tiny_batch):
         opt.replay(records[1])
     with pytest.raises(ValueError, match="learning rates"):
         opt.replay(dataclasses.replace(records[0], lrs=[1e-3, 1e-3]))
+
+
+# -- the run directory: trajectory.bin, weights.safetensors, zotune replay -------------------------
+from safetensors.torch import load_file  # noqa: E402
+
+from zotune.cli import main  # noqa: E402
+from zotune.trajectory import MAGIC, TrajectoryWriter, read_trajectory  # noqa: E402
+
+from .test_trainer import config  # noqa: E402
+
+
+@pytest.mark.parametrize("extra", [
+    ["optimizer.name=ZOSGD"],
+    ["optimizer.name=ZOSGDConservative", "optimizer.n_queries=2"],
+    ["optimizer.name=ZOAdam", "optimizer.blockwise=true"],
+    ["optimizer.name=JaguarSignSGD", "optimizer.options={coord_fraction: 0.2}"],
+], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar"])
+def test_zotune_replay_rebuilds_the_trained_weights(tiny_model_dir, reviews_csv, tmp_path, extra, capsys):
+    from zotune.train.trainer import run_train
+
+    run = tmp_path / "run"
+    run_train(config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", "train.eval_every=0", *extra), run,
+              log=lambda *_: None)
+    trained = load_file(str(run / "weights.safetensors"))
+    assert main(["replay", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = load_file(str(tmp_path / "again" / "weights.safetensors"))
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    # an intermediate step differs from both ends
+    assert main(["replay", "--run", str(run), "--out", str(tmp_path / "mid"), "--step", "3"]) == 0
+    mid = load_file(str(tmp_path / "mid" / "weights.safetensors"))
+    assert any(not torch.equal(mid[k], again[k]) for k in mid)
+
+
+def test_replay_refuses_another_base_model_and_bad_input(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    from zotune.train.trainer import run_train
+
+    run = tmp_path / "run"
+    run_train(config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", "train.eval_every=0"), run, log=lambda *_: None)
+    cfg = (run / "config.yaml").read_text()
+    for edit, argv, needle in [
+        (("dtype: float32", "dtype: bfloat16"), ["--run", str(run), "--out", str(tmp_path / "x")], "SHA-256 mismatch"),
+        (("seed: 0", "seed: 1"), ["--run", str(run), "--out", str(tmp_path / "s")], "another run's trajectory"),
+        (("", ""), ["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "y")], "not a run directory"),
+        (("", ""), ["--run", str(run), "--out", str(tmp_path / "z"), "--step", "99"], "outside the trajectory"),
+    ]:
+        (run / "config.yaml").write_text(cfg.replace(*edit) if edit[0] else cfg)
+        assert edit[0] == "" or edit[0] in cfg
+        assert main(["replay", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("\n") == 1
+    (run / "config.yaml").write_text(cfg)
+    (run / "trajectory.bin").write_bytes(b"not a trajectory")
+    assert main(["replay", "--run", str(run), "--out", str(tmp_path / "w")]) == 2
+    assert "bad magic bytes" in capsys.readouterr().err
+
+
+def test_trajectory_file_is_compact_and_survives_a_torn_last_record(tmp_path):
+    from zotune.optim.base import StepRecord
+
+    path = tmp_path / "t.bin"
+    writer = TrajectoryWriter(path, {"format": "zotune-trajectory"}, n_values=2, n_groups=1)
+    for step in range(3):
+        writer.append(StepRecord(step, 10 + step, [], [0.5 * step, -1.25], [1e-3], 0.7, step == 1, {"accepted": -1}))
+    writer.close()
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    header, records = read_trajectory(path)
+    header_bytes = 12 + int.from_bytes(data[8:12], "little")
+    assert header["record_size"] == 46 and len(data) == header_bytes + 3 * 46  # 22 + 8 * (2 grads + 1 lr)
+    assert [r.projected_grads for r in records] == [[0.0, -1.25], [0.5, -1.25], [1.0, -1.25]]
+    assert [r.skipped for r in records] == [False, True, False] and records[2].extra == {"accepted": -1}
+    path.write_bytes(data[:-5])  # killed mid-write: the torn record is dropped
+    assert len(read_trajectory(path)[1]) == 2

@@ -10,6 +10,7 @@ import torch
 from zotune.config import load_config
 from zotune.errors import ConfigError
 from zotune.train.trainer import batch_indices, run_eval, run_train
+from zotune.trajectory import read_trajectory
 
 
 def config(model_dir, csv, *extra):
@@ -47,9 +48,10 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_
     assert set(row["scores"]) == {" bad", " good"}
     assert row["prediction"] == max(("0", "1"), key=lambda lab: row["scores"][{"0": " bad", "1": " good"}[lab]])
     if optimizer in ("ZOSGD", "ForwardGrad"):
-        traj = read_jsonl(out / "trajectory.jsonl")
-        assert traj[0]["format"] == "zotune-trajectory" and len(traj) == 7
-        assert all(len(r["projected_grads"]) == 1 for r in traj[1:])
+        header, records = read_trajectory(out / "trajectory.bin")
+        assert header["format"] == "zotune-trajectory" and len(records) == 6
+        assert all(len(r.projected_grads) == 1 for r in records)
+        assert (out / "weights.safetensors").is_file()
 
 
 def test_zosgd_learns_the_tiny_task(tiny_model_dir, reviews_csv, tmp_path):

@@ -1,4 +1,4 @@
-"""Command-line front end: ``zotune train | eval | tasks | setup``.
+"""Command-line front end: ``zotune train | eval | replay | tasks | setup``.
 
 User errors (bad config, missing file or model, empty data) print one line
 ``zotune: error: ...`` and exit with status 2; nothing is destroyed.
@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zotune {_version()}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_args(subs.add_parser("train", help="fine-tune a model on a task and evaluate it"))
-    _add_run_args(subs.add_parser("eval", help="evaluate a model on a task (zero-shot)"))
+    ev = subs.add_parser("eval", help="evaluate a model on a task (zero-shot, icl, linear_probe)")
+    _add_run_args(ev)
+    ev.add_argument("--weights", metavar="FILE", help="tuned weights to load first (a run's weights.safetensors)")
+    rp = subs.add_parser("replay", help="rebuild a ZO run's weights from its trajectory, without forward passes")
+    rp.add_argument("--run", metavar="DIR", required=True, help="the run directory to replay")
+    rp.add_argument("--out", metavar="DIR", required=True, help="where to write the rebuilt weights")
+    rp.add_argument("--step", type=int, metavar="N", help="stop after N steps (default: all)")
+    rp.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     subs.add_parser("tasks", help="list built-in tasks and where their data comes from here")
     subs.add_parser("setup", help="fetch the default data and prepare the embedded model (once)")
     return parser
@@ -88,12 +95,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"default model: {DEFAULT_MODEL} ready")
         return 0
 
+    if args.command == "replay":
+        from .train.replay import run_replay
+
+        run_replay(args.run, args.out, step=args.step, overwrite=args.overwrite)
+        return 0
+
     from .config import load_config
     from .train.trainer import run_eval, run_train
 
     cfg = load_config(args.config, args.overrides)
-    runner = run_train if args.command == "train" else run_eval
-    runner(cfg, args.out, overwrite=args.overwrite)
+    if args.command == "train":
+        run_train(cfg, args.out, overwrite=args.overwrite)
+    else:
+        run_eval(cfg, args.out, overwrite=args.overwrite, weights=args.weights)
     return 0
 
 

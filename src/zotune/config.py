@@ -20,7 +20,8 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_TASK = "rotten_tomatoes"
-SCHEMES = ("full",)
+SCHEMES = ("full", "lora", "prefix", "prompt")  # kept in sync with zotune.tuning.SCHEMES (tested)
+PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
@@ -40,8 +41,33 @@ class HybridConfig:
 
 
 @dataclass
+class LoraOptions:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: by architecture (Llama/Mistral/OPT q_proj, v_proj; GPT-2 c_attn; BERT query, value)
+
+
+@dataclass
+class PrefixOptions:
+    num_virtual_tokens: int = 5
+    init_from_real: bool = False  # MeZO: start from the keys/values of random real tokens
+
+
+@dataclass
+class PromptOptions:
+    num_virtual_tokens: int = 10
+    init_text: str | None = None  # None: embeddings of random vocabulary tokens (ZO-Bench)
+
+
+@dataclass
 class TuningConfig:
-    scheme: str = "full"
+    scheme: str = "full"  # full | lora | prefix | prompt
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    prefix: PrefixOptions = field(default_factory=PrefixOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    trainable_dtype: str | None = None  # adapter schemes: e.g. float32 adapters over a half-precision base
+    precision_check: str = "error"  # ZO in half precision, if probes or updates would round away: error | warn | ignore
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
@@ -187,6 +213,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
         return value
+    if origin is list:
+        if isinstance(value, str):  # key=a,b on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return value
+        raise ConfigError(f"config key {key!r} must be a non-empty list of names, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -231,6 +263,7 @@ def validate(cfg: Config) -> None:
         )
     from .optim.factory import FO_OPTIMIZERS, is_zeroth_order
 
+    _validate_tuning(cfg.tuning)
     hybrid = cfg.tuning.hybrid
     _require(hybrid.fo_optimizer in FO_OPTIMIZERS, "tuning.hybrid.fo_optimizer",
              f"must be one of {', '.join(FO_OPTIMIZERS)}", hybrid.fo_optimizer)
@@ -269,6 +302,29 @@ def validate(cfg: Config) -> None:
     _require(e.max_length is None or e.max_length >= 8, "eval.max_length", "must be >= 8", e.max_length)
     if not cfg.task:
         raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
+
+
+def _validate_tuning(tc: TuningConfig) -> None:
+    from .models.loader import resolve_dtype
+
+    lora, prefix, prompt = tc.lora, tc.prefix, tc.prompt
+    _require(lora.r >= 1, "tuning.lora.r", "must be >= 1", lora.r)
+    _require(lora.alpha > 0, "tuning.lora.alpha", "must be > 0", lora.alpha)
+    _require(0 <= lora.dropout < 1, "tuning.lora.dropout", "must be in [0, 1)", lora.dropout)
+    _require(prefix.num_virtual_tokens >= 1, "tuning.prefix.num_virtual_tokens", "must be >= 1", prefix.num_virtual_tokens)
+    _require(prompt.num_virtual_tokens >= 1, "tuning.prompt.num_virtual_tokens", "must be >= 1", prompt.num_virtual_tokens)
+    _require(prompt.init_text is None or prompt.init_text.strip() != "", "tuning.prompt.init_text",
+             "must be null or a non-empty text", prompt.init_text)
+    _require(tc.precision_check in PRECISION_CHECKS, "tuning.precision_check",
+             f"must be one of {', '.join(PRECISION_CHECKS)}", tc.precision_check)
+    if tc.trainable_dtype is not None:
+        try:
+            resolve_dtype(tc.trainable_dtype)
+        except ConfigError:
+            _require(False, "tuning.trainable_dtype", "must be null, float32, bfloat16 or float16", tc.trainable_dtype)
+        _require(tc.scheme != "full", "tuning.trainable_dtype",
+                 "applies to the adapter schemes (lora, prefix, prompt) only: full fine-tuning trains the model's "
+                 "own weights, in model.dtype (use model.dtype=float32 instead)", tc.trainable_dtype)
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -1,9 +1,17 @@
 """Build an optimizer from a config section; default hyperparameters per optimizer and scheme.
 
-Zeroth-order defaults follow MeZO (Malladi et al. 2023, Table 15): full fine-tuning
-lr 1e-6 / eps 1e-3; ZO-Adam, like Adam, takes a larger lr. First-order baselines are plain
-``torch.optim`` classes. ``optimizer.options`` goes to the constructor as keyword arguments
-(``momentum``, ``betas``, ``adam_eps``, ...).
+Zeroth-order defaults follow MeZO (Malladi et al. 2023, Table 15 and its grids): full
+fine-tuning lr 1e-6 (grid {1e-6, 1e-7}) / eps 1e-3; LoRA (r 8, alpha 16) lr 5e-5 (grid {1e-4, 5e-5}) /
+eps 1e-2; prefix (5 tokens) lr 1e-2 (grid {1e-2, 1e-3}) / eps 1e-1. MeZO has no prompt
+tuning: its defaults, lr 1e-3 / eps 1e-2 with 10 virtual tokens, are the MeZO-SGD prompt-tuning
+command of the ZO-Bench code base (Zhang et al. 2024), as published in SubZero's README
+(Yu et al. 2024, OPT-1.3B on SST-2). ZO-Adam, like Adam, takes a larger lr on full
+fine-tuning. First-order defaults: MeZO's FT baselines (Adam 1e-5 full, 1e-4 LoRA, 1e-2
+prefix); prompt 1e-3 (ZO-Bench's FO-SGD prompt command; its Adam grid is 1e-2..1e-6). FO-SGD
+has no published per-scheme value but prompt's: LoRA 1e-3 and prefix 1e-2 are order-of-magnitude
+choices (to tune).
+First-order baselines are plain ``torch.optim`` classes. ``optimizer.options`` goes to the
+constructor as keyword arguments (``momentum``, ``betas``, ``adam_eps``, ...).
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 }
 FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
 
-# (lr, eps) by scheme for ZO, with per-optimizer lr exceptions; lr for FO.
-ZO_DEFAULTS = {"full": (1e-6, 1e-3)}
+# (lr, eps) by scheme for ZO, with per-optimizer lr exceptions; lr by optimizer and scheme for FO.
+ZO_DEFAULTS = {"full": (1e-6, 1e-3), "lora": (5e-5, 1e-2), "prefix": (1e-2, 1e-1), "prompt": (1e-3, 1e-2)}
 ZO_LR = {("ZOAdam", "full"): 1e-5}
-FO_DEFAULTS = {"SGD": 1e-4, "AdamW": 1e-5}
+FO_DEFAULTS = {
+    "SGD": {"full": 1e-4, "lora": 1e-3, "prefix": 1e-2, "prompt": 1e-3},
+    "AdamW": {"full": 1e-5, "lora": 1e-4, "prefix": 1e-2, "prompt": 1e-3},
+}
 
 
 def optimizer_names() -> list[str]:
@@ -49,7 +60,7 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str) -> tuple[float, float | 
         lr, eps = ZO_DEFAULTS[scheme]
         lr = ZO_LR.get((cfg.name, scheme), lr)
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
-    return (cfg.lr if cfg.lr is not None else FO_DEFAULTS[cfg.name], None)
+    return (cfg.lr if cfg.lr is not None else FO_DEFAULTS[cfg.name][scheme], None)
 
 
 def build_optimizer(

@@ -288,9 +288,15 @@ def _inputs(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> dict:
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:
-    cached = getattr(model, "_zotune_forward_params", None)
+    """Keyword arguments ``model.forward`` takes. A forward that passes ``**kwargs`` on to a
+    wrapped model (a peft model) also takes that model's: ``get_base_model()``'s, recursively."""
+    cached = getattr(model, "__dict__", {}).get("_zotune_forward_params")  # not getattr: peft passes misses to its base
     if cached is None:
-        cached = set(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters.values()
+        cached = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if base is not None and base is not model and any(p.kind is p.VAR_KEYWORD for p in params):
+            cached |= _forward_params(base)
         try:
             model._zotune_forward_params = cached
         except AttributeError:

@@ -8,6 +8,7 @@ baselines (``torch.optim.SGD`` / ``AdamW``) go through the same loop with ``back
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import resource
@@ -24,15 +25,18 @@ from tqdm.auto import tqdm
 from ..config import Config, OptimizerConfig
 from ..estimators.directions import mix
 from ..models import load_model
-from ..optim.base import ZOOptimizer
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
-from ..tuning import apply_scheme, hybrid_split, layer_blocks
+from ..trajectory import FILENAME as TRAJECTORY
+from ..trajectory import TrajectoryWriter, weights_sha256
+from ..tuning import apply_scheme, check_precision, hybrid_split, layer_blocks
 from .baselines import icl_prefix, linear_probe
 from .evaluate import EvalResult, evaluate
 from .plots import plot_training
 from .rundir import RunDir
 from .scoring import Scorer, make_scorer
+from .weights import FILENAME as WEIGHTS
+from .weights import load_weights, named_trainable, save_weights
 
 
 def peak_rss_mb() -> float:
@@ -63,25 +67,26 @@ class Session:
     """Everything a run needs, built once from the config."""
 
     cfg: Config
-    data: TaskData
+    data: TaskData | None  # None: the model alone (replay)
     model: torch.nn.Module
     tokenizer: Any
     scorer: Scorer
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
 
     @classmethod
-    def build(cls, cfg: Config, log=print) -> Session:
+    def build(cls, cfg: Config, log=print, with_data: bool = True) -> Session:
         spec = task_spec(cfg.task)
-        data = load_task(spec, seed=cfg.seed)
-        log(
-            f"task {spec.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test examples"
-        )
+        data = None
+        if with_data:
+            data = load_task(spec, seed=cfg.seed)
+            log(f"task {spec.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test examples")
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
         if getattr(ZO_OPTIMIZERS.get(cfg.optimizer.name), "needs_forward_ad", False):
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
+        torch.manual_seed(cfg.seed)  # adapters and heads initialise from the run seed: replayable
         model, trainable = apply_scheme(model, cfg.tuning)
         scorer = make_scorer(tokenizer, spec, cfg.train.max_length, model)
         trainable += scorer.parameters()  # align: false -> the linear head, tuned alongside
@@ -98,6 +103,47 @@ class Session:
         scorer.max_length = length
         return scorer
 
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return named_trainable(self.model, getattr(self.scorer, "head", None), self.trainable)
+
+    def optimizers(self, log=print) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None, list]:
+        """The configured optimizer over the trainable parameters (block-wise: one param group
+        per layer); with hybrid ZO-FO also the FO optimizer of the upper layers. Returns
+        ``(optimizer, fo_optimizer or None, ZO parameters)``."""
+        cfg, model = self.cfg, self.model
+        if self.data is not None:  # ZO in half precision: would probes and updates register? (ConfigError if not)
+            first = self.scorer.encode(self.data.train[: cfg.train.batch_size])
+            check_precision(cfg, self.trainable, lambda: self.scorer.loss(model, first), log)
+        params, fo_params = self.trainable, []
+        hybrid = cfg.tuning.hybrid
+        if hybrid.zo_layers is not None:
+            params, fo_params = hybrid_split(model, self.trainable, hybrid.zo_layers)
+        zo_params = params
+        if cfg.optimizer.blockwise:
+            params = layer_blocks(model, params)
+        opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed)
+        fo_opt = None
+        if fo_params:
+            fo_cfg = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
+            fo_opt = build_optimizer(fo_cfg, fo_params, cfg.tuning.scheme, cfg.seed)
+            log(f"hybrid ZO-FO: {sum(p.numel() for p in zo_params) / 1e6:.2f}M parameters by {cfg.optimizer.name}, "
+                f"{sum(p.numel() for p in fo_params) / 1e6:.2f}M by {hybrid.fo_optimizer}")
+        return opt, fo_opt, zo_params
+
+    def trajectory_header(self) -> dict[str, Any]:
+        """Who made the trajectory: enough to rebuild the optimizer and check the start point."""
+        cfg = self.cfg
+        return {
+            "format": "zotune-trajectory",
+            "version": 2,
+            "model": cfg.model.name,
+            "dtype": cfg.model.dtype,
+            "tuning": dataclasses.asdict(cfg.tuning),
+            "optimizer": dataclasses.asdict(cfg.optimizer),
+            "seed": cfg.seed,
+            "initial_sha256": weights_sha256(self.named_trainable()),
+        }
+
     def test_examples(self) -> list[Example]:
         n = self.cfg.eval.max_examples
         return self.data.test if n is None else self.data.test[:n]
@@ -107,12 +153,17 @@ class Session:
                         desc=desc, progress=sys.stderr.isatty())
 
 
-def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
+             weights: str | Path | None = None) -> dict[str, Any]:
     """`zotune eval`: a baseline on the task's test examples (``eval.baseline``): zero-shot,
-    in-context learning, or linear probing on the frozen model."""
+    in-context learning, or linear probing on the frozen model; ``weights`` (a run's
+    ``weights.safetensors``) loads tuned weights first."""
     run = RunDir(out, overwrite)
     t0 = time.perf_counter()
     session = Session.build(cfg, log)
+    if weights is not None:
+        load_weights(Path(weights), session.named_trainable())
+        log(f"weights: {weights}")
     run.write_yaml("config.yaml", cfg.to_dict())  # after the data and model loaded: a bad one leaves no run
     baseline, test = cfg.eval.baseline, session.test_examples()
     if baseline == "linear_probe":
@@ -144,36 +195,24 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     run = RunDir(out, overwrite)
     t_start = time.perf_counter()
     session = Session.build(cfg, log)
-    run.write_yaml("config.yaml", cfg.to_dict())  # after the data and model loaded: a bad one leaves no run
     model, scorer, tcfg = session.model, session.scorer, cfg.train
     metric = session.data.spec.metric
     test = session.test_examples()
-
+    opt, fo_opt, zo_params = session.optimizers(log)  # first: a bad precision setup fails before any eval
+    run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
     before = None
     if cfg.eval.zero_shot:
         before = session.evaluate(test, "zero-shot eval")
         before.write_predictions(run.file("predictions_zero_shot.jsonl"))
         log(f"zero-shot {metric}: {before.metrics[metric]:.4f}")
 
-    params, fo_params = session.trainable, []
-    hybrid = cfg.tuning.hybrid
-    if hybrid.zo_layers is not None:
-        params, fo_params = hybrid_split(model, session.trainable, hybrid.zo_layers)
-    zo_params = params
-    if cfg.optimizer.blockwise:
-        params = layer_blocks(model, params)
-    opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed)
-    fo_opt = None
-    if fo_params:
-        fo_cfg = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
-        fo_opt = build_optimizer(fo_cfg, fo_params, cfg.tuning.scheme, cfg.seed)
-        log(f"hybrid ZO-FO: {sum(p.numel() for p in zo_params) / 1e6:.2f}M parameters by {cfg.optimizer.name}, "
-            f"{sum(p.numel() for p in fo_params) / 1e6:.2f}M by {hybrid.fo_optimizer}")
     zo = is_zeroth_order(cfg.optimizer.name)
     lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
     log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}")
+    trajectory = None
     if zo:
-        run.append_jsonl("trajectory.jsonl", _trajectory_header(cfg, opt))
+        trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
+                                      opt.n_queries * len(opt.blocks()), len(opt.param_groups))
 
     train = session.data.train
     if tcfg.objective == "loss":
@@ -191,7 +230,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         if zo:
             loss = float(opt.step(lambda: objective(model, batch)))
             forwards += opt.forwards_per_step
-            _append_trajectory(run, opt)
+            trajectory.append(opt.last_record)
             if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
                 _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
                 forwards += 1
@@ -224,6 +263,9 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
                 f"{elapsed / (step + 1):.2f} s/step{dev_note}")
     bar.close()
     train_wall = time.perf_counter() - t_train
+    if trajectory is not None:
+        trajectory.close()
+    save_weights(run.file(WEIGHTS), session.named_trainable())
 
     after = session.evaluate(test, "final eval")
     after.write_predictions(run.file("predictions.jsonl"))
@@ -276,27 +318,3 @@ def _first_order_step(
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-
-def _trajectory_header(cfg: Config, opt: ZOOptimizer) -> dict[str, Any]:
-    return {
-        "format": "zotune-trajectory",
-        "version": 1,
-        "model": cfg.model.name,
-        "dtype": cfg.model.dtype,
-        "scheme": cfg.tuning.scheme,
-        "optimizer": type(opt).__name__,
-        "seed": opt.seed,
-        "eps": opt.eps,
-        "n_queries": opt.n_queries,
-        "distribution": opt.estimator.sampler.distribution,
-    }
-
-
-def _append_trajectory(run: RunDir, opt: ZOOptimizer) -> None:
-    r = opt.last_record
-    assert r is not None
-    run.append_jsonl(
-        "trajectory.jsonl",
-        {"step": r.step, "seed": r.seed, "projected_grads": r.projected_grads, "lrs": r.lrs, "skipped": r.skipped, **r.extra},
-    )

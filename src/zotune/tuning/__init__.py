@@ -1,33 +1,44 @@
-"""Tuning schemes: which parameters a run trains.
+"""Tuning schemes: which parameters a run trains, and how.
 
-``full`` trains every parameter. Parameter-efficient schemes (LoRA, prefix, prompt via peft)
-plug in here as further entries of ``SCHEMES``.
+``tuning.scheme`` picks a function from ``SCHEMES`` (schemes.py: full, and LoRA / prefix /
+prompt tuning via peft); :func:`apply_scheme` applies it and returns the trainable parameters,
+the only ones an optimizer perturbs and updates. precision.py checks, before zeroth-order
+training, that the trainable weights' precision lets the probes and updates register. The
+hybrid ZO-FO split and the block-wise ZO groups (below) work on any scheme's parameters.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from ..config import TuningConfig
 from ..errors import ConfigError
+from .precision import check_precision, precision_report
+from .schemes import LORA_TARGETS, SCHEMES, lora_targets
 
-
-def full(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
-    """Full fine-tuning: every parameter is trainable."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-SCHEMES: dict[str, Callable[[torch.nn.Module, TuningConfig], torch.nn.Module]] = {"full": full}
+__all__ = ["LORA_TARGETS", "SCHEMES", "apply_scheme", "check_precision", "hybrid_split", "layer_blocks",
+           "lora_targets", "precision_report", "transformer_layers"]
 
 
 def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """Prepare ``model`` for the scheme; return it and its trainable parameters."""
+    """Prepare ``model`` for the scheme; return it (a peft model for the adapter schemes) and
+    its trainable parameters, in ``tuning.trainable_dtype`` if set, else in the model's dtype."""
+    if cfg.scheme not in SCHEMES:
+        raise ConfigError(f"tuning.scheme {cfg.scheme!r} is not available; choose one of {', '.join(SCHEMES)}")
+    if cfg.trainable_dtype is not None and cfg.scheme == "full":
+        raise ConfigError("config key 'tuning.trainable_dtype' applies to the adapter schemes (lora, prefix, "
+                          "prompt) only: full fine-tuning trains the model's own weights (use model.dtype)")
+    from ..models.loader import resolve_dtype
+
+    base_dtype = next(model.parameters()).dtype
     model = SCHEMES[cfg.scheme](model, cfg)
-    return model, [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.scheme != "full":
+        dtype = resolve_dtype(cfg.trainable_dtype) if cfg.trainable_dtype is not None else base_dtype
+        for p in trainable:
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model, trainable
 
 
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:

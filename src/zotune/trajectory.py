@@ -1,0 +1,101 @@
+"""The trajectory file: a zeroth-order fine-tune as its seeds and projected gradients.
+
+MeZO's observation: given the initial weights, a ZO run is fully described, per step, by the
+step seed (which names every random direction) and the projected gradients; kilobytes
+instead of gigabytes. ``trajectory.bin`` in a run directory holds exactly that:
+
+* ``MAGIC`` (8 bytes), a little-endian uint32 header length, then the header: UTF-8 JSON with
+  the model identity, the SHA-256 of the initial trainable state (:func:`weights_sha256`),
+  dtype, scheme, optimizer with its options, seed, and the record layout;
+* fixed-size records (``RECORD_HEAD`` then ``n_values`` projected gradients and ``n_groups``
+  learning rates, float64): step (uint32), step seed (uint64), flags (uint8: 1 = skipped),
+  accepted candidate (int8, ZO-SGD-Cons; 0 otherwise), loss (float64).
+
+Records are appended and flushed as the run goes, so a killed run leaves every finished step
+on disk; a partial last record (killed mid-write) is ignored when reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .errors import DataError
+from .optim.base import StepRecord
+
+MAGIC = b"ZOTRAJ\x00\x01"
+RECORD_HEAD = struct.Struct("<IQBbd")  # step, seed, flags, accepted, loss
+FILENAME = "trajectory.bin"
+
+
+def record_size(n_values: int, n_groups: int) -> int:
+    return RECORD_HEAD.size + 8 * (n_values + n_groups)
+
+
+def weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of tensors, in the order given."""
+    digest = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class TrajectoryWriter:
+    """Appends fixed-size step records after a JSON header; flushes every record."""
+
+    def __init__(self, path: Path, header: dict[str, Any], n_values: int, n_groups: int):
+        self.n_values, self.n_groups = n_values, n_groups
+        header = {**header, "n_values": n_values, "n_groups": n_groups,
+                  "record_size": record_size(n_values, n_groups)}
+        blob = json.dumps(header, sort_keys=True).encode()
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+        self._file.flush()
+
+    def append(self, record: StepRecord) -> None:
+        if len(record.projected_grads) != self.n_values or len(record.lrs) != self.n_groups:
+            raise ValueError(f"step {record.step}: {len(record.projected_grads)} projected gradients and "
+                             f"{len(record.lrs)} lrs, the header says {self.n_values} and {self.n_groups}")
+        accepted = int(record.extra.get("accepted", 0))
+        self._file.write(RECORD_HEAD.pack(record.step, record.seed, int(record.skipped), accepted, record.loss)
+                         + struct.pack(f"<{self.n_values + self.n_groups}d", *record.projected_grads, *record.lrs))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_trajectory(path: Path) -> tuple[dict[str, Any], list[StepRecord]]:
+    """Header and records; a truncated last record is dropped, anything else malformed is a
+    :class:`DataError`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read trajectory {path}: {err.strerror}") from None
+    if data[:8] != MAGIC or len(data) < 12:
+        raise DataError(f"{path} is not a zotune trajectory (bad magic bytes)")
+    (length,) = struct.unpack_from("<I", data, 8)
+    try:
+        header = json.loads(data[12 : 12 + length].decode())
+        n_values, n_groups = int(header["n_values"]), int(header["n_groups"])
+    except (ValueError, KeyError, UnicodeDecodeError):
+        raise DataError(f"{path}: unreadable trajectory header") from None
+    size = record_size(n_values, n_groups)
+    body = data[12 + length :]
+    values = struct.Struct(f"<{n_values + n_groups}d")
+    records = []
+    for offset in range(0, len(body) - size + 1, size):
+        step, seed, flags, accepted, loss = RECORD_HEAD.unpack_from(body, offset)
+        floats = values.unpack_from(body, offset + RECORD_HEAD.size)
+        records.append(StepRecord(step=step, seed=seed, query_seeds=[], projected_grads=list(floats[:n_values]),
+                                  lrs=list(floats[n_values:]), loss=loss, skipped=bool(flags & 1),
+                                  extra={"accepted": accepted}))
+    return header, records

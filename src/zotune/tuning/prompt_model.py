@@ -1,0 +1,52 @@
+"""peft prompt tuning with position ids (imported on first use: it imports peft)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft import PeftModelForCausalLM
+
+
+class PromptTunedCausalLM(PeftModelForCausalLM):
+    """peft's causal-LM prompt tuning, keeping position ids.
+
+    peft drops ``position_ids`` under prompt tuning (with a warning), so positions come from
+    ``arange`` over [virtual tokens, padding, tokens]: with left padding an example's score then
+    depends on the padding its batch gives it. Here the virtual tokens sit at positions
+    ``0..n-1`` and the real tokens at ``n + position_ids``, as if the virtual prompt were text
+    before them. The virtual tokens are peft's own (``get_prompt``); only the call is wired.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None or input_ids is None or kwargs.get("inputs_embeds") is not None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs.pop("task_ids", None)
+        n = self.active_peft_config.num_virtual_tokens
+        batch = input_ids.shape[0]
+        embeds = self.word_embeddings(input_ids)
+        virtual = self.get_prompt(batch_size=batch).to(embeds.dtype)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if kwargs.get("labels") is not None:  # the virtual tokens predict nothing
+            kwargs["labels"] = torch.cat((kwargs["labels"].new_full((batch, n), -100), kwargs["labels"]), dim=1)
+        first = torch.arange(n, device=position_ids.device, dtype=position_ids.dtype).expand(batch, n)
+        return self.get_base_model()(
+            inputs_embeds=torch.cat((virtual, embeds), dim=1),
+            attention_mask=torch.cat((attention_mask.new_ones((batch, n)), attention_mask), dim=1),
+            position_ids=torch.cat((first, position_ids + n), dim=1),
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Generation: the same positions, from the attention mask that peft extends over the
+        virtual tokens (peft drops the position ids that ``generate`` computes)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Position ids are not supported")
+            inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        mask = inputs.get("attention_mask")
+        step = inputs.get("inputs_embeds")
+        step = inputs.get("input_ids") if step is None else step
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and step is not None:
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
+        return inputs

@@ -1,0 +1,379 @@
+"""Tuning schemes (full / LoRA / prefix / prompt via peft), their scoring, every optimizer on
+every scheme, per-scheme defaults, and the half-precision guard. Tiny models, offline."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from zotune import config as config_module
+from zotune.config import OptimizerConfig, load_config
+from zotune.errors import ConfigError
+from zotune.models import load_model
+from zotune.optim.factory import (
+    FO_OPTIMIZERS,
+    ZO_OPTIMIZERS,
+    build_optimizer,
+    resolved_hparams,
+)
+from zotune.tasks import Example, make_spec
+from zotune.train import trainer
+from zotune.train.scoring import AnswerScorer, ChoiceScorer, HeadScorer
+from zotune.train.trainer import run_train
+from zotune.tuning import (
+    SCHEMES,
+    apply_scheme,
+    check_precision,
+    lora_targets,
+    precision_report,
+)
+
+ADAPTERS = ("lora", "prefix", "prompt")
+SHORT = Example({"text": "fine"}, "1")
+LONG = Example({"text": "a much longer sentence than the other one"}, "0")
+CHOICES = {"path": "x.csv", "text_template": "{text} It was", "choices": {"0": " bad", "1": " really good"}}
+
+
+def run_config(model_dir, csv, *extra):
+    return load_config(None, [
+        f"model.name={model_dir}", f"task.path={csv}", "task.text_template={text} It was",
+        'task.choices={"0": " bad", "1": " good"}', "task.k_shot=8", "train.steps=4", "train.batch_size=4",
+        "train.log_every=1", "eval.batch_size=8", "eval.max_examples=8", "eval.zero_shot=false", *extra,
+    ])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tuning(*overrides):
+    return load_config(None, list(overrides)).tuning
+
+
+def schemed(model_dir, scheme, *overrides, dtype="float32", attn=None, jitter=0.0):
+    """(model, tokenizer, trainable) of a model directory under a scheme; ``jitter`` moves the
+    trainable weights off their initialisation (LoRA starts as the identity)."""
+    model, tok = load_model(str(model_dir), dtype=dtype)
+    if attn:
+        model.set_attn_implementation(attn)
+    torch.manual_seed(0)
+    model, trainable = apply_scheme(model, tuning(f"tuning.scheme={scheme}", *overrides))
+    if jitter:
+        with torch.no_grad():
+            for p in trainable:
+                p.add_(torch.randn_like(p), alpha=jitter)
+    return model, tok, trainable
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with large random weights: its outputs depend strongly on positions."""
+    _, tokenizer = load_model(str(tiny_model_dir))
+    path = tmp_path_factory.mktemp("sharp-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# -- the registry and what each scheme trains ----------------------------------------------
+def test_registry_matches_the_config_choices():
+    assert set(SCHEMES) == set(config_module.SCHEMES) == {"full", "lora", "prefix", "prompt"}
+
+
+def test_each_scheme_trains_only_its_parameters(tiny_model_dir):
+    # the tiny Llama: hidden 16, 2 layers, 2 heads of 8, 1 key/value head, vocabulary 49152
+    expected = {
+        "full": 49152 * 16 + 2 * (16 * 16 + 2 * 8 * 16 + 16 * 16 + 3 * 16 * 32 + 2 * 16) + 16,
+        "lora": 2 * ((8 * 16 + 16 * 8) + (8 * 16 + 8 * 8)),  # r=8 on q_proj (16->16) and v_proj (16->8)
+        "prefix": 5 * 2 * 2 * 8,  # 5 virtual tokens x 2 layers x (keys, values) x kv_dim 8
+        "prompt": 10 * 16,  # 10 virtual token embeddings
+    }
+    for scheme, count in expected.items():
+        model, _, trainable = schemed(tiny_model_dir, scheme)
+        assert sum(p.numel() for p in trainable) == count, scheme
+        assert {id(p) for p in trainable} == {id(p) for p in model.parameters() if p.requires_grad}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if scheme == "lora":
+            assert all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
+        elif scheme != "full":
+            assert names == ["prompt_encoder.default.embedding.weight"]
+
+
+def test_lora_options_reach_peft(tiny_model_dir):
+    model, _, trainable = schemed(tiny_model_dir, "lora", "tuning.lora.r=2", "tuning.lora.alpha=4",
+                                  "tuning.lora.target_modules=[k_proj, o_proj]")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("k_proj" in n or "o_proj" in n for n in names)
+    assert sum(p.numel() for p in trainable) == 2 * ((2 * 16 + 8 * 2) + (2 * 16 + 16 * 2))
+    layer = model.base_model.model.model.layers[0].self_attn.k_proj
+    assert layer.scaling["default"] == 2.0  # alpha / r
+    with pytest.raises(ConfigError, match="tuning.lora.target_modules"):
+        schemed(tiny_model_dir, "lora", "tuning.lora.target_modules=nonexistent_proj")
+
+
+def test_lora_targets_by_architecture():
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    assert lora_targets(llama) == ["q_proj", "v_proj"]
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    assert lora_targets(gpt2) == ["c_attn"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: Conv1D fan_in_fan_out
+        gpt2, trainable = apply_scheme(gpt2, tuning("tuning.scheme=lora"))
+    assert trainable and all("c_attn" in n for n, p in gpt2.named_parameters() if p.requires_grad)
+
+    class Unknown(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"model_type": "mamba"})()
+            self.in_proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match=r"tuning.lora.target_modules is required for model type 'mamba'.*in_proj"):
+        apply_scheme(Unknown(), tuning("tuning.scheme=lora"))
+
+
+def test_prefix_from_real_tokens_is_those_tokens_as_context(sharp_model_dir):
+    """init_from_real: the prefix holds the keys/values of n random tokens, so the tuned model
+    on x equals the base model on [those tokens, x] (MeZO's initialisation, exactly)."""
+    n = 5
+    model, tok, _ = schemed(sharp_model_dir, "prefix", "tuning.prefix.init_from_real=true")
+    base, _ = load_model(str(sharp_model_dir))
+    torch.manual_seed(0)
+    tokens = torch.randint(0, base.config.vocab_size, (1, n))  # the draw the scheme made
+    x = torch.tensor([tok("a short input")["input_ids"]])
+    with torch.no_grad():
+        tuned = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        context = base(input_ids=torch.cat((tokens, x), dim=1)).logits[:, n:]
+    torch.testing.assert_close(tuned, context, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_init_text_uses_the_text_embeddings(tiny_model_dir):
+    model, tok, (weight,) = schemed(tiny_model_dir, "prompt", "tuning.prompt.num_virtual_tokens=4",
+                                    "tuning.prompt.init_text=great or terrible")
+    ids = tok("great or terrible")["input_ids"]
+    ids = (ids * 4)[:4]
+    torch.testing.assert_close(weight.detach(), model.word_embeddings.weight[ids].detach())
+
+
+# -- scoring under every scheme ------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_scores_do_not_depend_on_padding(sharp_model_dir, scheme, attn):
+    """Left padding with explicit positions: an example scores the same alone or padded in a
+    batch, under every scheme (peft drops position ids under prompt tuning: zotune passes them)."""
+    model, tok, _ = schemed(sharp_model_dir, scheme, attn=attn, jitter=0.5)
+    scorer = ChoiceScorer(tok, make_spec(CHOICES))
+    with torch.no_grad():
+        alone = scorer.scores(model, scorer.encode([SHORT]))
+        together = scorer.scores(model, scorer.encode([LONG, SHORT]))
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_generation_and_head_work_under_every_scheme(sharp_model_dir, scheme):
+    model, tok, _ = schemed(sharp_model_dir, scheme, jitter=0.5)
+    spec = make_spec({"path": "x.csv", "type": "generation", "text_template": "Q: {text}\nA:",
+                      "choice_template": " {choice}", "max_new_tokens": 3})
+    answer = AnswerScorer(tok, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. peft ignoring position ids
+        alone = answer.generate(model, [SHORT])
+        together = answer.generate(model, [LONG, SHORT])
+    assert alone[0] == together[1]
+    head = HeadScorer(tok, make_spec({**CHOICES, "align": False}), model.config.hidden_size)
+    torch.nn.init.normal_(head.head.weight)
+    with torch.no_grad():
+        a = head.scores(model, head.encode([SHORT]))
+        b = head.scores(model, head.encode([LONG, SHORT]))
+    torch.testing.assert_close(a[0], b[1], rtol=1e-4, atol=1e-4)
+
+
+# -- training ------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ADAPTERS)
+@pytest.mark.parametrize("name", [*ZO_OPTIMIZERS, *FO_OPTIMIZERS])
+def test_every_optimizer_trains_every_adapter_scheme(tiny_model_dir, scheme, name):
+    """A few steps at the scheme's default hyperparameters: finite losses, the trainable
+    parameters move, nothing else does."""
+    model, tok, trainable = schemed(tiny_model_dir, scheme, jitter=0.1,
+                                    attn="eager" if getattr(ZO_OPTIMIZERS.get(name), "needs_forward_ad", False) else None)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    start = [p.detach().clone() for p in trainable]
+    options = {"coord_fraction": 0.5} if name == "JaguarSignSGD" else {}
+    opt = build_optimizer(OptimizerConfig(name=name, options=options), trainable, scheme, seed=0)
+    scorer = ChoiceScorer(tok, make_spec(CHOICES))
+    batch = scorer.encode([SHORT, LONG])
+    for _ in range(3):
+        if name in ZO_OPTIMIZERS:
+            loss = float(opt.step(lambda: scorer.loss(model, batch)))
+        else:
+            opt.zero_grad()
+            out = scorer.loss(model, batch)
+            out.backward()
+            opt.step()
+            loss = float(out.detach())
+        assert torch.isfinite(torch.tensor(loss))
+    assert any(not torch.equal(p, s) for p, s in zip(trainable, start))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_full_scheme_still_trains_everything(tiny_model_dir):
+    model, tok, trainable = schemed(tiny_model_dir, "full")
+    assert len(trainable) == len(list(model.parameters()))
+    scorer = ChoiceScorer(tok, make_spec(CHOICES))
+    batch = scorer.encode([SHORT, LONG])
+    opt = build_optimizer(OptimizerConfig(name="ZOSGD", lr=1e-3), trainable, "full", seed=0)
+    start = [p.detach().clone() for p in trainable]
+    assert torch.isfinite(opt.step(lambda: scorer.loss(model, batch)))
+    assert all(not torch.equal(p, s) for p, s in zip(trainable, start))
+
+
+def _capture_sessions(monkeypatch):
+    """Keep every Session the trainer builds, with a copy of its frozen weights at build time."""
+    sessions = []
+    build = trainer.Session.build.__func__
+
+    def spy(cls, *args, **kwargs):
+        session = build(cls, *args, **kwargs)
+        frozen = {n: p.detach().clone() for n, p in session.model.named_parameters() if not p.requires_grad}
+        start = {id(p): p.detach().clone() for p in session.trainable}
+        sessions.append((session, frozen, start))
+        return session
+
+    monkeypatch.setattr(trainer.Session, "build", classmethod(spy))
+    return sessions
+
+
+def test_zo_lora_run_leaves_the_base_weights_bit_identical(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    sessions = _capture_sessions(monkeypatch)
+    summary = run_train(run_config(tiny_model_dir, reviews_csv, "tuning.scheme=lora", "optimizer.lr=1e-2",
+                                   "train.eval_every=0"), tmp_path / "run", log=lambda *_: None)
+    ((session, frozen, start),) = sessions
+    model = session.model
+    assert len(frozen) == len(list(model.get_base_model().parameters())) - len(session.trainable)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, start[id(p)]) for p in session.trainable)
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert summary["lr"] == 1e-2 and summary["eps"] == 1e-2  # eps: LoRA's default
+
+
+def test_defaults_per_scheme():
+    zo = OptimizerConfig(name="ZOSGD")
+    assert resolved_hparams(zo, "full") == (1e-6, 1e-3)
+    assert resolved_hparams(zo, "lora") == (5e-5, 1e-2)
+    assert resolved_hparams(zo, "prefix") == (1e-2, 1e-1)
+    assert resolved_hparams(zo, "prompt") == (1e-3, 1e-2)
+    assert resolved_hparams(OptimizerConfig(name="ZOAdam"), "full") == (1e-5, 1e-3)
+    assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)
+    adamw = OptimizerConfig(name="AdamW")
+    assert [resolved_hparams(adamw, s)[0] for s in ("full", "lora", "prefix", "prompt")] == [1e-5, 1e-4, 1e-2, 1e-3]
+    for scheme in SCHEMES:  # every optimizer has a default for every scheme
+        for name in [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]:
+            assert resolved_hparams(OptimizerConfig(name=name), scheme)[0] > 0
+
+
+# -- configuration -------------------------------------------------------------------------
+def test_scheme_options_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tuning:\n  scheme: lora\n  lora: {r: 4, target_modules: [q_proj, k_proj]}\n")
+    cfg = load_config(path, ["tuning.prefix.num_virtual_tokens=7", "tuning.trainable_dtype=float32"])
+    assert cfg.tuning.lora.r == 4 and cfg.tuning.lora.alpha == 16 and cfg.tuning.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.tuning.prefix.num_virtual_tokens == 7 and cfg.tuning.prompt.num_virtual_tokens == 10
+    assert load_config(None, ["tuning.lora.target_modules=q_proj,v_proj"]).tuning.lora.target_modules == ["q_proj", "v_proj"]
+    assert load_config(None).tuning.lora.target_modules is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("tuning.scheme=adapters", "tuning.scheme"),
+    ("tuning.lora.r=0", "tuning.lora.r"),
+    ("tuning.lora.alpha=-1", "tuning.lora.alpha"),
+    ("tuning.lora.dropout=1.5", "tuning.lora.dropout"),
+    ("tuning.lora.target_modules=[]", "tuning.lora.target_modules"),
+    ("tuning.lora.rank=8", "unknown config key 'tuning.lora.rank'"),
+    ("tuning.prefix.num_virtual_tokens=0", "tuning.prefix.num_virtual_tokens"),
+    ("tuning.prompt.num_virtual_tokens=0", "tuning.prompt.num_virtual_tokens"),
+    ("tuning.prompt.init_text=' '", "tuning.prompt.init_text"),
+    ("tuning.trainable_dtype=int8", "tuning.trainable_dtype"),
+    ("tuning.trainable_dtype=float32", "tuning.trainable_dtype' applies to the adapter schemes"),
+    ("tuning.precision_check=maybe", "tuning.precision_check"),
+])
+def test_bad_tuning_values_give_one_clear_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+# -- precision -----------------------------------------------------------------------------
+def guard_config(*overrides):
+    return load_config(None, ["optimizer.eps=1e-3", "optimizer.lr=1e-6", *overrides])
+
+
+def test_guard_catches_a_perturbation_that_rounds_away():
+    """float16 weights of magnitude 1000 have an ulp of 0.5: w + 1e-3 * z == w everywhere."""
+    big = torch.full((64, 64), 1000.0).add_(torch.rand(64, 64))
+    report = precision_report([big.half()], eps=1e-3, step=None)
+    assert report.probe_lost == 1.0 and report.dtypes == ["float16"]
+    with pytest.raises(ConfigError, match=r"not perturb 100%.*model.dtype=float32") as info:
+        check_precision(guard_config(), [big.half()], closure=None)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="tuning.trainable_dtype=float32"):
+        check_precision(guard_config("tuning.scheme=lora"), [big.bfloat16()], closure=None)
+    assert precision_report([big], eps=1e-3, step=None) is None  # float32: nothing to check
+    assert check_precision(guard_config(), [big], closure=None) is None
+    assert check_precision(guard_config("optimizer.name=AdamW"), [big.half()], closure=None) is None
+    assert check_precision(guard_config("tuning.precision_check=ignore"), [big.half()], closure=None) is None
+    lines = []
+    report = check_precision(guard_config("tuning.precision_check=warn"), [big.half()], None, log=lines.append)
+    assert report.probe_lost == 1.0 and lines[0].startswith("WARNING: ") and "trainable" in lines[0]
+
+
+def test_guard_catches_an_update_that_rounds_away():
+    w = torch.rand(256, 64).add_(0.5).half()  # ulp 2^-10 .. 2^-11
+    report = precision_report([w], eps=1e-2, step=1e-6)
+    assert report.probe_lost < 0.1 and report.update_lost > 0.99
+    assert precision_report([w], eps=1e-2, step=1e-1).update_lost < 0.1
+    # a sign rule steps by lr whatever g is: no forward needed to see lr=1e-6 vanish
+    with pytest.raises(ConfigError, match=r"leave 100% .* unchanged"):
+        check_precision(guard_config("optimizer.name=ZOSGDSign", "optimizer.eps=1e-2"), [w], closure=None)
+    # SGD: lr * |g|, with g measured by SPSA probes of the closure
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return (w.float() * 1e3).sum()  # |g| = 1e3 * |sum z|: the step 1e-6 * |g| is large enough
+
+    assert check_precision(guard_config("optimizer.eps=1e-2"), [w], closure).update_lost < 0.5
+    assert len(calls) == 4  # 2 queries x 2 probes
+
+
+def test_guard_stops_a_collapsing_half_precision_run(tiny_model_dir, reviews_csv, tmp_path):
+    with pytest.raises(ConfigError, match="would leave .* unchanged"):
+        run_train(run_config(tiny_model_dir, reviews_csv, "model.dtype=float16", "optimizer.lr=1e-9"),
+                  tmp_path / "run", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_lora_adapters_in_float32_over_a_half_precision_base(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, dtype):
+    sessions = _capture_sessions(monkeypatch)
+    lines = []
+    run_train(run_config(tiny_model_dir, reviews_csv, f"model.dtype={dtype}", "tuning.scheme=lora",
+                         "tuning.trainable_dtype=float32", "train.eval_every=0"), tmp_path / "run", log=lines.append)
+    ((session, frozen, start),) = sessions
+    assert {p.dtype for p in session.trainable} == {torch.float32}
+    assert {p.dtype for p in frozen.values()} == {getattr(torch, dtype)}
+    assert all(torch.equal(p, frozen[n]) for n, p in session.model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, start[id(p)]) for p in session.trainable)
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert not any("WARNING" in str(line) for line in lines)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 0

@@ -111,7 +111,9 @@ from .test_trainer import config  # noqa: E402
     ["optimizer.name=ZOSGDConservative", "optimizer.n_queries=2"],
     ["optimizer.name=ZOAdam", "optimizer.blockwise=true"],
     ["optimizer.name=JaguarSignSGD", "optimizer.options={coord_fraction: 0.2}"],
-], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar"])
+    ["optimizer.name=ZOSGDMomentum", "tuning.scheme=lora"],
+    ["optimizer.name=ZOMuon", "tuning.scheme=prompt"],
+], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar", "Momentum-lora", "Muon-prompt"])
 def test_zotune_replay_rebuilds_the_trained_weights(tiny_model_dir, reviews_csv, tmp_path, extra, capsys):
     from zotune.train.trainer import run_train
 

@@ -1,4 +1,4 @@
-"""Command-line front end: ``zotune train | eval | replay | tasks | setup``.
+"""Command-line front end: ``zotune train | eval | replay | export | tasks | setup``.
 
 User errors (bad config, missing file or model, empty data) print one line
 ``zotune: error: ...`` and exit with status 2; nothing is destroyed.
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", metavar="DIR", required=True, help="where to write the rebuilt weights")
     rp.add_argument("--step", type=int, metavar="N", help="stop after N steps (default: all)")
     rp.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    ex = subs.add_parser("export", help="write a run's tuned model as a Hugging Face directory (LoRA merged)")
+    ex.add_argument("--run", metavar="DIR", required=True, help="the run directory")
+    ex.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
+    ex.add_argument("--weights", metavar="FILE", help="weights to export (default: the run's weights.safetensors)")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     subs.add_parser("tasks", help="list built-in tasks and where their data comes from here")
     subs.add_parser("setup", help="fetch the default data and prepare the embedded model (once)")
     return parser
@@ -93,6 +98,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"default data: {fetch_polarity()}")
         load_model(DEFAULT_MODEL)
         print(f"default model: {DEFAULT_MODEL} ready")
+        return 0
+
+    if args.command == "export":
+        from .train.export import run_export
+
+        run_export(args.run, args.out, weights=args.weights, overwrite=args.overwrite)
         return 0
 
     if args.command == "replay":

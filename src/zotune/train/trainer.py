@@ -266,6 +266,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     if trajectory is not None:
         trajectory.close()
     save_weights(run.file(WEIGHTS), session.named_trainable())
+    if hasattr(model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
+        model.save_pretrained(run.file("adapter"), safe_serialization=True)
 
     after = session.evaluate(test, "final eval")
     after.write_predictions(run.file("predictions.jsonl"))

@@ -18,10 +18,10 @@ treat the table as a like-for-like run at these settings, not as each method's b
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
+
+from _cells import train_cell
 
 # name -> (lr, forwards per step, extra overrides)
 OPTIMIZERS: dict[str, tuple[float, int, list[str]]] = {
@@ -46,30 +46,24 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated subset of optimizers")
     args = parser.parse_args()
     names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
-    zotune = Path(sys.executable).with_name("zotune")
     rows = []
     zero_shot = None
     for i, name in enumerate(names):
         lr, per_step, extra = OPTIMIZERS[name]
         steps = max(1, args.budget // per_step)
         out = Path(args.out) / name
-        cmd = [
-            str(zotune), "train", "--config", "configs/demo.yaml", "--out", str(out), "--overwrite",
-            f"optimizer.name={name}", f"optimizer.lr={lr}", f"train.steps={steps}",
-            f"train.eval_every=0", f"train.log_every={max(1, steps // 10)}",
-            f"eval.max_examples={args.eval_examples}", f"eval.zero_shot={'true' if i == 0 else 'false'}",
-            *extra,
-        ]
         print(f"{name}: {steps} steps ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append((name, lr, "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]))
+        summary = train_cell(out, [
+            f"optimizer.name={name}", f"optimizer.lr={lr}", f"train.steps={steps}",
+            "train.eval_every=0", f"train.log_every={max(1, steps // 10)}",
+            f"eval.max_examples={args.eval_examples}", f"eval.zero_shot={'true' if i == 0 else 'false'}", *extra,
+        ])
+        if isinstance(summary, str):
+            rows.append((name, lr, summary))
             continue
-        summary = json.loads((out / "summary.json").read_text())
         if "eval_zero_shot" in summary:
             zero_shot = summary["eval_zero_shot"]["accuracy"]
-        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rows.append((name, lr, summary, losses[-1]))
+        rows.append((name, lr, summary, summary["last_loss"]))
     print(f"zero-shot test accuracy: {zero_shot if zero_shot is None else f'{zero_shot:.3f}'}"
           f" ({args.eval_examples} examples), budget {args.budget} forward passes\n")
     print("| optimizer | lr | steps | forward passes | test acc | last loss | wall s | peak RSS MB |")
@@ -81,6 +75,7 @@ def main() -> None:
         name, lr, s, loss = row
         print(f"| {name} | {lr:.0e} | {s['steps']} | {s['forward_passes']} | {s['eval']['accuracy']:.3f} "
               f"| {loss:.4f} | {s['train_wall_s']:.0f} | {s['peak_rss_mb']:.0f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -280,6 +280,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         "optimizer": cfg.optimizer.name,
         "lr": lr,
         **({"eps": eps} if zo else {}),
+        "trainable_params": sum(p.numel() for _, p in session.named_trainable()),
         "n_train": len(train),
         "n_test": len(test),
         "train_wall_s": round(train_wall, 2),

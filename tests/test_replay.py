@@ -170,3 +170,31 @@ def test_trajectory_file_is_compact_and_survives_a_torn_last_record(tmp_path):
     assert [r.skipped for r in records] == [False, True, False] and records[2].extra == {"accepted": -1}
     path.write_bytes(data[:-5])  # killed mid-write: the torn record is dropped
     assert len(read_trajectory(path)[1]) == 2
+
+
+def test_a_loss_that_stays_nan_stops_the_run_with_weights_intact(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):
+    from zotune.train import scoring
+
+    monkeypatch.setattr(scoring.ChoiceScorer, "loss", lambda self, model, batch: torch.tensor(float("nan")))
+    argv = ["train", "--out", str(tmp_path / "run"), f"model.name={tiny_model_dir}", f"task.path={reviews_csv}",
+            "task.text_template={text} It was", 'task.choices={"0": " bad", "1": " good"}', "train.steps=8",
+            "train.max_skipped_in_a_row=3", "eval.zero_shot=false", "train.eval_every=0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf for 3 steps in a row (steps 1-3" in err and "Traceback" not in err
+    header, records = read_trajectory(tmp_path / "run" / "trajectory.bin")
+    assert len(records) == 3 and all(r.skipped for r in records)
+
+
+def test_out_of_memory_names_the_batch_shape(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):
+    from zotune.train import scoring
+
+    def oom(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(scoring.ChoiceScorer, "loss", oom)
+    argv = ["train", "--out", str(tmp_path / "run"), f"model.name={tiny_model_dir}", f"task.path={reviews_csv}",
+            "task.text_template={text} It was", 'task.choices={"0": " bad", "1": " good"}', "train.batch_size=4",
+            "eval.zero_shot=false"]
+    assert main(argv) == 2
+    assert "out of memory on a batch of 4 sequences x" in capsys.readouterr().err

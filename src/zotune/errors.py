@@ -20,3 +20,7 @@ class DataError(ZotuneError):
 
 class ModelError(ZotuneError):
     """A model that cannot be found or loaded."""
+
+
+class TrainingError(ZotuneError):
+    """A run that cannot go on: a loss that stays non-finite, out of memory on a batch."""

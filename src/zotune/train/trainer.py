@@ -7,6 +7,7 @@ baselines (``torch.optim.SGD`` / ``AdamW``) go through the same loop with ``back
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -17,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, OptimizerConfig
+from ..errors import TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
@@ -225,18 +228,25 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     interactive = sys.stderr.isatty()
     bar = tqdm(range(tcfg.steps), desc="train", unit="step", disable=not interactive)
     every = max(1, tcfg.steps // 10)  # without a terminal: a plain progress line per tenth
+    non_finite = 0  # consecutive skipped steps
     for step in bar:
         batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
-        if zo:
-            loss = float(opt.step(lambda: objective(model, batch)))
-            forwards += opt.forwards_per_step
-            trajectory.append(opt.last_record)
-            if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
-                _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
+        with _out_of_memory_reported(batch):
+            if zo:
+                loss = float(opt.step(lambda: objective(model, batch)))
+                forwards += opt.forwards_per_step
+                trajectory.append(opt.last_record)
+                if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
+                    _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
+                    forwards += 1
+            else:
+                loss = _first_order_step(opt, model, scorer, batch)
                 forwards += 1
-        else:
-            loss = _first_order_step(opt, model, scorer, batch)
-            forwards += 1
+        non_finite = 0 if math.isfinite(loss) else non_finite + 1
+        if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
+            raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {step + 2 - non_finite}"
+                                f"-{step + 1}; each was skipped, the weights are those before them): lower "
+                                "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
         steps_log.append(step + 1)
         losses_log.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", fwd=forwards)
@@ -300,6 +310,17 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     log(line)
     log(f"run directory: {run.path}")
     return summary
+
+
+@contextlib.contextmanager
+def _out_of_memory_reported(batch) -> Iterator[None]:
+    """Out of memory on a batch -> one line naming its shape (the usual fix: a smaller one)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        n, length = batch.input_ids.shape
+        raise TrainingError(f"out of memory on a batch of {n} sequences x {length} tokens: lower train.batch_size "
+                            "or train.max_length") from None
 
 
 def _first_order_step(

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, OptimizerConfig
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
@@ -87,6 +87,10 @@ class Session:
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        for key, length in (("train.max_length", cfg.train.max_length), ("eval.max_length", cfg.eval.max_length)):
+            if limit is not None and length is not None and length > limit:
+                raise ConfigError(f"{key} is {length}, but {cfg.model.name} reads at most {limit} positions")
         if getattr(ZO_OPTIMIZERS.get(cfg.optimizer.name), "needs_forward_ad", False):
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         torch.manual_seed(cfg.seed)  # adapters and heads initialise from the run seed: replayable

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
 from ..errors import ConfigError, DataError
+from .rundir import run_config
 from .trainer import Session
 from .weights import FILENAME as WEIGHTS
 from .weights import load_weights
@@ -22,12 +22,10 @@ from .weights import load_weights
 def run_export(run_dir: str | Path, out: str | Path, weights: str | Path | None = None, overwrite: bool = False,
                log=print) -> dict[str, Any]:
     src = Path(run_dir)
-    if not (src / "config.yaml").is_file():
-        raise DataError(f"--run {src} is not a run directory (no config.yaml)")
     weights = Path(weights) if weights is not None else src / WEIGHTS
     if not weights.is_file():
         raise DataError(f"no tuned weights at {weights} (did the run finish?)")
-    cfg = load_config(src / "config.yaml")
+    cfg = run_config(src)
     if not cfg.task.get("align", True):
         raise ConfigError("this run classifies with a linear head (task.align: false), which a causal LM "
                           "directory cannot hold; evaluate it with `zotune eval --weights` instead")

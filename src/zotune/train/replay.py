@@ -15,11 +15,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import load_config
 from ..errors import DataError
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import read_trajectory, weights_sha256
-from .rundir import RunDir
+from .rundir import RunDir, run_config
 from .trainer import Session
 from .weights import FILENAME as WEIGHTS
 from .weights import save_weights
@@ -28,11 +27,9 @@ from .weights import save_weights
 def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False,
                log=print) -> dict[str, Any]:
     src = Path(run_dir)
-    if not (src / "config.yaml").is_file():
-        raise DataError(f"--run {src} is not a run directory (no config.yaml)")
+    cfg = run_config(src)
     if not (src / TRAJECTORY).is_file():
         raise DataError(f"run {src} has no {TRAJECTORY} (first-order optimizers leave none)")
-    cfg = load_config(src / "config.yaml")
     if cfg.tuning.hybrid.zo_layers is not None:
         raise DataError(f"run {src} is hybrid ZO-FO: its first-order part is not in the trajectory")
     header, records = read_trajectory(src / TRAJECTORY)

@@ -14,6 +14,16 @@ from ..errors import ConfigError
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
 
 
+def run_config(path: str | Path):
+    """The resolved config of a finished run directory (its ``config.yaml``)."""
+    from ..config import load_config
+    from ..errors import DataError
+
+    if not (Path(path) / "config.yaml").is_file():
+        raise DataError(f"--run {path} is not a run directory (no config.yaml)")
+    return load_config(Path(path) / "config.yaml")
+
+
 class RunDir:
     """Owns one run's output directory; appends are flushed as they happen."""
 

@@ -189,6 +189,25 @@ def test_muon_matrix_step_has_unit_spectral_scale():
     assert float(s.min()) > 0.1 * scale * 0.6 and float(s.max()) < 0.1 * scale * 1.25
 
 
+def test_muon_keeps_embeddings_out_of_newton_schulz(tiny_batch):
+    """Muon's rule: hidden matrices are orthogonalised; the (tied) token embedding is not: it
+    takes the plain momentum step, which equals ZOSGDMomentum's on the same seed."""
+    model = tiny_llama()
+    groups = ZOMuon.param_groups_for(model, list(model.parameters()))
+    embedding = model.get_input_embeddings().weight
+    assert [g.get("orthogonalize", True) for g in groups] == [True, False]
+    assert groups[1]["params"] == [embedding] and sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    reference = tiny_llama()
+    muon = ZOMuon(groups, lr=1e-2, momentum=0.9, seed=3)
+    mmt = ZOSGDMomentum(ZOMuon.param_groups_for(reference, list(reference.parameters())), lr=1e-2, momentum=0.9, seed=3)
+    muon.step(lambda: model(**tiny_batch).loss)
+    mmt.step(lambda: reference(**tiny_batch).loss)
+    # the same groups, so the same probes: only the update rule of the hidden matrices differs
+    assert torch.equal(embedding, reference.get_input_embeddings().weight)
+    q, q_ref = model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, q_ref)
+
+
 def test_forward_grad_jvp_is_exact(tiny_batch):
     """The recorded projected gradient is grad f . z, checked against a backward pass."""
     from zotune.estimators import DirectionSampler

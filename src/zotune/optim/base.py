@@ -80,6 +80,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
 
+    @classmethod
+    def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
+        """How this optimizer wants ``model``'s trainable ``params`` (tensors or groups) grouped;
+        the trainer calls it before construction. Default: as given."""
+        return params
+
     @property
     def n_queries(self) -> int:
         return self.estimator.n_queries

@@ -14,7 +14,10 @@ from .newton_schulz import newton_schulz
 class ZOMuon(ZOSGDMomentum):
     """``M <- momentum * M + grad_hat``; for a matrix ``W <- W - lr * scale * NS(M)`` with
     ``scale = sqrt(max(1, rows / cols))`` and ``NS`` five Newton-Schulz iterations; parameters
-    of other shapes (norms, biases) take the momentum step ``W <- W - lr * M``.
+    of other shapes (norms, biases) take the momentum step ``W <- W - lr * M``, and so do the
+    matrices of a param group with ``orthogonalize: False``: as in Muon, the token embeddings
+    and the LM head are not hidden layers (``param_groups_for`` puts them in such a group;
+    orthogonalising a 49152 x 576 embedding would also cost more than the two forwards).
 
     The SPSA estimate ``g * z`` is a random matrix scaled by ``g``; orthogonalised, every
     singular value of the step is about ``lr * scale`` whatever the size of ``g``: the step
@@ -26,12 +29,28 @@ class ZOMuon(ZOSGDMomentum):
     ):
         if not isinstance(ns_steps, int) or ns_steps < 1:
             raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
-        super().__init__(params, lr=lr, eps=eps, seed=seed, momentum=momentum, defaults=dict(ns_steps=ns_steps), **options)
+        super().__init__(params, lr=lr, eps=eps, seed=seed, momentum=momentum,
+                         defaults=dict(ns_steps=ns_steps, orthogonalize=True), **options)
+
+    @classmethod
+    def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
+        """``params`` (tensors or param groups) with the model's input and output embeddings
+        moved into groups of their own with ``orthogonalize: False``."""
+        embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None and getattr(m, "weight", None) is not None}
+        groups = params if params and isinstance(params[0], dict) else [{"params": list(params)}]
+        out = []
+        for group in groups:
+            hidden = [p for p in group["params"] if id(p) not in embeddings]
+            embedding = [p for p in group["params"] if id(p) in embeddings]
+            out += [{**group, "params": hidden}] if hidden else []
+            out += [{**group, "params": embedding, "orthogonalize": False}] if embedding else []
+        return out
 
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
-        if p.ndim != 2:  # norms, biases: momentum SGD
+        if p.ndim != 2 or not group["orthogonalize"]:  # norms, biases, embeddings: momentum SGD
             super().update_param(p, index, estimate, group, state)
             return
         m = self.accumulate(p, index, estimate, group, state)

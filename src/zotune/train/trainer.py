@@ -128,6 +128,8 @@ class Session:
         zo_params = params
         if cfg.optimizer.blockwise:
             params = layer_blocks(model, params)
+        if is_zeroth_order(cfg.optimizer.name):
+            params = ZO_OPTIMIZERS[cfg.optimizer.name].param_groups_for(model, params)
         opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed)
         fo_opt = None
         if fo_params:

@@ -7,6 +7,7 @@ table: test accuracy (zero-shot alongside), final training loss, steps, forward 
 time, peak RSS. Run directories stay under ``--out`` for inspection.
 
     .venv/bin/python benchmarks/optimizers.py [--budget 160] [--eval-examples 500]
+    .venv/bin/python benchmarks/optimizers.py --only ZOSGDSign --lr ZOSGDSign=1e-6   # another lr
 
 The zero-shot accuracy (the same for every optimizer: same model, same test examples) is
 measured once, in the first run.
@@ -32,7 +33,7 @@ OPTIMIZERS: dict[str, tuple[float, int, list[str]]] = {
     "ZOAdam": (1e-4, 2, []),
     "ForwardGrad": (3e-5, 1, []),
     "JaguarSignSGD": (1e-5, 2, []),
-    "ZOMuon": (1e-3, 2, []),
+    "ZOMuon": (1e-4, 2, ["optimizer.options={plain_lr: 2.5e-6}"]),
     "SGD": (1e-3, 1, []),
     "AdamW": (1e-5, 1, []),
 }
@@ -44,14 +45,17 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=500)
     parser.add_argument("--out", default="runs/bench-optimizers")
     parser.add_argument("--only", default="", help="comma-separated subset of optimizers")
+    parser.add_argument("--lr", default="", metavar="NAME=LR,...", help="learning rates other than the table's")
     args = parser.parse_args()
     names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
+    lrs = {name: float(lr) for name, lr in (item.split("=") for item in args.lr.split(",") if item)}
     rows = []
     zero_shot = None
     for i, name in enumerate(names):
         lr, per_step, extra = OPTIMIZERS[name]
+        lr = lrs.get(name, lr)
         steps = max(1, args.budget // per_step)
-        out = Path(args.out) / name
+        out = Path(args.out) / (f"{name}-lr{lr:g}" if name in lrs else name)
         print(f"{name}: {steps} steps ...", file=sys.stderr, flush=True)
         summary = train_cell(out, [
             f"optimizer.name={name}", f"optimizer.lr={lr}", f"train.steps={steps}",

@@ -206,6 +206,12 @@ def test_muon_keeps_embeddings_out_of_newton_schulz(tiny_batch):
     assert torch.equal(embedding, reference.get_input_embeddings().weight)
     q, q_ref = model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q, q_ref)
+    # plain_lr: the momentum-step parameters' own lr (0 here: only hidden matrices move)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain0 = ZOMuon(ZOMuon.param_groups_for(model, list(model.parameters())), lr=1e-2, plain_lr=0.0, seed=4)
+    plain0.step(lambda: model(**tiny_batch).loss)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in model.named_parameters() if p.ndim == 2 and p is not embedding}
 
 
 def test_forward_grad_jvp_is_exact(tiny_batch):

@@ -21,16 +21,21 @@ class ZOMuon(ZOSGDMomentum):
 
     The SPSA estimate ``g * z`` is a random matrix scaled by ``g``; orthogonalised, every
     singular value of the step is about ``lr * scale`` whatever the size of ``g``: the step
-    length is fixed, as in a sign method. ``M`` is float32.
+    length is fixed, as in a sign method. ``M`` is float32. That step length suits no plain
+    momentum step, so those parameters take ``plain_lr`` when given (as Muon pairs itself with
+    AdamW at its own lr); otherwise ``lr``.
     """
 
     def __init__(
-        self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.95, ns_steps: int = 5, **options
+        self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.95, ns_steps: int = 5,
+        plain_lr: float | None = None, **options,
     ):
         if not isinstance(ns_steps, int) or ns_steps < 1:
             raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
+        if plain_lr is not None and not (isinstance(plain_lr, (int, float)) and plain_lr >= 0):
+            raise ValueError(f"plain_lr must be a number >= 0, got {plain_lr!r}")
         super().__init__(params, lr=lr, eps=eps, seed=seed, momentum=momentum,
-                         defaults=dict(ns_steps=ns_steps, orthogonalize=True), **options)
+                         defaults=dict(ns_steps=ns_steps, orthogonalize=True, plain_lr=plain_lr), **options)
 
     @classmethod
     def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
@@ -50,10 +55,10 @@ class ZOMuon(ZOSGDMomentum):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
-        if p.ndim != 2 or not group["orthogonalize"]:  # norms, biases, embeddings: momentum SGD
-            super().update_param(p, index, estimate, group, state)
-            return
         m = self.accumulate(p, index, estimate, group, state)
         self.decay(p, group)
+        if p.ndim != 2 or not group["orthogonalize"]:  # norms, biases, embeddings: momentum SGD
+            p.add_(m, alpha=-(group["lr"] if group["plain_lr"] is None else group["plain_lr"]))
+            return
         scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
         p.add_(newton_schulz(m, group["ns_steps"]), alpha=-group["lr"] * scale)

@@ -1,29 +1,55 @@
 """How much does a ZO step cost beyond its two forward passes?
 
-Prints, for the default model at each batch shape: the no-grad forward time, the ZOSGD step
-time, and the ratio step / (2 x forward), which is 1.0 for a step that costs exactly its two
-forwards. All figures are medians measured in this one process, the three timings taken in
-turn within each repetition, so the ratios are robust to a noisy shared machine; absolute
-seconds are not.
+For the default model, full fine-tuning and LoRA (zotune's schemes, built as ``zotune train``
+builds them), at each batch shape, prints three tables:
 
-For reference, the same run also times MeZO's original in-place algorithm (re-implemented
-here from the paper: global ``torch.manual_seed`` per perturbation, ``p.data = p.data +
-eps*z`` for +eps, -2eps, +eps, then the update: 4 generations of z per step).
+1. the no-grad forward time and, for three implementations of the same MeZO step (ZO-SGD,
+   one query), the step time and the ratio step / (2 x forward), which is 1.0 for a step that
+   costs exactly its two forwards:
+   - ``ZOSGD``: zotune (perturbation on the fly, weights never written);
+   - ``MeZO-ref``: MeZO's original in-place algorithm, re-implemented here from the paper's
+     code: global ``torch.manual_seed`` per perturbation, ``p.data = p.data + eps*z`` for
+     +eps, -2eps, +eps, then the update: 4 generations of z per step;
+   - ``mezo``: the PyPI package ``mezo`` 0.0.1 (``mezo.update``), when installed
+     (``pip install --no-deps mezo==0.0.1``): in place too (``param.data.add_(eps * randn)``
+     with one seeded generator, the update row by row for tensors over 100k elements);
+     if it is missing or fails on this model, one line says why and the rest goes on;
+2. the step time of ZOSGDSign, ZOSGDMomentum, ZOAdam, ZOMuon and JaguarSignSGD relative to
+   ZOSGD's (target: within 1.15);
+3. the update alone of ZOSGD, ZOAdam and ZOMuon: the step's update redone from its record
+   (``ZOOptimizer.replay``: regenerate z from the seeds, apply the rule; no forward, no
+   probe), in seconds, and the extra update math of ZOAdam / ZOMuon over ZOSGD's update, as a
+   fraction of ZOSGD's step. Replaying is the update exactly as ``step`` runs it, so this
+   separates the rule's cost from the probes' without touching the engine.
 
-    .venv/bin/python benchmarks/step_speed.py [--model smollm2-135m] [--repeats 5]
+All figures are medians measured in this one process, every timing taken in turn within each
+repetition, so the ratios are robust to a noisy shared machine; absolute seconds are not.
+The learning rate is tiny (1e-12: the update runs, the weights barely move) and the trainable
+weights are restored after each batch shape (the in-place implementations drift by rounding).
+
+    .venv/bin/python benchmarks/step_speed.py [--model smollm2-135m] [--repeats 5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
-import zotune
-from zotune.optim import ZOSGD
+from zotune.config import load_config
+from zotune.train.trainer import Session
+
+FAMILY = ("ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")
+UPDATES = ("ZOSGD", "ZOAdam", "ZOMuon")  # update math timed alone
+LR, EPS, SEED = 1e-12, 1e-3, 0
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -63,48 +89,167 @@ def mezo_reference_step(model, closure, lr: float, eps: float, seed: int) -> Non
             p.data = p.data - lr * g * z
 
 
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def random_batch(model: torch.nn.Module, b: int, t: int) -> dict[str, torch.Tensor]:
+    """``b`` x ``t`` random token ids (seeded by the shape), labels = ids."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(b * 1000 + t))
+    return {"input_ids": ids, "labels": ids}
+
+
+@contextlib.contextmanager
+def weights_restored(params: list[torch.Tensor]) -> Iterator[None]:
+    """Put ``params`` back as they were on exit (the in-place implementations drift)."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def import_mezo() -> ModuleType | str:
+    """The ``mezo`` package, or why not (one line)."""
+    try:
+        import mezo
+    except Exception as err:  # not installed, or broken here
+        first = (str(err).splitlines() or [""])[0]
+        return f"not usable ({type(err).__name__}: {first}); pip install --no-deps mezo==0.0.1"
+    return mezo
+
+
+def mezo_problem(mezo: ModuleType, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """One ``mezo.update`` on this model: None if it runs, else the reason in one line."""
+    try:
+        mezo.update(model, batch, lm_loss, EPS, LR, SEED)
+    except Exception as err:
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    return None
+
+
+def build(model_name: str, scheme: str) -> Session:
+    cfg = load_config(None, [f"model.name={model_name}", f"tuning.scheme={scheme}", f"optimizer.lr={LR}",
+                             f"optimizer.eps={EPS}", f"seed={SEED}"])
+    torch.manual_seed(SEED)
+    return Session.build(cfg, log=lambda *_: None, with_data=False)
+
+
+def optimizer(session: Session, name: str) -> torch.optim.Optimizer:
+    """``name`` over the session's model, built as the trainer builds it."""
+    cfg = dataclasses.replace(session.cfg, optimizer=dataclasses.replace(session.cfg.optimizer, name=name))
+    return dataclasses.replace(session, cfg=cfg).optimizers(log=lambda *_: None)[0]
+
+
+def replay_last(opt) -> None:
+    """Redo the optimizer's last update from its record: the update alone, no forward."""
+    record = opt.last_record
+    opt.steps_done = record.step  # rewind one step, so that the record follows
+    opt.replay(record)
+
+
+def measure(session: Session, shape: str, repeats: int, family: list[str], reference: bool,
+            mezo: ModuleType | None) -> dict[str, float]:
+    """Median seconds of every timing at one batch shape (``BxT``)."""
+    model = session.model
+    batch = random_batch(model, *(int(x) for x in shape.split("x")))
+
+    def closure():
+        return lm_loss(model, batch)
+
+    def forward():
+        with torch.no_grad():
+            closure()
+
+    opts = {name: optimizer(session, name) for name in dict.fromkeys(["ZOSGD", *family])}
+    fns: dict[str, Callable[[], object]] = {"forward": forward}
+    fns |= {name: (lambda o=o: o.step(closure)) for name, o in opts.items()}
+    if reference:
+        fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
+    if mezo is not None:
+        fns["mezo"] = lambda: mezo.update(model, batch, lm_loss, EPS, LR, SEED)
+    fns |= {f"update {name}": (lambda o=opts[name]: replay_last(o)) for name in UPDATES if name in opts}
+    with weights_restored(session.trainable):
+        return interleaved_medians(fns, repeats)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: dict[str, int], family: list[str]) -> None:
+    peers = [name for name in ("ZOSGD", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
+    print("\nstep / (2 x forward): the step's cost in forwards (1.00 = exactly two)")
+    print(f"{'scheme':<7}{'batch':>7}{'trainable':>11}{'forward s':>11}"
+          + "".join(f"{name + ' s':>14}{'/(2 fwd)':>9}" for name in peers))
+    for (scheme, shape), r in results.items():
+        row = f"{scheme:<7}{shape:>7}{trainable[scheme] / 1e6:>10.2f}M{r['forward']:>11.3f}"
+        for name in peers:
+            step = r.get(name)
+            row += f"{_fmt(step, '.3f'):>14}{_fmt(step and step / (2 * r['forward']), '.2f'):>9}"
+        print(row)
+    if family:
+        print("\nstep / ZOSGD's step (same scheme and batch; target <= 1.15)")
+        print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name:>15}" for name in family))
+        for (scheme, shape), r in results.items():
+            print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[name] / r['ZOSGD']:>15.2f}" for name in family))
+    timed = [name for name in UPDATES if name == "ZOSGD" or name in family]
+    print("\nupdate alone (replayed from the step's record, no forward), s; extra: (update - ZOSGD's update) / ZOSGD's step")
+    print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>12}" for name in timed)
+          + "".join(f"{name + ' extra':>14}" for name in timed[1:]))
+    for (scheme, shape), r in results.items():
+        base = r["update ZOSGD"]
+        print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[f'update {name}']:>12.3f}" for name in timed)
+              + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>14.2f}" for name in timed[1:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="16x64,4x32", help="batch x tokens, comma-separated")
+    parser.add_argument("--schemes", default="full,lora")
+    parser.add_argument("--family", default=",".join(FAMILY), help="optimizers timed against ZOSGD ('' for none)")
     parser.add_argument("--no-reference", action="store_true", help="skip the MeZO reference timing")
+    parser.add_argument("--no-mezo", action="store_true", help="skip the PyPI mezo package")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, the 4x32 batch only")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.shapes = 2, "4x32"
+    family = [n for n in args.family.split(",") if n]
 
-    torch.manual_seed(0)
-    model, _ = zotune.load_model(args.model)
-    vocab = model.config.vocab_size
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads")
-    header = f"{'batch':>8} {'forward s':>10} {'ZOSGD step s':>13} {'step/(2 fwd)':>13}"
-    if not args.no_reference:
-        header += f" {'MeZO-ref step s':>16} {'ref/(2 fwd)':>12}"
-    print(header)
-    for shape in args.shapes.split(","):
-        b, t = (int(x) for x in shape.split("x"))
-        ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(b * 1000 + t))
-        batch = {"input_ids": ids, "labels": ids}
-
-        def closure():
-            return model(**batch).loss
-
-        def forward():
-            with torch.no_grad():
-                closure()
-
-        # a tiny non-zero lr: the update pass runs (lr=0 skips it) while the weights barely move
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = ZOSGD(model.parameters(), lr=1e-12, eps=1e-3, seed=0)
-        fns = {"forward": forward, "zosgd": lambda: opt.step(closure)}
-        if not args.no_reference:
-            fns["reference"] = lambda: mezo_reference_step(model, closure, 1e-12, 1e-3, 0)
-        t = interleaved_medians(fns, args.repeats)
-        model.load_state_dict(state)
-        fwd = t["forward"]
-        row = f"{shape:>8} {fwd:>10.3f} {t['zosgd']:>13.3f} {t['zosgd'] / (2 * fwd):>13.2f}"
-        if not args.no_reference:
-            row += f" {t['reference']:>16.3f} {t['reference'] / (2 * fwd):>12.2f}"
-        print(row, flush=True)
+    mezo = None if args.no_mezo else import_mezo()
+    if isinstance(mezo, str):
+        print(f"mezo: {mezo}")
+        mezo = None
+    elif mezo is not None:
+        print(f"mezo {importlib.metadata.version('mezo')}: the PyPI package, timed as the column 'mezo'")
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    trainable: dict[str, int] = {}
+    for scheme in args.schemes.split(","):
+        session = build(args.model, scheme)
+        model = session.model
+        trainable[scheme] = sum(p.numel() for p in session.trainable)
+        if not results:
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads; "
+                  f"medians of {args.repeats} interleaved repetitions")
+        scheme_mezo = mezo
+        if mezo is not None:
+            with weights_restored(session.trainable):
+                problem = mezo_problem(mezo, model, random_batch(model, 1, 8))
+            if problem:
+                print(f"mezo ({scheme}): skipped, {problem}")
+                scheme_mezo = None
+        for shape in args.shapes.split(","):
+            t0 = time.perf_counter()
+            results[(scheme, shape)] = measure(session, shape, args.repeats, family, not args.no_reference, scheme_mezo)
+            print(f"measured {scheme} {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        del session, model
+    print_tables(results, trainable, family)
 
 
 if __name__ == "__main__":

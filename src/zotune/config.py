@@ -92,6 +92,7 @@ class TrainConfig:
     max_length: int = 128  # prompt + continuation tokens; longer prompts are cut on the left
     objective: str = "loss"  # "loss" | "accuracy" | "f1": ZO on minus the batch metric (MeZO 3.4)
     max_skipped_in_a_row: int = 10  # stop after this many consecutive NaN/inf losses (0: never)
+    checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on SIGTERM/SIGINT)
 
 
 @dataclass
@@ -295,6 +296,7 @@ def validate(cfg: Config) -> None:
     _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)
     _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _require(t.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row", "must be >= 0", t.max_skipped_in_a_row)
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
     _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
     _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
              f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "

@@ -12,13 +12,15 @@ instead of gigabytes. ``trajectory.bin`` in a run directory holds exactly that:
   accepted candidate (int8, ZO-SGD-Cons; 0 otherwise), loss (float64).
 
 Records are appended and flushed as the run goes, so a killed run leaves every finished step
-on disk; a partial last record (killed mid-write) is ignored when reading.
+on disk; a partial last record (killed mid-write) is ignored when reading. A resumed run
+reopens the file and cuts it back to the records its checkpoint counts (``keep=N``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,16 +51,34 @@ def weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 class TrajectoryWriter:
-    """Appends fixed-size step records after a JSON header; flushes every record."""
+    """Appends fixed-size step records after a JSON header; flushes every record.
 
-    def __init__(self, path: Path, header: dict[str, Any], n_values: int, n_groups: int):
+    ``keep=N`` (a resumed run) reopens an existing file instead: its header must be the one
+    given, its first N records stay, and appending continues after them."""
+
+    def __init__(self, path: Path, header: dict[str, Any], n_values: int, n_groups: int, keep: int | None = None):
         self.n_values, self.n_groups = n_values, n_groups
-        header = {**header, "n_values": n_values, "n_groups": n_groups,
-                  "record_size": record_size(n_values, n_groups)}
+        size = record_size(n_values, n_groups)
+        header = {**header, "n_values": n_values, "n_groups": n_groups, "record_size": size}
         blob = json.dumps(header, sort_keys=True).encode()
-        self._file: BinaryIO = open(path, "wb")
-        self._file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
-        self._file.flush()
+        head = MAGIC + struct.pack("<I", len(blob)) + blob
+        self.records = 0 if keep is None else keep
+        if keep is None:
+            self._file: BinaryIO = open(path, "wb")
+            self._file.write(head)
+            self._file.flush()
+            return
+        try:
+            self._file = open(path, "r+b")
+        except OSError as err:
+            raise DataError(f"cannot resume trajectory {path}: {err.strerror}; pass --overwrite to start over") from None
+        end = len(head) + keep * size
+        if self._file.read(len(head)) != head or os.fstat(self._file.fileno()).st_size < end:
+            self._file.close()
+            raise DataError(f"cannot resume {path}: its header differs from this run's or it holds fewer than "
+                            f"{keep} records; pass --overwrite to start over")
+        self._file.truncate(end)
+        self._file.seek(end)
 
     def append(self, record: StepRecord) -> None:
         if len(record.projected_grads) != self.n_values or len(record.lrs) != self.n_groups:
@@ -68,6 +88,12 @@ class TrajectoryWriter:
         self._file.write(RECORD_HEAD.pack(record.step, record.seed, int(record.skipped), accepted, record.loss)
                          + struct.pack(f"<{self.n_values + self.n_groups}d", *record.projected_grads, *record.lrs))
         self._file.flush()
+        self.records += 1
+
+    def sync(self) -> None:
+        """Make every appended record durable (before a checkpoint names their count)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -1,9 +1,10 @@
-"""The run directory: config.yaml, metrics.jsonl, trajectory.jsonl, predictions, summary.json, plots."""
+"""The run directory: config.yaml, metrics.jsonl, trajectory.bin, checkpoints/, predictions, summary.json, plots."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,36 @@ def run_config(path: str | Path):
 
 
 class RunDir:
-    """Owns one run's output directory; appends are flushed as they happen."""
+    """Owns one run's output directory; appends are flushed as they happen.
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    ``config`` (the resolved config, given by ``zotune train``): a directory holding an
+    unfinished run (``config.yaml``, no ``summary.json``) of the same config is kept for
+    resuming (``resuming`` is True); another config there is a :class:`ConfigError` naming the
+    first key that differs. A finished run is refused unless ``overwrite``, which starts over.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False, config: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.resuming = False
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} exists and is not a directory")
         existing = [m for m in RUN_MARKERS if (self.path / m).exists()]
         if existing and not overwrite:
-            raise ConfigError(
-                f"--out {self.path} already holds a run ({existing[0]}); choose another directory "
-                "or pass --overwrite"
-            )
+            if config is None or "summary.json" in existing or "config.yaml" not in existing:
+                raise ConfigError(
+                    f"--out {self.path} already holds a run ({existing[0]}); choose another directory "
+                    "or pass --overwrite"
+                )
+            _check_same_config(self.path, config)
+            self.resuming = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create run directory {self.path}: {err.strerror}") from None
-        for name in ("metrics.jsonl", "trajectory.jsonl"):
-            (self.path / name).unlink(missing_ok=True)
+        if not self.resuming:  # a fresh start: nothing of an earlier run may be taken for this one's
+            for name in ("summary.json", "metrics.jsonl", "trajectory.jsonl", "trajectory.bin"):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -58,7 +71,53 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def keep_records(self, name: str, last_step: int) -> None:
+        """Resuming: keep the JSON lines of ``name`` up to step ``last_step`` (and none torn)."""
+        path = self.path / name
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] > last_step:
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            kept.append(line + "\n")
+        self._atomic_write(name, "".join(kept))
+
     def _atomic_write(self, name: str, text: str) -> None:
         tmp = self.path / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path / name)
+
+
+def _check_same_config(path: Path, config: dict[str, Any]) -> None:
+    """An unfinished run in ``path`` may be resumed only by the same resolved config."""
+    from ..config import from_dict
+
+    def plain(data: dict[str, Any]) -> Any:
+        return yaml.safe_load(yaml.safe_dump(data))
+
+    try:
+        theirs = plain(from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))).to_dict())
+    except (OSError, ValueError, yaml.YAMLError, ConfigError):
+        raise ConfigError(f"--out {path} holds an unfinished run whose config.yaml cannot be read; "
+                          "pass --overwrite to start over") from None
+    key = _first_difference(theirs, plain(config))
+    if key is not None:
+        raise ConfigError(f"--out {path} holds an unfinished run of another config ({key} differs); run its "
+                          "command again to resume it, or pass --overwrite to start over")
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two nested dicts (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if k not in a or k not in b:
+                return f"{prefix}{k}"
+            found = _first_difference(a[k], b[k], f"{prefix}{k}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")

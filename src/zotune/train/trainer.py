@@ -34,6 +34,7 @@ from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import TrajectoryWriter, weights_sha256
 from ..tuning import apply_scheme, check_precision, hybrid_split, layer_blocks
 from .baselines import icl_prefix, linear_probe
+from .checkpoint import Checkpoints, Progress, RunInterrupted, stop_on_signal
 from .evaluate import EvalResult, evaluate
 from .plots import plot_training
 from .rundir import RunDir
@@ -200,20 +201,29 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
 
 
 def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir."""
-    run = RunDir(out, overwrite)
+    """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir.
+
+    Checkpoints every ``train.checkpoint_every`` steps and on SIGTERM/SIGINT (then stops with
+    :class:`RunInterrupted`); the same command on the same ``out`` resumes bit-identically."""
+    run = RunDir(out, overwrite, cfg.to_dict())
     t_start = time.perf_counter()
     session = Session.build(cfg, log)
     model, scorer, tcfg = session.model, session.scorer, cfg.train
     metric = session.data.spec.metric
     test = session.test_examples()
     opt, fo_opt, zo_params = session.optimizers(log)  # first: a bad precision setup fails before any eval
+    optimizers = {"optimizer": opt, "fo_optimizer": fo_opt}
     run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
-    before = None
-    if cfg.eval.zero_shot:
+    checkpoints = Checkpoints(run.file("checkpoints"), tcfg.checkpoint_every, log)
+    resumed = checkpoints.latest() if run.resuming else None
+    progress = resumed.progress if resumed else Progress()
+    run.keep_records("metrics.jsonl", progress.step)
+    if cfg.eval.zero_shot and progress.zero_shot is None:
         before = session.evaluate(test, "zero-shot eval")
         before.write_predictions(run.file("predictions_zero_shot.jsonl"))
-        log(f"zero-shot {metric}: {before.metrics[metric]:.4f}")
+        progress.zero_shot = before.metrics
+    if progress.zero_shot:
+        log(f"zero-shot {metric}: {progress.zero_shot[metric]:.4f}")
 
     zo = is_zeroth_order(cfg.optimizer.name)
     lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
@@ -221,64 +231,72 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     trajectory = None
     if zo:
         trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
-                                      opt.n_queries * len(opt.blocks()), len(opt.param_groups))
+                                      opt.n_queries * len(opt.blocks()), len(opt.param_groups),
+                                      keep=resumed.trajectory_records if resumed else None)
+    if resumed:  # after the trajectory header hashed the initial weights
+        resumed.restore(session.named_trainable(), optimizers)
+        log(f"resuming at step {progress.step} from {resumed.path}")
 
     train = session.data.train
     if tcfg.objective == "loss":
         objective = scorer.loss
     else:  # MeZO 3.4: minus the batch metric, a non-differentiable objective
         objective = lambda model, batch: scorer.objective(model, batch, tcfg.objective)  # noqa: E731
-    forwards = 0
-    steps_log, losses_log, dev_log = [], [], []
-    t_train = time.perf_counter()
+    progress.start_clock()
     interactive = sys.stderr.isatty()
-    bar = tqdm(range(tcfg.steps), desc="train", unit="step", disable=not interactive)
+    bar = tqdm(range(progress.step, tcfg.steps), desc="train", unit="step", disable=not interactive,
+               initial=progress.step, total=tcfg.steps)
     every = max(1, tcfg.steps // 10)  # without a terminal: a plain progress line per tenth
-    non_finite = 0  # consecutive skipped steps
-    for step in bar:
-        batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
-        with _out_of_memory_reported(batch):
-            if zo:
-                loss = float(opt.step(lambda: objective(model, batch)))
-                forwards += opt.forwards_per_step
-                trajectory.append(opt.last_record)
-                if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
-                    _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
-                    forwards += 1
-            else:
-                loss = _first_order_step(opt, model, scorer, batch)
-                forwards += 1
-        non_finite = 0 if math.isfinite(loss) else non_finite + 1
-        if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
-            raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {step + 2 - non_finite}"
-                                f"-{step + 1}; each was skipped, the weights are those before them): lower "
-                                "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
-        steps_log.append(step + 1)
-        losses_log.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", fwd=forwards)
-        record: dict[str, Any] = {}
-        if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
-            dev = session.evaluate(session.data.dev, "dev eval")
-            record["dev"] = dev.metrics
-            dev_log.append((step + 1, dev.metrics[metric]))
-        if record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "forward_passes": forwards,
-                "wall_s": round(time.perf_counter() - t_train, 3),
-                "lr": opt.param_groups[0]["lr"],
-                **({"projected_grad": opt.last_record.projected_grads, "skipped_steps": opt.skipped_steps} if zo else {}),
-                **record,
-            }
-            run.append_jsonl("metrics.jsonl", record)
-        if not interactive and ((step + 1) % every == 0 or step + 1 == tcfg.steps):
-            elapsed = time.perf_counter() - t_train
-            dev_note = f", dev {metric} {dev_log[-1][1]:.3f}" if dev_log and dev_log[-1][0] == step + 1 else ""
-            log(f"step {step + 1}/{tcfg.steps}: loss {loss:.4f}, {forwards} forward passes, "
-                f"{elapsed / (step + 1):.2f} s/step{dev_note}")
+    with stop_on_signal() as stop:
+        for step in bar:
+            batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
+            with _out_of_memory_reported(batch):
+                if zo:
+                    loss = float(opt.step(lambda: objective(model, batch)))
+                    progress.forwards += opt.forwards_per_step
+                    trajectory.append(opt.last_record)
+                    if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
+                        _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
+                        progress.forwards += 1
+                else:
+                    loss = _first_order_step(opt, model, scorer, batch)
+                    progress.forwards += 1
+            non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
+            if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
+                raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {step + 2 - non_finite}"
+                                    f"-{step + 1}; each was skipped, the weights are those before them): lower "
+                                    "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
+            progress.step = step + 1
+            progress.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
+            record: dict[str, Any] = {}
+            if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
+                dev = session.evaluate(session.data.dev, "dev eval")
+                record["dev"] = dev.metrics
+                progress.dev.append((step + 1, dev.metrics[metric]))
+            if record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+                record = {
+                    "step": step + 1,
+                    "loss": loss,
+                    "forward_passes": progress.forwards,
+                    "wall_s": round(progress.elapsed(), 3),
+                    "lr": opt.param_groups[0]["lr"],
+                    **({"projected_grad": opt.last_record.projected_grads, "skipped_steps": opt.skipped_steps} if zo else {}),
+                    **record,
+                }
+                run.append_jsonl("metrics.jsonl", record)
+            if not interactive and ((step + 1) % every == 0 or step + 1 == tcfg.steps):
+                dev_note = f", dev {metric} {progress.dev[-1][1]:.3f}" if progress.dev and progress.dev[-1][0] == step + 1 else ""
+                log(f"step {step + 1}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
+                    f"{progress.elapsed() / (step + 1):.2f} s/step{dev_note}")
+            if stop.signal or checkpoints.due(step + 1):
+                path = checkpoints.save(progress, session.named_trainable(), optimizers, trajectory)
+                if stop.signal:
+                    bar.close()
+                    raise RunInterrupted(f"interrupted ({stop.signal}) at step {step + 1}; checkpoint written to "
+                                         f"{path}; run the same command again to resume")
     bar.close()
-    train_wall = time.perf_counter() - t_train
+    train_wall = progress.elapsed()
     if trajectory is not None:
         trajectory.close()
     save_weights(run.file(WEIGHTS), session.named_trainable())
@@ -287,11 +305,12 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
 
     after = session.evaluate(test, "final eval")
     after.write_predictions(run.file("predictions.jsonl"))
+    zero_shot = progress.zero_shot  # measured in this process or before a resume
     summary = {
         "eval": after.metrics,
-        **({"eval_zero_shot": before.metrics} if before else {}),
+        **({"eval_zero_shot": zero_shot} if zero_shot else {}),
         "steps": tcfg.steps,
-        "forward_passes": forwards,
+        "forward_passes": progress.forwards,
         "skipped_steps": opt.skipped_steps if zo else 0,
         "optimizer": cfg.optimizer.name,
         "lr": lr,
@@ -305,14 +324,15 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     run.write_json("summary.json", summary)
+    checkpoints.clear()  # finished: nothing left to resume
     plot_training(
-        run.file("training.png"), steps_log, losses_log, dev_log, metric,
-        before.metrics[metric] if before else None, after.metrics[metric],
+        run.file("training.png"), list(range(1, tcfg.steps + 1)), progress.losses, progress.dev, metric,
+        zero_shot[metric] if zero_shot else None, after.metrics[metric],
         f"{cfg.optimizer.name} on {session.data.spec.name} ({cfg.model.name}, {cfg.tuning.scheme})",
     )
     line = f"test {metric}: {after.metrics[metric]:.4f}"
-    if before:
-        line = f"test {metric}: zero-shot {before.metrics[metric]:.4f} -> after {cfg.optimizer.name} {after.metrics[metric]:.4f}"
+    if zero_shot:
+        line = f"test {metric}: zero-shot {zero_shot[metric]:.4f} -> after {cfg.optimizer.name} {after.metrics[metric]:.4f}"
     log(line)
     log(f"run directory: {run.path}")
     return summary

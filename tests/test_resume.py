@@ -1,0 +1,234 @@
+"""Checkpoints and exact resume: after kill -9, SIGTERM or a damaged checkpoint, the same command
+on the same --out finishes the run with weights bit-identical to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zotune.cli import main
+from zotune.train import trainer
+from zotune.train.checkpoint import join_state, split_state
+
+STEPS = 10
+LIGHT = ("tuning.scheme=lora", "tuning.hybrid.zo_layers=1", "optimizer.name=ZOAdam")  # fast; ZO and FO state
+
+# The CLI in a subprocess, each step slowed by 0.15 s so that the test reliably catches it
+# mid-run (nothing else differs from `python -m zotune`).
+SLOW_CLI = ("import sys, time; from zotune.train import trainer; f = trainer.batch_indices; "
+            "trainer.batch_indices = lambda *a: (time.sleep(0.15), f(*a))[1]; "
+            "from zotune.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, in this process and the subprocesses: the same arithmetic on both
+    sides of an interruption whatever the machine, and several times faster on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def argv(model_dir: Path, csv: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--out", str(out), f"model.name={model_dir}", f"task.path={csv}",
+            "task.text_template={text} It was", 'task.choices={"0": " bad", "1": " good"}', f"train.steps={STEPS}",
+            "train.batch_size=4", "train.log_every=1", "train.eval_every=5", "train.checkpoint_every=3",
+            "eval.batch_size=8", "eval.max_examples=8", "optimizer.lr=1e-3", *extra]
+
+
+_references: dict[tuple[str, ...], Path] = {}
+
+
+def reference(model_dir: Path, csv: Path, tmp_path_factory, *extra: str) -> Path:
+    """An uninterrupted run of the same command (once per option set; the data is the same fixture)."""
+    if extra not in _references:
+        out = tmp_path_factory.mktemp("reference") / "run"
+        assert main(argv(model_dir, csv, out, *extra)) == 0
+        _references[extra] = out
+    return _references[extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (run / "metrics.jsonl").open()]
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    """Bit-identical weights and trajectory; the same metrics (but wall time), predictions, plot data."""
+    assert (run / "weights.safetensors").read_bytes() == (ref / "weights.safetensors").read_bytes()
+    if (ref / "trajectory.bin").exists():
+        assert (run / "trajectory.bin").read_bytes() == (ref / "trajectory.bin").read_bytes()
+    assert metrics(run) == metrics(ref)
+    assert (run / "predictions.jsonl").read_text() == (ref / "predictions.jsonl").read_text()
+    summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
+    for key in ("eval", "eval_zero_shot", "forward_passes", "skipped_steps"):
+        assert summary[key] == expected[key], key
+
+
+def last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def kill_9_at(args: list[str], out: Path, at_step: int) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess, SIGKILL it once step ``at_step`` is logged."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while last_step(out) < at_step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before step {at_step}: {proc.stderr.read()}"
+    proc.kill()
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def interrupt_in_process(args: list[str], at_step: int, monkeypatch, sig: signal.Signals = signal.SIGINT) -> None:
+    """The CLI in this process, which sends itself ``sig`` during step ``at_step`` (1-based)."""
+    original = trainer.batch_indices
+
+    def signal_at(step: int, *rest):
+        if step + 1 == at_step:
+            os.kill(os.getpid(), sig)
+        return original(step, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "batch_indices", signal_at)
+        assert main(args) == 130
+
+
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "ZOAdam"])
+def test_kill_9_at_a_random_step_then_resume_is_bit_identical(tiny_model_dir, reviews_csv, tmp_path,
+                                                              tmp_path_factory, optimizer, capsys):
+    extra = (f"optimizer.name={optimizer}",)
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *extra)
+    kill_at = random.Random(f"kill-{optimizer}").randint(4, STEPS - 4)
+    proc = kill_9_at(args, out, kill_at)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists() and last_step(out) >= kill_at
+    assert main(args) == 0  # the same command again
+    assert "resuming at step" in capsys.readouterr().out
+    assert_same_run(out, ref)
+
+
+def test_sigterm_checkpoints_and_stops_with_one_line_then_resumes(tiny_model_dir, reviews_csv, tmp_path,
+                                                                 tmp_path_factory, monkeypatch, capsys):
+    extra = ("optimizer.name=AdamW",)
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *extra)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    interrupt_in_process(args, 5, monkeypatch, signal.SIGTERM)  # the step finishes, then a checkpoint
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("zotune: warning:")]
+    checkpoint = out / "checkpoints" / "step-000005"
+    assert err == [f"zotune: interrupted (SIGTERM) at step 5; checkpoint written to {checkpoint}; "
+                   "run the same command again to resume"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["state.json", "state.safetensors"]
+    assert last_step(out) == 5 and not (out / "summary.json").exists()
+    assert main(args) == 0
+    out_text = capsys.readouterr().out
+    assert "resuming at step 5" in out_text and "zero-shot accuracy" in out_text  # measured before, reported
+    assert_same_run(out, ref)
+
+
+@pytest.mark.parametrize("damage", ["newest", "all"])
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tiny_model_dir, reviews_csv, tmp_path,
+                                                                   tmp_path_factory, damage, monkeypatch, capsys):
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *LIGHT)
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *LIGHT)
+    interrupt_in_process(args, 8, monkeypatch)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000008"]  # the newest 2 kept
+    newest = root / "step-000008" / "state.safetensors"
+    data = bytearray(newest.read_bytes())
+    if damage == "newest":  # one flipped byte: the checksum catches it
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    else:  # a truncated newest, an unparsable older one: start over
+        newest.write_bytes(data[: len(data) // 2])
+        (root / "step-000006" / "state.json").write_text('{"format": "zotune-checkpoint", "vers')
+    capsys.readouterr()
+    assert main(args) == 0
+    out_text = capsys.readouterr().out
+    assert out_text.count("is damaged") == (1 if damage == "newest" else 2)
+    assert ("resuming at step 6" in out_text) == (damage == "newest")
+    assert ("starting the run over" in out_text) == (damage == "all")
+    assert_same_run(out, ref)
+
+
+def test_resuming_with_another_config_is_refused_and_changes_nothing(tiny_model_dir, reviews_csv, tmp_path,
+                                                                    monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *LIGHT)
+    interrupt_in_process(args, 4, monkeypatch)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "optimizer.lr=2e-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another config (optimizer.lr differs)" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_run_is_refused_unless_overwrite(tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, capsys):
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *LIGHT)
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = argv(tiny_model_dir, reviews_csv, out, *LIGHT)
+    assert main(args) == 2
+    assert "already holds a run (summary.json)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / "checkpoints").exists()  # a finished run keeps no checkpoints
+    (out / "checkpoints" / "step-000099").mkdir(parents=True)  # a stale one would mislead a resume
+    assert main([args[0], "--overwrite", *args[1:]]) == 0
+    assert not (out / "checkpoints" / "step-000099").exists()
+    assert_same_run(out, ref)
+
+
+def test_state_splits_into_tensors_and_json_and_back():
+    from zotune.optim import ZOAdam
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = ZOAdam(params, lr=1e-2, eps=1e-2, seed=5)
+    for _ in range(2):
+        opt.step(lambda: (params[0] ** 2).sum() + params[1].sum())
+    state = opt.state_dict()
+    tensors, skeleton = split_state({"optimizer": state})
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values()) and "optimizer/state/0/exp_avg" in tensors
+    rebuilt = join_state(json.loads(json.dumps(skeleton)), tensors)["optimizer"]
+    assert rebuilt["param_groups"][0]["betas"] == (0.9, 0.999) and set(rebuilt["state"]) == {0, 1}
+    twin = ZOAdam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, eps=1e-2, seed=0)
+    twin.load_state_dict(rebuilt)
+    for o, ps in ((opt, params), (twin, twin.param_groups[0]["params"])):
+        o.step(lambda: (ps[0] ** 2).sum() + ps[1].sum())
+    assert all(torch.equal(p, q) for p, q in zip(params, twin.param_groups[0]["params"]))
+    with pytest.raises(TypeError, match="cannot checkpoint a set"):
+        split_state({"x": {1, 2}})
+
+
+def test_checkpoint_every_is_validated():
+    from zotune.config import load_config
+    from zotune.errors import ConfigError
+
+    assert load_config(None, []).train.checkpoint_every == 50
+    for value in ("-1", "often", "1.5"):
+        with pytest.raises(ConfigError, match="train.checkpoint_every"):
+            load_config(None, [f"train.checkpoint_every={value}"])

@@ -122,7 +122,8 @@ def test_zotune_replay_rebuilds_the_trained_weights(tiny_model_dir, reviews_csv,
               log=lambda *_: None)
     trained = load_file(str(run / "weights.safetensors"))
     assert main(["replay", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
-    again = load_file(str(tmp_path / "again" / "weights.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))  # the contract's name
+    assert (tmp_path / "again" / "weights.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
     assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
     # an intermediate step differs from both ends
     assert main(["replay", "--run", str(run), "--out", str(tmp_path / "mid"), "--step", "3"]) == 0

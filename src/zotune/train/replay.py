@@ -3,11 +3,16 @@
 No forward pass and no data: the run's ``config.yaml`` rebuilds model, scheme and optimizer;
 the trajectory header's SHA-256 of the initial trainable state refuses a different base
 model; every record redoes its step's update (:meth:`ZOOptimizer.replay`). The result is
-bit-identical to the trained weights (or to any intermediate step with ``step``).
+bit-identical to the trained weights (or to any intermediate step with ``step``). They are
+written as ``model.safetensors`` (the contract's name), with ``weights.safetensors`` a hard link
+to it, so that ``zotune eval --weights`` and ``zotune export`` take the replay directory as they
+take a run directory.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +27,8 @@ from .rundir import RunDir, run_config
 from .trainer import Session
 from .weights import FILENAME as WEIGHTS
 from .weights import save_weights
+
+MODEL = "model.safetensors"
 
 
 def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False,
@@ -51,10 +58,15 @@ def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, ov
             raise DataError(f"cannot replay {src}: {err}") from None
     wall = time.perf_counter() - t0
     run.write_yaml("config.yaml", cfg.to_dict())
-    save_weights(run.file(WEIGHTS), named)
+    save_weights(run.file(MODEL), named)
+    run.file(WEIGHTS).unlink(missing_ok=True)
+    try:
+        os.link(run.file(MODEL), run.file(WEIGHTS))
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(run.file(MODEL), run.file(WEIGHTS))
     summary = {"replayed_steps": steps, "trajectory_steps": len(records), "replay_wall_s": round(wall, 2),
                "s_per_step": round(wall / max(steps, 1), 4), "weights_sha256": weights_sha256(named),
                "source_run": str(src)}
     run.write_json("summary.json", summary)
-    log(f"replayed {steps} of {len(records)} steps in {wall:.1f} s, no forward pass: {run.file(WEIGHTS)}")
+    log(f"replayed {steps} of {len(records)} steps in {wall:.1f} s, no forward pass: {run.file(MODEL)}")
     return summary

@@ -1,4 +1,4 @@
-"""Command-line front end: ``zotune train | eval | replay | export | tasks | setup``.
+"""Command-line front end: ``zotune train | eval | replay | export | tasks | setup | memory | bench``.
 
 User errors (bad config, missing file or model, empty data) print one line
 ``zotune: error: ...`` and exit with status 2; nothing is destroyed.
@@ -24,6 +24,18 @@ def _add_run_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-5")
 
 
+def _add_memory_parser(subs) -> None:
+    """``zotune memory``: defaults (None here) are those of zotune.profiling.memory.run_memory."""
+    mem = subs.add_parser("memory", help="peak memory of tuning vs inference, by optimizer, scheme and length")
+    _add_run_args(mem)
+    mem.add_argument("--optimizers", metavar="A,B", help="default: ZOSGD,ZOAdam,SGD,AdamW")
+    mem.add_argument("--schemes", metavar="A,B", help="default: full,lora")
+    mem.add_argument("--lengths", metavar="N,M", help="tokens per sequence; default: 64,128,256,512,1024,2048")
+    mem.add_argument("--steps", type=int, metavar="N", help="training steps per cell (default: 3)")
+    mem.add_argument("--batch-size", type=int, metavar="N", help="sequences per batch (default: 1)")
+    mem.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zotune",
@@ -47,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     subs.add_parser("tasks", help="list built-in tasks and where their data comes from here")
     subs.add_parser("setup", help="fetch the default data and prepare the embedded model (once)")
+    bn = subs.add_parser("bench", help="run a benchmark grid of train cells; results.csv, report.md, plots")
+    bn.add_argument("--grid", metavar="FILE", required=True, help="the grid YAML (see configs/bench/)")
+    bn.add_argument("--out", metavar="DIR", required=True, help="bench directory (finished cells are skipped)")
+    bn.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
+    bn.add_argument("--dry-run", action="store_true", help="list the cells, their steps and state; run nothing")
+    _add_memory_parser(subs)
     return parser
 
 
@@ -65,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZotuneError as err:
         print(f"zotune: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("zotune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run says where its checkpoint is
+        print(f"zotune: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -100,6 +118,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"default model: {DEFAULT_MODEL} ready")
         return 0
 
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run)
+
     if args.command == "export":
         from .train.export import run_export
 
@@ -113,9 +136,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     from .config import load_config
-    from .train.trainer import run_eval, run_train
 
     cfg = load_config(args.config, args.overrides)
+    if args.command == "memory":
+        from .profiling.memory import run_memory
+
+        options = ("optimizers", "schemes", "lengths", "steps", "batch_size", "device", "overwrite")
+        run_memory(cfg, args.out, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
+        return 0
+
+    from .train.trainer import run_eval, run_train
+
     if args.command == "train":
         run_train(cfg, args.out, overwrite=args.overwrite)
     else:

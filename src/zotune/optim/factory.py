@@ -85,3 +85,18 @@ def build_optimizer(
         return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None
+
+
+def forwards_per_step(cfg: OptimizerConfig, n_blocks: int = 1) -> int:
+    """Forward passes one step of ``cfg``'s optimizer costs, known without a model.
+
+    First-order steps count 1 (the forward; its backward is not a forward pass). A zeroth-order
+    count is the class's own ``forwards_per_step``, read from a stand-in instance over one-element
+    parameters (``n_blocks`` param groups, the blocks of ``optimizer.blockwise``), so it cannot
+    drift from what the trainer counts, and what the class refuses (e.g. block-wise) is a
+    ConfigError here too; the class-specific ``options`` do not change it."""
+    groups = [{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(n_blocks if cfg.blockwise else 1)]
+    stand_in = OptimizerConfig(name=cfg.name, lr=0.0, n_queries=cfg.n_queries, distribution=cfg.distribution,
+                               blockwise=cfg.blockwise)
+    opt = build_optimizer(stand_in, groups, "full", seed=0)  # ConfigError for what the class refuses
+    return opt.forwards_per_step if is_zeroth_order(cfg.name) else 1

@@ -1,0 +1,316 @@
+"""A benchmark grid: one YAML file -> validated cells, each an ordinary ``zotune train`` config.
+
+Format (CONTRACT.md, "Benchmark grid", extended by ``budget``, ``description``, ``memory_csv``)::
+
+    description: one line for the report          # optional
+    base: {task: {name: rotten_tomatoes}}           # a train config shared by every cell
+    axes:                                           # the cross product, first axis slowest
+      optimizer.name: [ZOSGD, AdamW]
+      seed: [0, 1]
+    overrides:                                      # optional, applied in order
+      - when: {optimizer.name: [SGD, AdamW]}        # a value or a list of values (any of them)
+        set: {optimizer.lr: 1.0e-4}
+    budget: {forward_passes: 48}                    # or {steps: N}; optional
+    memory_csv: memory.csv                          # optional, relative to the grid file
+
+Each key of ``axes`` and ``set`` is a dotted config key and replaces that node (a mapping value
+replaces the whole section); ``base`` may use nested or dotted keys. ``when`` is matched against
+the cell's config after ``base`` and ``axes``, defaults included. ``budget.forward_passes: N``
+gives each cell ``N // forward passes per step`` steps (equal forward-pass budget);
+``budget.steps: N`` gives every cell N steps; without a budget each cell keeps its
+``train.steps``. Every cell's config is validated before anything runs: a malformed grid is one
+:class:`~zotune.errors.ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, _read_yaml, _set_dotted, from_dict
+from ..errors import ConfigError
+from ..optim.factory import forwards_per_step
+
+GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "memory_csv")
+BUDGET_KINDS = ("forward_passes", "steps")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the cells have in common: ``forward_passes`` or ``steps`` (``kind`` None: each
+    cell's own ``train.steps``)."""
+
+    kind: str | None = None
+    value: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "forward_passes":
+            return (f"an equal forward-pass budget of {self.value} per cell (steps = {self.value} // forward "
+                    "passes per step)")
+        if self.kind == "steps":
+            return f"an equal number of steps: {self.value} per cell"
+        return "each cell's own train.steps (no budget given)"
+
+    def short(self) -> str:
+        return {"forward_passes": f"{self.value} forward passes per cell", "steps": f"{self.value} steps per cell",
+                None: "steps as configured"}[self.kind]
+
+
+@dataclass(frozen=True)
+class Override:
+    when: dict[str, list[Any]]
+    set: dict[str, Any]
+
+    def matches(self, raw: dict[str, Any]) -> bool:
+        return all(lookup(raw, key) in values for key, values in self.when.items())
+
+
+@dataclass
+class Cell:
+    """One run of the grid: its directory name, its axis values, its validated config."""
+
+    name: str
+    axes: dict[str, Any]
+    config: dict[str, Any]  # nested mapping, written as the cell's config file
+    cfg: Config
+    forwards_per_step: int | None  # None: block-wise (the blocks are the model's layers)
+
+    @property
+    def planned_forward_passes(self) -> int | None:
+        return None if self.forwards_per_step is None else self.forwards_per_step * self.cfg.train.steps
+
+
+@dataclass
+class Grid:
+    path: Path
+    description: str
+    axes: dict[str, list[Any]]
+    budget: Budget
+    cells: list[Cell]
+    memory_csv: Path | None = None
+
+
+# -- loading -------------------------------------------------------------------------------
+def load_grid(path: str | Path) -> Grid:
+    """Read, validate and expand a grid file (ConfigError, one line, naming the problem)."""
+    path = Path(path)
+    try:
+        raw = _read_yaml(path)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("config file", "grid file", 1)) from None
+    where = f"grid {path}"
+    unknown = [k for k in raw if k not in GRID_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), GRID_KEYS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys: {', '.join(GRID_KEYS)}"
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'{hint}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description must be a text, got {description!r}")
+    base = _base(raw.get("base"), where)
+    axes = _axes(raw.get("axes"), where)
+    overrides = _overrides(raw.get("overrides"), where)
+    budget = _budget(raw.get("budget"), where)
+    _check_budget_keys(budget, axes, overrides, where)
+    cells = expand(base, axes, overrides, budget, where)
+    memory_csv = raw.get("memory_csv")
+    if memory_csv is not None and not isinstance(memory_csv, str):
+        raise ConfigError(f"{where}: memory_csv must be a file name, got {memory_csv!r}")
+    return Grid(path, description.strip(), axes, budget, cells,
+                path.parent / memory_csv if memory_csv else None)
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping, got {value!r}")
+    return value
+
+
+def _base(value: Any, where: str) -> dict[str, Any]:
+    """The base config as a nested mapping (dotted keys expanded)."""
+    base: dict[str, Any] = {}
+    for key, v in _mapping(value, f"{where}: base").items():
+        try:
+            _set_dotted(base, str(key), copy.deepcopy(v))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: base: {err}") from None
+    return base
+
+
+def _axes(value: Any, where: str) -> dict[str, list[Any]]:
+    axes = {}
+    for key, values in _mapping(value, f"{where}: axes").items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: axis '{key}' must be a non-empty list of values, got {values!r}")
+        texts = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        if len(set(texts)) < len(texts):
+            raise ConfigError(f"{where}: axis '{key}' lists a value twice: {values!r}")
+        axes[str(key)] = values
+    return axes
+
+
+def _overrides(value: Any, where: str) -> list[Override]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: overrides must be a list of {{when: ..., set: ...}}, got {value!r}")
+    out = []
+    defaults = Config().to_dict()
+    for i, item in enumerate(value):
+        at = f"{where}: overrides[{i}]"
+        if not isinstance(item, dict) or set(item) != {"when", "set"}:
+            raise ConfigError(f"{at} must be a mapping with exactly the keys 'when' and 'set', got {item!r}")
+        when = _mapping(item["when"], f"{at}.when")
+        sets = _mapping(item["set"], f"{at}.set")
+        if not sets:
+            raise ConfigError(f"{at}.set is empty")
+        for key in when:
+            if not str(key).startswith("task.") and lookup(defaults, str(key)) is _MISSING:
+                raise ConfigError(f"{at}.when: unknown config key '{key}'")
+        out.append(Override({str(k): v if isinstance(v, list) else [v] for k, v in when.items()},
+                            {str(k): v for k, v in sets.items()}))
+    return out
+
+
+def _budget(value: Any, where: str) -> Budget:
+    if value is None:
+        return Budget()
+    budget = _mapping(value, f"{where}: budget")
+    if len(budget) != 1 or next(iter(budget)) not in BUDGET_KINDS:
+        raise ConfigError(f"{where}: budget must be {{forward_passes: N}} or {{steps: N}}, got {value!r}")
+    kind, n = next(iter(budget.items()))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where}: budget.{kind} must be an integer >= 1, got {n!r}")
+    return Budget(kind, n)
+
+
+def _check_budget_keys(budget: Budget, axes: dict[str, list], overrides: list[Override], where: str) -> None:
+    """A budget fixes train.steps: an axis or override that also sets it is a contradiction."""
+    if budget.kind is None:
+        return
+    setters = [*axes, *(k for o in overrides for k in o.set)]
+    if any(k in ("train", "train.steps") for k in setters):
+        raise ConfigError(f"{where}: train.steps is set by the budget ({budget.kind}: {budget.value}); "
+                          "remove it from axes and overrides")
+
+
+# -- expansion -----------------------------------------------------------------------------
+def expand(base: dict[str, Any], axes: dict[str, list[Any]], overrides: list[Override], budget: Budget,
+           where: str = "grid") -> list[Cell]:
+    """The cross product of ``axes`` over ``base``, overrides and budget applied, validated."""
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    names = cell_names(combos)
+    cells = []
+    for name, combo in zip(names, combos):
+        try:
+            cells.append(_cell(name, combo, _cell_config(base, combo, overrides), budget))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: cell {name}: {err}") from None
+    return cells
+
+
+def _cell_config(base: dict[str, Any], combo: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
+    """``base`` with the cell's axis values, then the sets of the overrides that match them."""
+    config = copy.deepcopy(base)
+    for key, value in combo.items():
+        _set_dotted(config, key, copy.deepcopy(value))
+    for override in [o for o in overrides if o.matches(config)]:
+        for key, value in override.set.items():
+            _set_dotted(config, key, copy.deepcopy(value))
+    return config
+
+
+def _cell(name: str, combo: dict[str, Any], config: dict[str, Any], budget: Budget) -> Cell:
+    from ..tasks import task_spec
+
+    cfg = from_dict(copy.deepcopy(config))
+    task_spec(cfg.task)
+    per_step = cell_forwards_per_step(cfg)
+    if budget.kind == "forward_passes":
+        if per_step is None:
+            raise ConfigError("budget.forward_passes cannot size a block-wise cell (its forward passes per step "
+                              "depend on the model's layers); use budget: {steps: N} for block-wise grids")
+        if budget.value < per_step:
+            raise ConfigError(f"budget.forward_passes {budget.value} is less than one step ({per_step} forward passes)")
+        config.setdefault("train", {})["steps"] = budget.value // per_step
+    elif budget.kind == "steps":
+        config.setdefault("train", {})["steps"] = budget.value
+    if budget.kind is not None:
+        cfg = from_dict(copy.deepcopy(config))
+    return Cell(name, combo, config, cfg, per_step)
+
+
+def cell_forwards_per_step(cfg: Config) -> int | None:
+    """Forward passes a training step of ``cfg`` counts (as the trainer does: a first-order
+    step 1; hybrid ZO-FO adds its FO step's 1). None for block-wise ZO, whose count is
+    per-block queries times the model's layers (+1), known only once the model is loaded."""
+    per_step = forwards_per_step(cfg.optimizer)  # also refuses block-wise for the optimizers without it
+    if cfg.optimizer.blockwise:
+        return None
+    return per_step + (1 if cfg.tuning.hybrid.zo_layers is not None else 0)
+
+
+def lookup(raw: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a config mapping: the mapping's own, else the default
+    (``_MISSING`` when neither has it)."""
+    value = _walk(raw, key)
+    if value is not _MISSING or (key.startswith("task.") and "task" in raw):  # a task given replaces the default
+        return value
+    return _walk(Config().to_dict(), key)
+
+
+def _walk(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+# -- names ---------------------------------------------------------------------------------
+def axis_label(key: str) -> str:
+    """Short name of an axis: ``optimizer.name`` -> ``optimizer``, ``tuning.scheme`` -> ``scheme``."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def value_label(value: Any) -> str:
+    """Readable text of an axis value: a path's last part, a task mapping's name (other mappings:
+    ``key=value+...``), YAML booleans and null."""
+    if isinstance(value, dict):
+        return str(value.get("name") or "+".join(f"{k}={value_label(v)}" for k, v in value.items()))
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    text = str(value)
+    if "/" in text and Path(text).exists():
+        return Path(text).name or text
+    return text
+
+
+def cell_names(combos: list[dict[str, Any]]) -> list[str]:
+    """Stable directory names, ``optimizer=ZOSGD,scheme=lora,seed=0``: short axis labels (the
+    dotted key where two labels would collide), file-name-safe values, and a short hash where
+    two cells would still share a name."""
+    keys = list(combos[0]) if combos else []
+    labels = [axis_label(k) for k in keys]
+    labels = [k if labels.count(lab) > 1 else lab for k, lab in zip(keys, labels)]
+    names = [",".join(f"{lab}={_safe(value_label(c[k]))}" for lab, k in zip(labels, keys)) or "cell" for c in combos]
+    return [
+        f"{n}-{hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:6]}"
+        if names.count(n) > 1 else n
+        for n, c in zip(names, combos)
+    ]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text)[:40] or "_"

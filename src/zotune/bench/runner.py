@@ -1,0 +1,348 @@
+"""Run a grid: each cell as its own ``zotune train`` process, then the report.
+
+One process per cell keeps its peak memory its own and contains a crash. Under ``--out DIR``:
+
+    grid.yaml                the grid file as given
+    configs/<cell>.yaml      the cell's train config (``zotune train --config``)
+    cells/<cell>/            the cell's run directory, written by ``zotune train`` alone
+    logs/<cell>.out, .err    the process's stdout and stderr
+    logs/<cell>.json         its outcome: status (ok | failed), error (last stderr line), seconds
+    results.csv, report.md, *.png
+
+A cell is finished when ``cells/<cell>/summary.json`` exists and its ``config.yaml`` is the
+grid's config for it: such cells are skipped when the same command runs again. A cell whose run
+directory holds another config (the grid changed) runs again with ``--overwrite``. An unfinished
+cell runs ``zotune train`` without ``--overwrite`` first, so a train command that resumes its
+own unfinished run does so; if train refuses the directory and names ``--overwrite``, the cell
+starts over with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import load_config
+from ..errors import ConfigError, ZotuneError
+from ..train.rundir import RUN_MARKERS
+from .grid import Cell, Grid, load_grid
+
+ERROR_PREFIX = "zotune: error: "
+say = functools.partial(print, flush=True)  # progress lines show up at once in a log file too
+
+
+@dataclass
+class Outcome:
+    """How a cell's last run went (``logs/<cell>.json``)."""
+
+    status: str  # "ok" | "failed"
+    error: str = ""
+    seconds: float = 0.0
+    returncode: int = 0
+
+
+class BenchDir:
+    """The paths of a bench output directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def run_dir(self, cell: Cell) -> Path:
+        return self.root / "cells" / cell.name
+
+    def config(self, cell: Cell) -> Path:
+        return self.root / "configs" / f"{cell.name}.yaml"
+
+    def log(self, cell: Cell, suffix: str) -> Path:
+        return self.root / "logs" / f"{cell.name}.{suffix}"
+
+    def outcome(self, cell: Cell) -> Outcome | None:
+        """The recorded outcome of the cell's last run; ok whenever its summary.json exists."""
+        if (self.run_dir(cell) / "summary.json").is_file():
+            return Outcome("ok")
+        path = self.log(cell, "json")
+        if not path.is_file():
+            return None
+        try:
+            return Outcome(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            return None
+
+    def state(self, cell: Cell) -> str:
+        """``done`` (finished, same config), ``stale`` (holds another config), ``partial``
+        (an unfinished run), ``failed`` (last run failed, nothing to resume) or ``todo``."""
+        run = self.run_dir(cell)
+        if (run / "config.yaml").is_file() and not _same_config(run / "config.yaml", cell):
+            return "stale"
+        if (run / "summary.json").is_file():
+            return "done"
+        if any((run / m).exists() for m in RUN_MARKERS):
+            return "partial"
+        outcome = self.outcome(cell)
+        return "failed" if outcome is not None and outcome.status == "failed" else "todo"
+
+    def prepare(self, grid: Grid) -> None:
+        """Create the layout, copy the grid file, write every cell's config."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} exists and is not a directory")
+        try:
+            for sub in ("cells", "configs", "logs"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create {self.root}: {err.strerror}") from None
+        if grid.path.resolve() != (self.root / "grid.yaml").resolve():
+            shutil.copyfile(grid.path, self.root / "grid.yaml")
+        for cell in grid.cells:
+            self.config(cell).write_text(yaml.safe_dump(cell.config, sort_keys=False), encoding="utf-8")
+
+
+def _same_config(path: Path, cell: Cell) -> bool:
+    try:
+        return load_config(path).to_dict() == cell.cfg.to_dict()
+    except ZotuneError:
+        return False
+
+
+# -- one cell ------------------------------------------------------------------------------
+class Launcher:
+    """Starts the cells' ``zotune train`` processes, each in a session of its own (a Ctrl-C on
+    the terminal reaches the bench only), and stops the running ones when the bench is
+    interrupted: one SIGTERM each, on which ``zotune train`` finishes its step, writes a
+    checkpoint and exits, so that the next ``zotune bench`` resumes the cell."""
+
+    def __init__(self, jobs: int = 1):
+        self.env = child_env(jobs)
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], stdout: IO, stderr: IO) -> int:
+        with self.lock:
+            if self.stopping:
+                raise KeyboardInterrupt
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=self.env,
+                                    start_new_session=True)
+            self.running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def stop(self, log: Callable[[str], None]) -> None:
+        with self.lock:
+            self.stopping = True
+            procs = list(self.running)
+        if procs:
+            log(f"stopping {len(procs)} running cell(s): each finishes its step and writes a checkpoint ...")
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def run_cell(cell: Cell, bench: BenchDir, launcher: Launcher) -> Outcome:
+    """Run ``zotune train`` for one cell (see the module docstring for --overwrite) and record
+    the outcome in ``logs/<cell>.json``."""
+    state = bench.state(cell)
+    bench.log(cell, "json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    returncode, error = _train(cell, bench, ["--overwrite"] if state == "stale" else [], launcher)
+    if returncode != 0 and state == "partial" and "--overwrite" in error:  # train cannot resume it
+        returncode, error = _train(cell, bench, ["--overwrite"], launcher)
+    ok = returncode == 0 and (bench.run_dir(cell) / "summary.json").is_file()
+    if returncode == 0 and not ok:
+        error = "zotune train exited 0 without writing summary.json"
+    outcome = Outcome("ok" if ok else "failed", "" if ok else error, round(time.perf_counter() - t0, 2), returncode)
+    bench.log(cell, "json").write_text(json.dumps(asdict(outcome), indent=2) + "\n", encoding="utf-8")
+    return outcome
+
+
+def _train(cell: Cell, bench: BenchDir, flags: list[str], launcher: Launcher) -> tuple[int, str]:
+    """One ``zotune train`` process; (exit status, last line of its stderr)."""
+    cmd = [sys.executable, "-m", "zotune", "train", "--config", str(bench.config(cell)),
+           "--out", str(bench.run_dir(cell)), *flags]
+    with open(bench.log(cell, "out"), "w") as out, open(bench.log(cell, "err"), "w") as err:
+        returncode = launcher.run(cmd, out, err)
+    lines = [line.strip() for line in bench.log(cell, "err").read_text(errors="replace").splitlines() if line.strip()]
+    error = lines[-1].removeprefix(ERROR_PREFIX) if lines else ""
+    if returncode < 0:
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        error = f"killed by signal {-returncode}" + (f": {error}" if error else hint)
+    return returncode, error or f"exit status {returncode}"
+
+
+def child_env(jobs: int) -> dict[str, str]:
+    """The cells' environment: unbuffered logs; with parallel jobs, the cores shared out
+    (``OMP_NUM_THREADS``, unless set already)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+# -- progress ------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar over cells with its ETA on a terminal; otherwise one plain line per cell
+    started and finished, with the elapsed time and an ETA from the cells done so far."""
+
+    def __init__(self, total: int, log: Callable[[str], None], interactive: bool | None = None):
+        self.total, self.done, self.begun, self.log = total, 0, 0, log
+        self.t0 = time.perf_counter()
+        self.lock = threading.Lock()  # cells finish in worker threads
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = tqdm(total=total, desc="bench", unit="cell", dynamic_ncols=True) if interactive else None
+
+    def started(self, cell: Cell) -> None:
+        with self.lock:
+            self.begun += 1
+            if self.bar is None:
+                self.log(f"[{self.begun}/{self.total}] {cell.name}: {cell.cfg.train.steps} steps ...")
+
+    def finished(self, cell: Cell, outcome: Outcome, note: str = "") -> None:
+        with self.lock:
+            self._finished(cell, outcome, note)
+
+    def _finished(self, cell: Cell, outcome: Outcome, note: str) -> None:
+        self.done += 1
+        what = f"ok in {outcome.seconds:.0f} s{note}" if outcome.status == "ok" else f"FAILED: {outcome.error}"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{cell.name}: {outcome.status}")
+            if outcome.status != "ok":
+                self.bar.write(f"{cell.name}: {what}")
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log(f"[{self.done}/{self.total}] {cell.name}: {what} (elapsed {_duration(elapsed)}, ETA {_duration(eta)})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
+
+
+def _metric_note(bench: BenchDir, cell: Cell) -> str:
+    try:
+        metrics = json.loads((bench.run_dir(cell) / "summary.json").read_text())["eval"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return "".join(f", {k} {v:.3f}" for k, v in list(metrics.items())[:1])
+
+
+# -- the grid ------------------------------------------------------------------------------
+def run_cells(cells: list[Cell], bench: BenchDir, jobs: int = 1, log: Callable[[str], None] = say,
+              interactive: bool | None = None) -> dict[str, Outcome]:
+    """Run ``cells`` one at a time, or ``jobs`` processes at once; a failure does not stop the
+    rest, an interrupt (Ctrl-C, SIGTERM) stops the running cells and starts no other."""
+    launcher = Launcher(jobs)
+    progress = Progress(len(cells), log, interactive)
+    outcomes: dict[str, Outcome] = {}
+
+    def one(cell: Cell) -> None:
+        progress.started(cell)
+        outcomes[cell.name] = run_cell(cell, bench, launcher)
+        if not launcher.stopping:
+            progress.finished(cell, outcomes[cell.name], _metric_note(bench, cell))
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, cell) for cell in cells]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # interrupted: start no further cell, stop the running ones
+                for future in futures:
+                    future.cancel()
+                launcher.stop(log)
+                raise
+    finally:
+        progress.close()
+    return outcomes
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the bench as Ctrl-C does (the running cells checkpoint, the rest wait)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
+    """The dry-run listing: every cell with its steps, forward passes and state."""
+    rows = [("cell", "steps", "fwd/step", "forward passes", "state")]
+    for cell in grid.cells:
+        per_step = cell.forwards_per_step
+        planned = cell.planned_forward_passes
+        rows.append((cell.name, str(cell.cfg.train.steps), "block-wise" if per_step is None else str(per_step),
+                     "?" if planned is None else str(planned), bench.state(cell)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}"]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+              for r in rows]
+    return lines
+
+
+def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
+              log: Callable[[str], None] = say, interactive: bool | None = None) -> int:
+    """``zotune bench``: validate the grid, run the unfinished cells, write results.csv, report.md
+    and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed."""
+    from .report import write_report
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    grid = load_grid(grid_path)
+    bench = BenchDir(out)
+    if dry_run:
+        for line in plan_lines(grid, bench):
+            log(line)
+        return 0
+    bench.prepare(grid)
+    todo = [cell for cell in grid.cells if bench.state(cell) != "done"]
+    log(f"bench {grid.path}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} finished (skipped), "
+        f"{len(todo)} to run{f', {jobs} at a time' if jobs > 1 and todo else ''}")
+    try:
+        with _sigterm_interrupts():
+            run_cells(todo, bench, jobs, log, interactive)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted: the finished cells are kept in {bench.root}; run the same command "
+                                "again to go on") from None
+    report = write_report(grid, bench)
+    failed = [c.name for c in grid.cells if (o := bench.outcome(c)) is None or o.status != "ok"]
+    log(f"report: {report}")
+    if failed:
+        log(f"{len(failed)} of {len(grid.cells)} cells failed (errors in {bench.root / 'results.csv'}; logs in "
+            f"{bench.root / 'logs'}): {', '.join(failed)}")
+        return 1
+    return 0

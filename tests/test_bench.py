@@ -1,0 +1,214 @@
+"""`zotune bench`: grid validation and expansion, cells as processes (skip, fail, resume), report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zotune.bench import load_grid, run_bench
+from zotune.bench.grid import cell_names
+from zotune.bench.runner import BenchDir, plan_lines
+from zotune.cli import main
+from zotune.config import OptimizerConfig, load_config
+from zotune.errors import ConfigError
+from zotune.optim.factory import build_optimizer, forwards_per_step, optimizer_names
+from zotune.tuning import layer_blocks
+
+from .conftest import tiny_llama
+
+GRIDS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
+
+
+def write_grid(path: Path, grid: dict) -> Path:
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_grid(model_dir: Path, csv_path: Path) -> dict:
+    """ZOSGD and AdamW x 2 seeds at 8 forward passes; (AdamW, seed 1) fails at run time."""
+    return {
+        "description": "tiny grid",
+        "base": {
+            "model": {"name": str(model_dir)},
+            "task": {"path": str(csv_path), "text_template": "{text} It was", "choices": {"0": " bad", "1": " good"},
+                     "k_shot": 4},
+            "train": {"batch_size": 4, "log_every": 1, "eval_every": 2},
+            "eval": {"batch_size": 8, "max_examples": 8},
+            "optimizer.lr": 1.0e-3,
+        },
+        "axes": {"optimizer.name": ["ZOSGD", "AdamW"], "seed": [0, 1]},
+        "overrides": [{"when": {"optimizer.name": "AdamW", "seed": 1}, "set": {"model.name": "/no/such/model"}}],
+        "budget": {"forward_passes": 8},
+    }
+
+
+# -- forward passes per step -------------------------------------------------------------------
+@pytest.mark.parametrize("name", optimizer_names())
+@pytest.mark.parametrize("n_queries, blockwise", [(1, False), (3, False), (2, True)])
+def test_forwards_per_step_matches_the_optimizer(name, n_queries, blockwise):
+    """The count without a model is the instantiated optimizer's (block-wise: over the tiny
+    model's layer blocks); an optimizer that refuses block-wise is refused by both."""
+    cfg = OptimizerConfig(name=name, n_queries=n_queries, blockwise=blockwise)
+    model = tiny_llama()
+    params = list(model.parameters())
+    groups = layer_blocks(model, params) if blockwise else params
+    n_blocks = len(groups) if blockwise else 1
+    try:
+        opt = build_optimizer(cfg, groups, "full", seed=0)
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            forwards_per_step(cfg, n_blocks)
+        return
+    expected = getattr(opt, "forwards_per_step", 1)  # first-order: one forward (+ backward) per step
+    assert forwards_per_step(cfg, n_blocks) == expected
+
+
+# -- grids -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
+def test_ready_made_grids_expand(path, capsys):
+    grid = load_grid(path)
+    assert grid.cells and len({c.name for c in grid.cells}) == len(grid.cells)
+    assert grid.budget.kind in ("forward_passes", "steps")
+    assert main(["bench", "--grid", str(path), "--out", "/nonexistent/never-written", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(grid.cells) + 2
+    assert not Path("/nonexistent/never-written").exists()
+
+
+def test_expansion_overrides_and_budget(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.yaml", {
+        "base": {"train": {"steps": 5}},
+        "axes": {"optimizer.name": ["ZOSGD", "ZOSGDConservative", "ForwardGrad", "AdamW"],
+                 "tuning.scheme": ["full", "lora"], "optimizer.n_queries": [1, 2]},
+        "overrides": [{"when": {"tuning.scheme": "lora", "optimizer.name": ["ZOSGD", "AdamW"]},
+                       "set": {"optimizer.lr": 1.0e-4}}],
+        "budget": {"forward_passes": 24},
+    }))
+    assert len(grid.cells) == 16
+    by = {(c.axes["optimizer.name"], c.axes["tuning.scheme"], c.axes["optimizer.n_queries"]): c for c in grid.cells}
+    steps = {k: c.cfg.train.steps for k, c in by.items() if k[1] == "full"}
+    assert steps == {("ZOSGD", "full", 1): 12, ("ZOSGD", "full", 2): 6, ("ZOSGDConservative", "full", 1): 4,
+                     ("ZOSGDConservative", "full", 2): 3, ("ForwardGrad", "full", 1): 24, ("ForwardGrad", "full", 2): 12,
+                     ("AdamW", "full", 1): 24, ("AdamW", "full", 2): 24}
+    assert by[("ZOSGD", "lora", 1)].cfg.optimizer.lr == 1e-4 and by[("AdamW", "lora", 2)].cfg.optimizer.lr == 1e-4
+    assert by[("ZOSGD", "full", 1)].cfg.optimizer.lr is None and by[("ForwardGrad", "lora", 1)].cfg.optimizer.lr is None
+    assert by[("ZOSGD", "lora", 2)].name == "optimizer=ZOSGD,scheme=lora,n_queries=2"
+    assert grid.cells[0].name == "optimizer=ZOSGD,scheme=full,n_queries=1"  # first axis slowest
+
+
+def test_cell_names_are_safe_and_unique():
+    names = cell_names([{"model.name": "a/b c", "task.name": "x"}, {"model.name": "a_b_c", "task.name": "x"}])
+    assert len(set(names)) == 2 and all(re.fullmatch(r"[A-Za-z0-9._+=,-]+", n) for n in names)
+    assert names[0].startswith("model=a_b_c,task=x-")
+
+
+@pytest.mark.parametrize("grid, needle", [
+    ({"axes": {"seed": [0]}, "axis": {}}, "unknown key 'axis'"),
+    ({"axes": {"seed": 0}}, "axis 'seed' must be a non-empty list"),
+    ({"axes": {"seed": [0, 0]}}, "lists a value twice"),
+    ({"axes": {"optimizer.nam": ["ZOSGD"]}}, "unknown config key 'optimizer.nam'"),
+    ({"axes": {"optimizer.name": ["ZOSGD", "Nope"]}}, "unknown optimizer.name 'Nope'"),
+    ({"base": {"train": {"stepz": 3}}}, "unknown config key 'train.stepz'"),
+    ({"base": {"task": {"name": "nope"}}}, "unknown task 'nope'"),
+    ({"overrides": {"when": {}, "set": {}}}, "overrides must be a list"),
+    ({"overrides": [{"when": {"seed": 0}}]}, "exactly the keys 'when' and 'set'"),
+    ({"overrides": [{"when": {"sed": 0}, "set": {"seed": 1}}]}, "unknown config key 'sed'"),
+    ({"overrides": [{"when": {"seed": 0}, "set": {"optimizer.lr": -1}}]}, "optimizer.lr"),
+    ({"budget": {"forward_passes": 0}}, "budget.forward_passes must be an integer >= 1"),
+    ({"budget": {"flops": 3}}, "budget must be {forward_passes: N} or {steps: N}"),
+    ({"budget": {"steps": 3}, "axes": {"train.steps": [1, 2]}}, "train.steps is set by the budget"),
+    ({"budget": {"forward_passes": 4}, "base": {"optimizer": {"name": "ZOSGDConservative"}}}, "less than one step"),
+    ({"budget": {"forward_passes": 40}, "base": {"optimizer": {"blockwise": True}}}, "block-wise"),
+    ([1, 2], "must hold a mapping"),
+])
+def test_malformed_grid_is_one_line_and_exit_2(tmp_path, capsys, grid, needle):
+    path = write_grid(tmp_path / "bad.yaml", grid)
+    assert main(["bench", "--grid", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("zotune: error: ") and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_grid_file(tmp_path, capsys):
+    assert main(["bench", "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "grid file" in capsys.readouterr().err
+
+
+# -- a tiny grid, end to end -------------------------------------------------------------------
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def table_row(report: str, title: str, label: str) -> list[str]:
+    section = report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp_path):
+    grid_path = write_grid(tmp_path / "grid.yaml", tiny_grid(tiny_model_dir, reviews_csv))
+    out = tmp_path / "bench"
+    lines: list[str] = []
+    assert run_bench(grid_path, out, jobs=2, log=lines.append, interactive=False) == 1  # one cell failed
+    cells = {c.name: c for c in load_grid(grid_path).cells}
+    ok = [n for n in cells if "AdamW,seed=1" not in n]
+    failed = "optimizer=AdamW,seed=1"
+    assert any("FAILED" in line and failed in line for line in lines) and any("ETA" in line for line in lines)
+
+    # results.csv: the contract's columns, numbers from each cell's summary.json
+    rows = {r["run_dir"]: r for r in read_csv(out / "results.csv")}
+    header = list(next(iter(rows.values())))
+    assert header[:5] == ["optimizer.name", "seed", "status", "run_dir", "eval.accuracy"]
+    assert header[header.index("forward_passes"):header.index("error") + 1] == ["forward_passes", "peak_rss_mb", "wall_s", "error"]
+    summaries = {}
+    for name in ok:
+        row = rows[f"cells/{name}"]
+        summaries[name] = s = json.loads((out / "cells" / name / "summary.json").read_text())
+        assert row["status"] == "ok" and row["error"] == ""
+        assert float(row["eval.accuracy"]) == s["eval"]["accuracy"]
+        assert int(row["forward_passes"]) == s["forward_passes"] == 8
+        assert float(row["peak_rss_mb"]) == s["peak_rss_mb"] and float(row["wall_s"]) == s["wall_s"]
+    bad = rows[f"cells/{failed}"]
+    assert bad["status"] == "failed" and "not found" in bad["error"] and bad["eval.accuracy"] == ""
+    assert (bad["optimizer.name"], bad["seed"]) == ("AdamW", "1")
+
+    # report.md: mean +- std over seeds, from the same summaries; best in bold; the budget stated
+    report = (out / "report.md").read_text()
+    zo = [summaries[f"optimizer=ZOSGD,seed={s}"]["eval"]["accuracy"] for s in (0, 1)]
+    adamw = summaries["optimizer=AdamW,seed=0"]["eval"]["accuracy"]
+    zo_text = f"{statistics.fmean(zo):.3f} ± {statistics.stdev(zo):.3f}"
+    assert table_row(report, "Test accuracy", "ZOSGD")[0].strip("*") == zo_text
+    assert table_row(report, "Test accuracy", "AdamW")[0].strip("*") == f"{adamw:.3f} (1/2 ok)"
+    best = max(round(statistics.fmean(zo), 3), round(adamw, 3))
+    assert table_row(report, "Test accuracy", "ZOSGD" if round(statistics.fmean(zo), 3) == best else "AdamW")[0].startswith("**")
+    memory = statistics.fmean(summaries[f"optimizer=ZOSGD,seed={s}"]["peak_rss_mb"] for s in (0, 1))
+    assert table_row(report, "Peak memory", "ZOSGD")[0].strip("*") == f"{round(memory):,}"
+    assert table_row(report, "Forward passes", "AdamW")[0] == "8 (8 steps)"
+    assert "equal forward-pass budget of 8" in report and failed in report.split("## Failed cells")[1]
+    for png in ("accuracy_vs_forward_passes.png", "accuracy_vs_memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+
+    # the same command again: finished cells are skipped, the failed one runs again; an
+    # unfinished cell (summary.json gone) is resumed or, if train cannot, started over
+    stamps = {n: (out / "cells" / n / "summary.json").stat().st_mtime_ns for n in ok}
+    unfinished = ok[0]
+    (out / "cells" / unfinished / "summary.json").unlink()
+    lines.clear()
+    assert run_bench(grid_path, out, log=lines.append, interactive=False) == 1
+    assert lines[0].endswith("4 cells, 2 finished (skipped), 2 to run")
+    assert all(stamps[n] == (out / "cells" / n / "summary.json").stat().st_mtime_ns for n in ok if n != unfinished)
+    assert (out / "cells" / unfinished / "summary.json").is_file()
+    assert sum(r["status"] == "ok" for r in read_csv(out / "results.csv")) == 3
+
+    # a changed grid makes its cells stale (run again with --overwrite); the dry run says so
+    changed = tiny_grid(tiny_model_dir, reviews_csv)
+    changed["base"]["eval"]["batch_size"] = 4
+    states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g2.yaml", changed)), BenchDir(out))[2:]]
+    assert states == ["stale", "stale", "stale", "failed"]
+    assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"zotune {_version()}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_run_args(subs.add_parser("train", help="fine-tune a model on a task and evaluate it"))
+    tr = subs.add_parser("train", help="fine-tune a model on a task and evaluate it")
+    _add_run_args(tr)
+    tr.add_argument("--nproc", type=int, metavar="N",
+                    help="run N processes on this machine through torch's elastic launcher (torchrun --standalone)")
     ev = subs.add_parser("eval", help="evaluate a model on a task (zero-shot, icl, linear_probe)")
     _add_run_args(ev)
     ev.add_argument("--weights", metavar="FILE", help="tuned weights to load first (a run's weights.safetensors)")
@@ -81,14 +84,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ZotuneError as err:
-        print(f"zotune: error: {err}", file=sys.stderr)
+        if _reports(err):
+            print(f"zotune: error: {_rank_prefix()}{err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as err:  # a training run says where its checkpoint is
-        print(f"zotune: {str(err) or 'interrupted'}", file=sys.stderr)
+        if _reports(err):
+            print(f"zotune: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
+def _rank_prefix() -> str:
+    """``rank K: `` in a process of a torchrun launch of several processes."""
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _reports(err: BaseException) -> bool:
+    """Whether this process prints ``err``: under torchrun, errors every rank raises alike (a bad
+    config, an interrupted run, rank 0's mirrored setup error) are printed by rank 0 alone."""
+    from .errors import ConfigError
+
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    return not (getattr(err, "quiet", False) or isinstance(err, (ConfigError, KeyboardInterrupt)))
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"zotune {args.command} runs in one process: of the commands, only train runs under torchrun")
     if args.command == "tasks":
         import textwrap
 
@@ -148,10 +172,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .train.trainer import run_eval, run_train
 
     if args.command == "train":
-        run_train(cfg, args.out, overwrite=args.overwrite)
+        from .distributed import world_from_env
+
+        if args.nproc is not None:
+            return _launch(args, cfg)
+        with world_from_env() as world:
+            run_train(cfg, args.out, overwrite=args.overwrite, world=world)
     else:
         run_eval(cfg, args.out, overwrite=args.overwrite, weights=args.weights)
     return 0
+
+
+def _launch(args: argparse.Namespace, cfg) -> int:
+    """``zotune train --nproc N``: the same command in N processes, via torch's elastic launcher."""
+    from .distributed import check_batch, env_world_size, launch
+    from .errors import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if env_world_size() > 1:
+        raise ConfigError("--nproc inside a torchrun launch: give the process count to torchrun alone")
+    check_batch(cfg.train.batch_size, args.nproc, cfg.train.parallel)
+    worker = ["train", "--out", str(args.out), *(["--config", args.config] if args.config else []),
+              *(["--overwrite"] if args.overwrite else []), *args.overrides]
+    return launch(args.nproc, worker)
 
 
 if __name__ == "__main__":

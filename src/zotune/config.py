@@ -25,6 +25,7 @@ PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
+PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_MODES
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainConfig:
     objective: str = "loss"  # "loss" | "accuracy" | "f1": ZO on minus the batch metric (MeZO 3.4)
     max_skipped_in_a_row: int = 10  # stop after this many consecutive NaN/inf losses (0: never)
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on SIGTERM/SIGINT)
+    parallel: str = "data"  # several processes (torchrun): "data" (shard the batch) | "queries" (share the probes)
 
 
 @dataclass
@@ -297,6 +299,9 @@ def validate(cfg: Config) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _require(t.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row", "must be >= 0", t.max_skipped_in_a_row)
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
+    _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}", t.parallel)
+    _require(t.parallel == "data" or is_zeroth_order(o.name), "train.parallel",
+             f"must be 'data' for the first-order optimizer {o.name} (it has no probes to share)", t.parallel)
     _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
     _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
              f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "

@@ -61,7 +61,8 @@ class DirectionSampler:
     """Produces the chunks of z for a key.
 
     ``apply(numel, key, fn)`` calls ``fn(start, stop, z)`` for every chunk, several chunks at
-    once on ``threads`` threads: ``fn`` must touch only its own slice ``[start, stop)``.
+    once on ``threads`` threads (one when torch itself has one: ``torch.get_num_threads()``):
+    ``fn`` must touch only its own slice ``[start, stop)``.
     ``chunks(numel, key)`` yields the same chunks in order, on the calling thread. Either way
     ``z`` is a view into a reused float32 scratch buffer, valid until ``fn`` returns or the
     next iteration.
@@ -114,7 +115,8 @@ class DirectionSampler:
 
     def apply(self, numel: int, key: int, fn: ChunkFn, device: torch.device = _CPU) -> None:
         ranges = self._ranges(numel)
-        if self.threads == 1 or len(ranges) == 1 or device.type != "cpu":
+        # within torch's thread budget: OMP_NUM_THREADS=1 (e.g. one of several processes) is serial
+        if min(self.threads, torch.get_num_threads()) == 1 or len(ranges) == 1 or device.type != "cpu":
             for index, start, stop in ranges:
                 fn(start, stop, self._fill(key, index, stop - start, device))
             return

@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .directions import DirectionSampler
 from .perturb import Tangents
+from .reduce import LOCAL, LossReducer
 from .spsa import SPSAEstimate, direction_key, loss_value, query_seeds
 
 
@@ -27,25 +28,34 @@ class ForwardGradient:
         self.materializations = 0
 
     def estimate(
-        self, closure: Callable[[], object], params: list[torch.Tensor], indices: list[int], step_seed: int
+        self, closure: Callable[[], object], params: list[torch.Tensor], indices: list[int], step_seed: int,
+        reducer: LossReducer = LOCAL,
     ) -> SPSAEstimate:
+        """One JVP per query; ``reducer`` (see reduce.py) combines the q pairs ``(f, jvp)`` (both
+        linear in the batch loss) in one call after all queries."""
         seeds = query_seeds(step_seed, self.n_queries)
-        jvps: list[float] = []
-        values: list[tuple[float, float]] = []
-        for seed in seeds:
-            keys = [direction_key(seed, i) for i in indices]
-            with fwAD.dual_level(), Tangents.along(params, keys, 1.0, self.sampler) as tangents:
-                try:
-                    primal, tangent = fwAD.unpack_dual(closure())
-                except NotImplementedError as err:
-                    raise NotImplementedError(
-                        "an op of this model has no forward-mode AD rule (e.g. CPU flash attention); for "
-                        "Hugging Face models call model.set_attn_implementation('eager') first. "
-                        f"torch said: {str(err).splitlines()[0]}"
-                    ) from None
-                f = loss_value(primal)
-                jvp = loss_value(tangent) if tangent is not None else 0.0  # None: f ignores the params
-            self.materializations += tangents.materializations
-            jvps.append(jvp)
-            values.append((f, jvp))
-        return SPSAEstimate(seeds, jvps, sum(f for f, _ in values) / len(values), values, self.sampler)
+        values: list[float] = []
+        for seed, mine in zip(seeds, reducer.mine(len(seeds))):
+            values.extend(self._jvp(closure, params, indices, seed) if mine else (0.0, 0.0))
+        values = reducer.reduce(values)
+        pairs = list(zip(values[0::2], values[1::2]))
+        return SPSAEstimate(seeds, [jvp for _, jvp in pairs], sum(f for f, _ in pairs) / len(pairs), pairs, self.sampler)
+
+    def _jvp(
+        self, closure: Callable[[], object], params: list[torch.Tensor], indices: list[int], seed: int
+    ) -> tuple[float, float]:
+        """``(f, grad f . z)`` along the direction named by ``seed``."""
+        keys = [direction_key(seed, i) for i in indices]
+        with fwAD.dual_level(), Tangents.along(params, keys, 1.0, self.sampler) as tangents:
+            try:
+                primal, tangent = fwAD.unpack_dual(closure())
+            except NotImplementedError as err:
+                raise NotImplementedError(
+                    "an op of this model has no forward-mode AD rule (e.g. CPU flash attention); for "
+                    "Hugging Face models call model.set_attn_implementation('eager') first. "
+                    f"torch said: {str(err).splitlines()[0]}"
+                ) from None
+            f = loss_value(primal)
+            jvp = loss_value(tangent) if tangent is not None else 0.0  # None: f ignores the params
+        self.materializations += tangents.materializations
+        return f, jvp

@@ -22,6 +22,7 @@ import torch
 
 from .directions import DirectionSampler, mix
 from .perturb import Perturbation, _BufferPool
+from .reduce import LOCAL, LossReducer
 
 
 def loss_value(loss: object) -> float:
@@ -120,27 +121,36 @@ class SPSA:
         indices: list[int],
         step_seed: int,
         blocks: list[list[int]] | None = None,
+        reducer: LossReducer = LOCAL,
     ) -> SPSAEstimate:
         """Probe the closure at x +- eps*z_j for every query. The weights are never written.
 
         ``blocks`` (block-wise ZO, ZO-Bench): lists of positions in ``params``; each block gets
-        its own ``n_queries`` queries, which perturb that block only."""
+        its own ``n_queries`` queries, which perturb that block only. ``reducer``: which probes
+        run here and how the 2q losses combine (see reduce.py), in one call after all probes."""
         blocks = blocks if blocks is not None else [list(range(len(params)))]
         seeds = query_seeds(step_seed, self.n_queries * len(blocks))
         block_of_query = [b for b in blocks for _ in range(self.n_queries)]
-        losses: list[tuple[float, float]] = []
-        grads: list[float] = []
+        mine = iter(reducer.mine(2 * len(seeds)))
+        values: list[float] = []
         for seed, block in zip(seeds, block_of_query):
             chosen = set(block)
             keys = [direction_key(seed, i) for i in indices]
-            pair = []
             for scale in (self.eps, -self.eps):
-                terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
-                with Perturbation(params, terms, self.sampler, self._pool, self._reuse) as pert:
-                    pair.append(loss_value(closure()))
-                self.materializations += pert.materializations
-                self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
-            losses.append((pair[0], pair[1]))
-            grads.append((pair[0] - pair[1]) / (2 * self.eps))
+                values.append(self._probe(closure, params, keys, chosen, scale) if next(mine) else 0.0)
+        values = reducer.reduce(values)
+        losses = list(zip(values[0::2], values[1::2]))
+        grads = [(plus - minus) / (2 * self.eps) for plus, minus in losses]
         mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
         return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries))
+
+    def _probe(
+        self, closure: Callable[[], object], params: list[torch.Tensor], keys: list[int], chosen: set[int], scale: float
+    ) -> float:
+        """The closure's loss at x + scale*z on the parameters at positions ``chosen``."""
+        terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
+        with Perturbation(params, terms, self.sampler, self._pool, self._reuse) as pert:
+            loss = loss_value(closure())
+        self.materializations += pert.materializations
+        self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
+        return loss

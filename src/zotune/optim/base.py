@@ -14,6 +14,10 @@ Guarantees (CONTRACT.md), in every dtype:
 * probes never write the weights (see estimators/perturb.py): a closure that raises leaves
   them untouched and the error propagates; a NaN/inf loss skips the update, counted in
   ``skipped_steps``, and ``step`` returns the non-finite loss.
+
+Several processes (``zotune.distributed``) set ``loss_reducer``: every closure evaluation of a
+step runs before any update, and the reducer turns the local losses into the step's (one
+collective), so every process forms the same estimate and applies the same update.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from ..estimators.directions import DISTRIBUTIONS, mix
+from ..estimators.reduce import LOCAL, LossReducer
 from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, query_seeds
 
 
@@ -79,6 +84,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps_done = 0
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
+        # which probes run in this process and how their losses combine (zotune.distributed)
+        self.loss_reducer: LossReducer = LOCAL
 
     @classmethod
     def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
@@ -123,10 +130,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         trainable = list(self.trainable())
         params = [p for _, p, _ in trainable]
         indices = [i for i, _, _ in trainable]
-        if self.blockwise:
-            estimate = self.estimator.estimate(closure, params, indices, step_seed, blocks=self.blocks())
-        else:
-            estimate = self.estimator.estimate(closure, params, indices, step_seed)
+        blocks = {"blocks": self.blocks()} if self.blockwise else {}
+        estimate = self.estimator.estimate(closure, params, indices, step_seed, reducer=self.loss_reducer, **blocks)
         skipped = not estimate.finite
         extra: dict[str, Any] = {}
         if skipped:

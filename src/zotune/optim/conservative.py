@@ -18,7 +18,8 @@ class ZOSGDConservative(ZOSGD):
     """Keep the best of ``{x, x - lr*grad_hat, x + lr*grad_hat}`` by the batch loss.
 
     After the SPSA probes it evaluates the closure at ``x`` and at both candidates (3 more
-    forward passes per step) and moves to the candidate with the lowest loss, or stays. The
+    forward passes per step; with several processes, a second loss exchange, as the candidates
+    depend on the first) and moves to the candidate with the lowest loss, or stays. The
     candidates are evaluated on the fly (the weights are untouched until the choice) and are
     bit-identical to the weights the chosen update writes, so a step never increases the batch
     loss. The step's record says which was taken (``accepted``: -1 descent, +1 ascent, 0 none).
@@ -37,18 +38,10 @@ class ZOSGDConservative(ZOSGD):
     def update(
         self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> dict[str, Any]:
-        losses = {0: loss_value(closure())}
-        params = [p for _, p, _ in trainable]
-        sampler = self.estimator.sampler
-        for sign, candidate in ((-1, estimate), (1, estimate.negated())):
-            # the same terms, in the same order, as ZOSGD.update_param writes for `candidate`
-            terms = [
-                [(direction_key(seed, index), -group["lr"] * w) for seed, w in candidate.terms(index)]
-                if group["lr"] != 0 else []
-                for index, _, group in trainable
-            ]
-            with Perturbation(params, terms, sampler):
-                losses[sign] = loss_value(closure())
+        candidates = {0: None, -1: estimate, 1: estimate.negated()}
+        mine = self.loss_reducer.mine(len(candidates))
+        values = [self._loss_at(closure, c, trainable) if m else 0.0 for c, m in zip(candidates.values(), mine)]
+        losses = dict(zip(candidates, self.loss_reducer.reduce(values)))  # several processes: a 2nd exchange
         finite = {k: v for k, v in losses.items() if math.isfinite(v)}
         accepted = min(finite, key=lambda k: (finite[k], k != -1, k != 1)) if finite else 0
         if accepted == -1 and finite[-1] < losses[0]:
@@ -58,6 +51,21 @@ class ZOSGDConservative(ZOSGD):
         else:
             accepted = 0
         return {"accepted": accepted, "candidate_losses": [losses[0], losses[-1], losses[1]]}
+
+    def _loss_at(
+        self, closure: Callable[[], Any], candidate: SPSAEstimate | None, trainable: list[tuple[int, torch.Tensor, dict]]
+    ) -> float:
+        """The closure's loss at ``x`` (None) or at the weights ``candidate``'s update writes."""
+        if candidate is None:
+            return loss_value(closure())
+        # the same terms, in the same order, as ZOSGD.update_param writes for `candidate`
+        terms = [
+            [(direction_key(seed, index), -group["lr"] * w) for seed, w in candidate.terms(index)]
+            if group["lr"] != 0 else []
+            for index, _, group in trainable
+        ]
+        with Perturbation([p for _, p, _ in trainable], terms, self.estimator.sampler):
+            return loss_value(closure())
 
     def replay_update(
         self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]

@@ -240,6 +240,15 @@ class _Damaged(ValueError):
     pass
 
 
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in ``path``, which another process chose with :meth:`Checkpoints.latest`
+    (the other ranks of a run read the one rank 0 resumes from)."""
+    try:
+        return _read(Path(path))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise DataError(f"cannot read checkpoint {path}: {err}") from None
+
+
 def _read(path: Path) -> Checkpoint:
     meta = json.loads((path / META).read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:

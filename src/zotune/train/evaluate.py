@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..tasks import Example
+from ..tasks import Example, TaskSpec
 from .metrics import answer_metrics, label_metrics
 from .scoring import Scorer
 
@@ -48,9 +48,12 @@ def evaluate(
         forwards += 1
         bar.update(len(chunk))
     bar.close()
+    return EvalResult(task_metrics(spec, predictions), predictions, forwards)
+
+
+def task_metrics(spec: TaskSpec, predictions: list[dict]) -> dict[str, float]:
+    """The task's metrics over prediction rows (as :func:`evaluate` writes them)."""
     pred = [p["prediction"] for p in predictions]
     if spec.type == "generation":
-        metrics = answer_metrics([p["answers"] for p in predictions], pred)
-    else:
-        metrics = label_metrics([p["label"] for p in predictions], pred)
-    return EvalResult(metrics, predictions, forwards)
+        return answer_metrics([p["answers"] for p in predictions], pred)
+    return label_metrics([p["label"] for p in predictions], pred)

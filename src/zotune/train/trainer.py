@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import math
 import random
 import resource
@@ -18,24 +19,26 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, OptimizerConfig
+from ..distributed import SINGLE, LossExchange, World, check_batch, check_queries, data_parallel
 from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
+from ..optim.base import ZOOptimizer
 from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import TrajectoryWriter, weights_sha256
 from ..tuning import apply_scheme, check_precision, hybrid_split, layer_blocks
 from .baselines import icl_prefix, linear_probe
-from .checkpoint import Checkpoints, Progress, RunInterrupted, stop_on_signal
-from .evaluate import EvalResult, evaluate
+from .checkpoint import Checkpoint, Checkpoints, Progress, RunInterrupted, read_checkpoint, stop_on_signal
+from .evaluate import EvalResult, evaluate, task_metrics
 from .plots import plot_training
 from .rundir import RunDir
 from .scoring import Scorer, make_scorer
@@ -76,9 +79,10 @@ class Session:
     tokenizer: Any
     scorer: Scorer
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    world: World = field(default_factory=lambda: SINGLE)  # several processes: shards evaluation
 
     @classmethod
-    def build(cls, cfg: Config, log=print, with_data: bool = True) -> Session:
+    def build(cls, cfg: Config, log=print, with_data: bool = True, world: World = SINGLE) -> Session:
         spec = task_spec(cfg.task)
         data = None
         if with_data:
@@ -98,7 +102,7 @@ class Session:
         model, trainable = apply_scheme(model, cfg.tuning)
         scorer = make_scorer(tokenizer, spec, cfg.train.max_length, model)
         trainable += scorer.parameters()  # align: false -> the linear head, tuned alongside
-        return cls(cfg, data, model, tokenizer, scorer, trainable)
+        return cls(cfg, data, model, tokenizer, scorer, trainable, world)
 
     def eval_scorer(self, prefix: str = "") -> Scorer:
         """A scorer for evaluation: ``eval.max_length`` (default: train's; 1024 with a prefix)."""
@@ -159,8 +163,22 @@ class Session:
         return self.data.test if n is None else self.data.test[:n]
 
     def evaluate(self, examples: list[Example], desc: str, scorer: Scorer | None = None) -> EvalResult:
-        return evaluate(self.model, scorer or self.eval_scorer(), examples, self.cfg.eval.batch_size,
-                        desc=desc, progress=sys.stderr.isatty())
+        """Predictions and metrics; several processes each evaluate batches ``rank, rank + N, ...``
+        (the batches one process would form) and all get the merged result."""
+        scorer, size, world = scorer or self.eval_scorer(), self.cfg.eval.batch_size, self.world
+        result = evaluate(self.model, scorer, world.batch_share(examples, size), size, desc=desc,
+                          progress=sys.stderr.isatty() and world.is_main)
+        if not world.distributed:
+            return result
+        predictions = world.gather_batches(result.predictions, size)
+        return EvalResult(task_metrics(scorer.spec, predictions), predictions, -(-len(examples) // size))
+
+    def compare_params(self, when: str) -> list[str] | None:
+        """Several processes: every rank's SHA-256 of the trainable parameters, a TrainingError
+        if they differ; one process: None (nothing to compare)."""
+        if not self.world.distributed:
+            return None
+        return self.world.compare_digests(weights_sha256(self.named_trainable()), when)
 
 
 def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
@@ -200,67 +218,97 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
     return summary
 
 
-def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) -> dict[str, Any]:
+def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, world: World = SINGLE) -> dict[str, Any]:
     """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir.
 
     Checkpoints every ``train.checkpoint_every`` steps and on SIGTERM/SIGINT (then stops with
-    :class:`RunInterrupted`); the same command on the same ``out`` resumes bit-identically."""
-    run = RunDir(out, overwrite, cfg.to_dict())
+    :class:`RunInterrupted`); the same command on the same ``out`` resumes bit-identically.
+
+    ``world`` (several processes, see zotune.distributed): rank 0 alone writes the run
+    directory; zeroth-order optimizers exchange only their probe losses, first-order ones run
+    under DDP; evaluation is sharded by batches; the ranks compare parameter digests at the
+    start, at every evaluation and at the end."""
+    _check_world(cfg, world)
+    log = log if world.is_main else _quiet
     t_start = time.perf_counter()
-    session = Session.build(cfg, log)
+    # rank 0 first: it owns the run directory; its errors stop every rank once; it alone prints warnings
+    with world.main_first(), _muted(not world.is_main):
+        run = RunDir(out, overwrite, cfg.to_dict()) if world.is_main else None
+        session = Session.build(cfg, log, world=world)
+        opt, fo_opt, zo_params = session.optimizers(log)  # first: a bad precision setup fails before any eval
+        _check_optimizer_world(cfg, world, opt, session)
+        if run is not None:
+            run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
     model, scorer, tcfg = session.model, session.scorer, cfg.train
     metric = session.data.spec.metric
     test = session.test_examples()
-    opt, fo_opt, zo_params = session.optimizers(log)  # first: a bad precision setup fails before any eval
     optimizers = {"optimizer": opt, "fo_optimizer": fo_opt}
-    run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
-    checkpoints = Checkpoints(run.file("checkpoints"), tcfg.checkpoint_every, log)
-    resumed = checkpoints.latest() if run.resuming else None
+    checkpoints = Checkpoints(Path(out) / "checkpoints", tcfg.checkpoint_every, log)
+    resumed = _resume_point(world, run, checkpoints)
     progress = resumed.progress if resumed else Progress()
-    run.keep_records("metrics.jsonl", progress.step)
+    if run is not None:
+        run.keep_records("metrics.jsonl", progress.step)
     if cfg.eval.zero_shot and progress.zero_shot is None:
         before = session.evaluate(test, "zero-shot eval")
-        before.write_predictions(run.file("predictions_zero_shot.jsonl"))
+        if run is not None:
+            before.write_predictions(run.file("predictions_zero_shot.jsonl"))
         progress.zero_shot = before.metrics
     if progress.zero_shot:
         log(f"zero-shot {metric}: {progress.zero_shot[metric]:.4f}")
 
     zo = is_zeroth_order(cfg.optimizer.name)
     lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
-    log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}")
+    log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}"
+        + (f" on {world.size} processes ({tcfg.parallel} parallel)" if world.distributed else ""))
     trajectory = None
-    if zo:
+    if zo and run is not None:
         trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
                                       opt.n_queries * len(opt.blocks()), len(opt.param_groups),
                                       keep=resumed.trajectory_records if resumed else None)
     if resumed:  # after the trajectory header hashed the initial weights
         resumed.restore(session.named_trainable(), optimizers)
         log(f"resuming at step {progress.step} from {resumed.path}")
+    session.compare_params(f"at step {progress.step}")  # several processes: the same start everywhere
 
     train = session.data.train
     if tcfg.objective == "loss":
         objective = scorer.loss
     else:  # MeZO 3.4: minus the batch metric, a non-differentiable objective
         objective = lambda model, batch: scorer.objective(model, batch, tcfg.objective)  # noqa: E731
+    exchange = LossExchange(world, tcfg.parallel) if world.distributed else None
+    ddp_bytes = {"bytes": 0}
+    train_model = data_parallel(model, ddp_bytes) if exchange and not zo else model  # FO: torch's DDP
+    if exchange and zo:
+        opt.loss_reducer = exchange
+    steps_here = 0
     progress.start_clock()
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and world.is_main
     bar = tqdm(range(progress.step, tcfg.steps), desc="train", unit="step", disable=not interactive,
                initial=progress.step, total=tcfg.steps)
     every = max(1, tcfg.steps // 10)  # without a terminal: a plain progress line per tenth
     with stop_on_signal() as stop:
+        if exchange:  # every exchange also carries the stop request: all ranks stop after the same step
+            exchange.stop = lambda: stop.signal is not None
         for step in bar:
-            batch = scorer.encode([train[i] for i in batch_indices(step, tcfg.batch_size, len(train), cfg.seed)])
+            indices = batch_indices(step, tcfg.batch_size, len(train), cfg.seed)
+            if exchange:
+                if tcfg.parallel == "data":  # this rank's shard of the global batch
+                    indices = world.shard(indices)
+                exchange.begin(step + 1, len(indices))
+            batch = scorer.encode([train[i] for i in indices])
             with _out_of_memory_reported(batch):
                 if zo:
                     loss = float(opt.step(lambda: objective(model, batch)))
                     progress.forwards += opt.forwards_per_step
-                    trajectory.append(opt.last_record)
+                    if trajectory is not None:
+                        trajectory.append(opt.last_record)
                     if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
                         _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
                         progress.forwards += 1
                 else:
-                    loss = _first_order_step(opt, model, scorer, batch)
+                    loss = _first_order_step(opt, train_model, scorer, batch, reduce=exchange.reduce if exchange else None)
                     progress.forwards += 1
+            steps_here += 1
             non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
             if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
                 raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {step + 2 - non_finite}"
@@ -272,9 +320,10 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
             record: dict[str, Any] = {}
             if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                 dev = session.evaluate(session.data.dev, "dev eval")
+                session.compare_params(f"after step {step + 1}")
                 record["dev"] = dev.metrics
                 progress.dev.append((step + 1, dev.metrics[metric]))
-            if record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+            if run is not None and (record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
                 record = {
                     "step": step + 1,
                     "loss": loss,
@@ -289,22 +338,25 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
                 dev_note = f", dev {metric} {progress.dev[-1][1]:.3f}" if progress.dev and progress.dev[-1][0] == step + 1 else ""
                 log(f"step {step + 1}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
                     f"{progress.elapsed() / (step + 1):.2f} s/step{dev_note}")
-            if stop.signal or checkpoints.due(step + 1):
-                path = checkpoints.save(progress, session.named_trainable(), optimizers, trajectory)
-                if stop.signal:
+            stopping = exchange.stop_agreed if exchange else stop.signal is not None
+            if stopping or checkpoints.due(step + 1):
+                path = checkpoints.save(progress, session.named_trainable(), optimizers, trajectory) if run else None
+                world.barrier()  # the other ranks wait for rank 0's write here, not in the next exchange
+                if stopping:
                     bar.close()
-                    raise RunInterrupted(f"interrupted ({stop.signal}) at step {step + 1}; checkpoint written to "
-                                         f"{path}; run the same command again to resume")
+                    raise RunInterrupted(f"interrupted ({stop.signal or 'by another process'}) at step {step + 1}; "
+                                         f"checkpoint written to {path}; run the same command again to resume")
     bar.close()
     train_wall = progress.elapsed()
     if trajectory is not None:
         trajectory.close()
-    save_weights(run.file(WEIGHTS), session.named_trainable())
-    if hasattr(model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
-        model.save_pretrained(run.file("adapter"), safe_serialization=True)
+    if run is not None:
+        save_weights(run.file(WEIGHTS), session.named_trainable())
+        if hasattr(model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
+            model.save_pretrained(run.file("adapter"), safe_serialization=True)
 
     after = session.evaluate(test, "final eval")
-    after.write_predictions(run.file("predictions.jsonl"))
+    digests = session.compare_params("at the end")
     zero_shot = progress.zero_shot  # measured in this process or before a resume
     summary = {
         "eval": after.metrics,
@@ -323,6 +375,12 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
+    if exchange:
+        summary.update(world_size=world.size, parallel=tcfg.parallel, rank_param_sha256=digests,
+                       bytes_exchanged_per_step=round((exchange.bytes + ddp_bytes["bytes"]) / max(steps_here, 1), 1))
+    if run is None:
+        return summary
+    after.write_predictions(run.file("predictions.jsonl"))
     run.write_json("summary.json", summary)
     checkpoints.clear()  # finished: nothing left to resume
     plot_training(
@@ -338,6 +396,46 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print) 
     return summary
 
 
+def _quiet(*_: Any) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _muted(mute: bool) -> contextlib.AbstractContextManager:
+    """stderr discarded (ranks other than 0 during setup: the same data warnings as rank 0's);
+    exceptions still propagate and are reported."""
+    return contextlib.redirect_stderr(io.StringIO()) if mute else contextlib.nullcontext()
+
+
+def _check_world(cfg: Config, world: World) -> None:
+    """What several processes refuse before anything loads (ConfigError, one line)."""
+    if not world.distributed:
+        return
+    check_batch(cfg.train.batch_size, world.size, cfg.train.parallel)
+    if cfg.tuning.hybrid.zo_layers is not None:
+        raise ConfigError("tuning.hybrid runs in one process only (its first-order part is not data-parallel yet)")
+
+
+def _check_optimizer_world(cfg: Config, world: World, opt: torch.optim.Optimizer, session: Session) -> None:
+    """What several processes refuse once the optimizer exists (ConfigError, one line)."""
+    if not world.distributed:
+        return
+    if isinstance(opt, ZOOptimizer):
+        check_queries(opt.forwards_per_query * opt.n_queries * len(opt.blocks()), world.size, cfg.train.parallel)
+    elif session.scorer.parameters():
+        raise ConfigError(f"task.align: false with the first-order {cfg.optimizer.name} runs in one process only "
+                          "(its linear head is outside DDP)")
+
+
+def _resume_point(world: World, run: RunDir | None, checkpoints: Checkpoints) -> Checkpoint | None:
+    """Rank 0 picks the checkpoint to resume from (if its run directory is resuming); every rank
+    reads that one (a filesystem shared by the ranks is assumed)."""
+    resumed = checkpoints.latest() if run is not None and run.resuming else None
+    if not world.distributed:
+        return resumed
+    path = world.broadcast(str(resumed.path) if resumed else None)
+    return resumed if world.is_main else (read_checkpoint(Path(path)) if path else None)
+
+
 @contextlib.contextmanager
 def _out_of_memory_reported(batch) -> Iterator[None]:
     """Out of memory on a batch -> one line naming its shape (the usual fix: a smaller one)."""
@@ -350,16 +448,21 @@ def _out_of_memory_reported(batch) -> Iterator[None]:
 
 
 def _first_order_step(
-    opt: torch.optim.Optimizer, model, scorer: Scorer, batch, frozen: list[torch.nn.Parameter] = ()
+    opt: torch.optim.Optimizer, model, scorer: Scorer, batch, frozen: list[torch.nn.Parameter] = (),
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> float:
     """Forward, backward, step. ``frozen`` parameters (hybrid ZO-FO's ZO part) do not require
-    grad meanwhile, so autograd keeps no activations below the first FO layer."""
+    grad meanwhile, so autograd keeps no activations below the first FO layer. ``reduce``
+    (several processes, ``model`` under DDP): the global batch's loss, so that every rank takes
+    the same decision to skip a non-finite step before DDP's backward."""
     for p in frozen:
         p.requires_grad_(False)
     try:
         opt.zero_grad(set_to_none=True)
         loss = scorer.loss(model, batch)
         value = float(loss.detach())
+        if reduce is not None:
+            value = reduce([value])[0]
         if not math.isfinite(value):  # skip, as the ZO optimizers do
             return value
         loss.backward()

@@ -126,14 +126,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (optional), apply ``a.b=value`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key = key.strip()
         # templates such as "{text} It was" would parse as YAML mappings: keep them verbatim
-        _set_dotted(raw, key, value if key.endswith("template") else _parse_value(value))
+        set_dotted(raw, key, value if key.endswith("template") else _parse_value(value))
     return from_dict(raw)
 
 
@@ -146,7 +146,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -171,7 +171,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, _read_yaml, _set_dotted, from_dict
+from ..config import Config, read_yaml, set_dotted, from_dict
 from ..errors import ConfigError
 from ..optim.factory import forwards_per_step
 
@@ -103,7 +103,7 @@ def load_grid(path: str | Path) -> Grid:
     """Read, validate and expand a grid file (ConfigError, one line, naming the problem)."""
     path = Path(path)
     try:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     except ConfigError as err:
         raise ConfigError(str(err).replace("config file", "grid file", 1)) from None
     where = f"grid {path}"
@@ -141,7 +141,7 @@ def _base(value: Any, where: str) -> dict[str, Any]:
     base: dict[str, Any] = {}
     for key, v in _mapping(value, f"{where}: base").items():
         try:
-            _set_dotted(base, str(key), copy.deepcopy(v))
+            set_dotted(base, str(key), copy.deepcopy(v))
         except ConfigError as err:
             raise ConfigError(f"{where}: base: {err}") from None
     return base
@@ -223,10 +223,10 @@ def _cell_config(base: dict[str, Any], combo: dict[str, Any], overrides: list[Ov
     """``base`` with the cell's axis values, then the sets of the overrides that match them."""
     config = copy.deepcopy(base)
     for key, value in combo.items():
-        _set_dotted(config, key, copy.deepcopy(value))
+        set_dotted(config, key, copy.deepcopy(value))
     for override in [o for o in overrides if o.matches(config)]:
         for key, value in override.set.items():
-            _set_dotted(config, key, copy.deepcopy(value))
+            set_dotted(config, key, copy.deepcopy(value))
     return config
 
 

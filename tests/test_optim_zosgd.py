@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from zotune.estimators import SPSA, DirectionSampler, Perturbation
-from zotune.estimators.spsa import direction_key
+from zotune import optim
+from zotune.estimators.spsa import SPSAEstimate, direction_key
 from zotune.optim import ZOSGD
 
 from .conftest import tiny_llama
@@ -41,6 +44,9 @@ def chunking(request, monkeypatch):
             init(self, distribution, chunk_size=256, threads=threads)
 
         monkeypatch.setattr(directions.DirectionSampler, "__init__", small_chunks)
+        # and the tied 128 x 32 embedding / LM head read in blocks of 9 rows, as a real model's
+        monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)
+        monkeypatch.setattr(Perturbation, "block_numel", 300)
     return request.param
 
 
@@ -214,16 +220,18 @@ def test_only_trainable_params_and_groups_with_lr_move(tiny_batch):
     assert len(moved) == sum(1 for p in rest if p.requires_grad)
 
 
-def test_no_parameter_sized_temporaries(tiny_batch):
-    """Pooled perturbation buffers never exceed two parameters' worth (an op's weight and bias)."""
+def test_no_model_sized_temporaries(tiny_batch, monkeypatch):
+    """Pooled perturbation buffers never exceed the build-ahead budget plus two parameters'
+    worth (an op's weight and bias), far from a copy of the model."""
     model = tiny_llama()
-    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
-    opt.step(closure_for(model, tiny_batch))
-    pooled = sum(b.numel() for bufs in opt.estimator._pool._free.values() for b in bufs)
     sizes = sorted((p.numel() for p in model.parameters()), reverse=True)
-    total = sum(sizes)
-    assert 0 < pooled <= 2 * sum(sorted(set(sizes), reverse=True)[:4])
-    assert pooled < total
+    monkeypatch.setattr(Perturbation, "ahead_numel", 2 * sizes[0])
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
+    for _ in range(2):  # the second step builds ahead (it knows the order of use)
+        opt.step(closure_for(model, tiny_batch))
+    pooled = sum(b.numel() for bufs in opt.estimator._pool._free.values() for b in bufs)
+    assert 0 < pooled <= Perturbation.ahead_numel + 2 * sum(sorted(set(sizes), reverse=True)[:4])
+    assert pooled < sum(sizes) / 2
 
 
 @pytest.mark.parametrize(
@@ -253,7 +261,8 @@ def test_rademacher_directions_are_signs():
     assert abs(float(z.mean())) < 0.1
 
 
-def test_tied_weights_are_built_once_per_probe_after_the_first(tiny_batch):
+def test_tied_weights_are_built_once_per_probe_after_the_first(tiny_batch, monkeypatch):
+    monkeypatch.setattr(Perturbation, "large_numel", 1 << 62)  # built whole, not read in blocks
     model = tiny_llama()
     opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
     n_params = len(list(model.parameters()))  # the tied embedding/head counts once
@@ -290,3 +299,90 @@ def test_metadata_reads_do_not_build_perturbed_copies():
         assert pert.materializations == 1
     z = DirectionSampler("gaussian").full(12, 1).view(4, 3)
     torch.testing.assert_close(t, (w.detach() + 0.5 * z).T, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_large_weights_read_in_blocks_give_the_same_values(tied, monkeypatch):
+    """An embedding / LM head read row by row and block by block (never built whole) gives the
+    outputs of building it whole, for sums of several directions too: the embedded rows
+    bit-identical, the logits up to the matmul's summation order (blocks may take another kernel)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    params = list(model.parameters())
+    ids = torch.randint(0, 300, (3, 11))
+    sampler = DirectionSampler("gaussian", chunk_size=1000)  # rows of 32 straddle chunk ends
+    terms = [[(i + 7, 0.01), (i + 99, -0.003)] for i in range(len(params))]
+
+    def probe(large_numel: int):
+        monkeypatch.setattr(Perturbation, "large_numel", large_numel)
+        monkeypatch.setattr(Perturbation, "block_numel", 700)
+        pool_sizes = []
+        pert = Perturbation(params, terms, sampler)
+        take = pert.pool.take
+        pert.pool.take = lambda n, *a: pool_sizes.append(n) or take(n, *a)
+        embedded = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: embedded.append(out))
+        with torch.no_grad(), pert:
+            logits = model(input_ids=ids).logits
+        hook.remove()
+        return embedded[0], logits, max(pool_sizes)
+
+    whole_rows, whole, whole_peak = probe(1 << 62)
+    block_rows, blocks, blocks_peak = probe(300 * 32)
+    assert torch.equal(whole_rows, block_rows)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+    unperturbed = model(input_ids=ids).logits
+    assert (unperturbed - whole).abs().max() > 1e-3  # the perturbation shows in the logits
+    assert whole_peak == 300 * 32 and blocks_peak < 300 * 32  # never the whole 300 x 32 matrix
+
+
+@pytest.mark.parametrize("name", ["ZOAdam", "ZOSGDMomentum", "ZOSGDSign"])
+def test_streamed_updates_equal_the_whole_tensor_formulas(name):
+    """The rules that read grad_hat chunk by chunk move each parameter exactly as the formula
+    on the whole estimate (materialised) does, over several steps and two queries."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(2500))
+    x = torch.randn(2500)
+    opt = getattr(optim, name)([w], lr=1e-2, eps=1e-3, n_queries=2, weight_decay=0.1)
+    opt.estimator.sampler = DirectionSampler("gaussian", chunk_size=1000)
+    expected = w.detach().clone()
+    m, v = torch.zeros(2500), torch.zeros(2500)
+    for t in range(1, 4):
+        opt.step(lambda: (w * x).sum().pow(2))
+        record = opt.last_record
+        estimate = SPSAEstimate(record.query_seeds, record.projected_grads, 0.0, [], opt.estimator.sampler)
+        g = estimate.materialize(0, torch.empty(2500))
+        expected.mul_(1 - 1e-2 * 0.1)
+        if name == "ZOAdam":
+            m.mul_(0.9).add_(g, alpha=0.1)
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+            denom = v.sqrt().div_(math.sqrt(1 - 0.999**t)).add_(1e-8)
+            expected.addcdiv_(m, denom, value=-1e-2 / (1 - 0.9**t))
+        elif name == "ZOSGDMomentum":
+            m.mul_(0.9).add_(g)
+            expected.add_(m, alpha=-1e-2)
+        else:
+            expected.add_(g.sign(), alpha=-1e-2)
+        assert torch.equal(w.detach(), expected)
+
+
+def test_building_ahead_changes_no_value(tiny_batch, monkeypatch):
+    """Parameters built ahead, several at once on two threads, give the weights of building
+    each one when its op comes, bit for bit."""
+    def run(ahead: int) -> tuple[list[torch.Tensor], int]:
+        monkeypatch.setattr(Perturbation, "ahead_numel", ahead)
+        model = tiny_llama()
+        opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2, seed=5)
+        waiting = []  # copies built ahead and not yet used, after each build
+        build = Perturbation.build
+        monkeypatch.setattr(Perturbation, "build", lambda self, pid: (build(self, pid), waiting.append(len(self._ahead)))[0])
+        for _ in range(3):
+            opt.step(closure_for(model, tiny_batch))
+        return snapshot(model), max(waiting)
+
+    one_at_a_time, most = run(0)
+    ahead, most_ahead = run(1 << 20)
+    assert most == 0 and most_ahead > 1
+    assert identical(one_at_a_time, ahead)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_
 class ModelConfig:
     name: str = "smollm2-135m"
     dtype: str = "float32"
+    device: str = "auto"  # auto (cuda when torch sees one, else cpu), cpu, cuda, cuda:N, mps
+    device_map: str | None = None  # e.g. "auto": transformers/accelerate place the layers over the GPUs
 
 
 @dataclass
@@ -257,10 +260,15 @@ def _type_name(typ: Any) -> str:
 # -- validation ----------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone do not express."""
-    from .models.loader import resolve_dtype
+    from .models.loader import resolve_device, resolve_dtype
     from .optim.factory import optimizer_names
 
     resolve_dtype(cfg.model.dtype)
+    _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.model.device)), "model.device",
+             "must be auto, cpu, mps, cuda or cuda:N", cfg.model.device)
+    _require(cfg.model.device_map is None or cfg.model.device == "auto", "model.device_map",
+             "places the model itself; leave model.device at auto", cfg.model.device_map)
+    resolve_device(cfg.model.device)  # cuda asked for, none seen: say so before loading anything
     if cfg.tuning.scheme not in SCHEMES:
         raise ConfigError(
             f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"

@@ -89,13 +89,11 @@ class DirectionSampler:
 
         On an accelerator z comes from that device's generator: the same key gives the same z
         on every run of that device type, not the same values as on the CPU."""
-        per_device = self._local.__dict__.setdefault("per_device", {})
-        if device not in per_device:
-            per_device[device] = [torch.Generator(device=device), torch.empty(0, device=device)]
-        gen, scratch = per_device[device]
-        if scratch.numel() < length:
-            scratch = per_device[device][1] = torch.empty(length, dtype=torch.float32, device=device)
-        z = scratch[:length]
+        generators = self._local.__dict__.setdefault("generators", {})
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        gen = generators[device]
+        z = self._scratch("z", length, device)
         gen.manual_seed(mix(key, index))
         if self.distribution == "gaussian":
             z.normal_(generator=gen)
@@ -106,6 +104,14 @@ class DirectionSampler:
             z.copy_(z < self.fraction)
         return z
 
+    def _scratch(self, name: str, length: int, device: torch.device) -> torch.Tensor:
+        """This thread's reused float32 buffer ``name`` on ``device``, at least ``length`` long."""
+        buffers = self._local.__dict__.setdefault("scratch", {})
+        buf = buffers.get((name, device))
+        if buf is None or buf.numel() < length:
+            buf = buffers[(name, device)] = torch.empty(length, dtype=torch.float32, device=device)
+        return buf[:length]
+
     def _ranges(self, numel: int) -> list[tuple[int, int, int]]:
         return [(i, s, min(s + self.chunk_size, numel)) for i, s in enumerate(range(0, numel, self.chunk_size))]
 
@@ -113,24 +119,82 @@ class DirectionSampler:
         for index, start, stop in self._ranges(numel):
             yield start, stop, self._fill(key, index, stop - start, device)
 
-    def apply(self, numel: int, key: int, fn: ChunkFn, device: torch.device = _CPU) -> None:
+    def apply(
+        self, numel: int, key: int, fn: ChunkFn, device: torch.device = _CPU, span: tuple[int, int] | None = None
+    ) -> None:
+        """``fn(start, stop, z[start:stop])`` chunk by chunk; with ``span=(a, b)``, only over the
+        elements ``[a, b)`` (the chunks that overlap them, clipped: the same values as without)."""
+        a, b = span if span is not None else (0, numel)
+
+        def one(index: int, start: int, stop: int) -> None:
+            z = self._fill(key, index, stop - start, device)
+            lo, hi = max(start, a), min(stop, b)
+            fn(lo, hi, z[lo - start : hi - start])
+
+        self._run(numel, one, device, span)
+
+    def apply_sum(self, numel: int, terms: list[tuple[int, float]], fn: ChunkFn, device: torch.device = _CPU) -> None:
+        """Like :meth:`apply`, for ``sum_j weight_j * z(key_j)`` over ``terms`` (``(key, weight)``
+        pairs, summed in order from zero): ``fn(start, stop, chunk_of_the_sum)``, the chunk a
+        reused float32 scratch. Element for element the same sum as adding the directions one
+        after the other into a zeroed parameter-sized buffer, with chunk-sized memory instead."""
+
+        def one(index: int, start: int, stop: int) -> None:
+            acc = self._scratch("sum", stop - start, device)
+            acc.zero_()
+            for key, weight in terms:
+                acc.add_(self._fill(key, index, stop - start, device), alpha=weight)
+            fn(start, stop, acc)
+
+        self._run(numel, one, device)
+
+    def _run(
+        self, numel: int, work: Callable[[int, int, int], None], device: torch.device, span: tuple[int, int] | None = None
+    ) -> None:
+        """``work(index, start, stop)`` for every chunk (that overlaps ``span``), on ``threads``
+        threads when that helps."""
         ranges = self._ranges(numel)
-        # within torch's thread budget: OMP_NUM_THREADS=1 (e.g. one of several processes) is serial
-        if min(self.threads, torch.get_num_threads()) == 1 or len(ranges) == 1 or device.type != "cpu":
-            for index, start, stop in ranges:
-                fn(start, stop, self._fill(key, index, stop - start, device))
+        if span is not None:
+            ranges = [r for r in ranges if r[2] > span[0] and r[1] < span[1]]
+        if len(ranges) == 1 or device.type != "cpu" or not self._parallel():
+            for r in ranges:
+                work(*r)
             return
+        self._map(lambda r: work(*r), ranges)
+
+    def run_jobs(self, jobs: list[Callable[[], None]]) -> None:
+        """Run independent CPU jobs (e.g. one parameter's perturbed copy or update each) on the
+        threads, in the order given; inside a job, chunks run one after the other. Values do
+        not depend on this: every chunk comes from its own key."""
+        if len(jobs) <= 1 or not self._parallel():
+            for job in jobs:
+                job()
+            return
+
+        def run(job: Callable[[], None]) -> None:
+            self._local.serial = True  # no nested parallelism: this thread is one of the pool
+            try:
+                job()
+            finally:
+                self._local.serial = False
+
+        self._map(run, jobs)
+
+    def _parallel(self) -> bool:
+        """Whether to spread work over threads: not inside a pool thread, and within torch's
+        thread budget (OMP_NUM_THREADS=1, e.g. one of several processes, is serial)."""
+        return not getattr(self._local, "serial", False) and min(self.threads, torch.get_num_threads()) > 1
+
+    def _map(self, fn: Callable[[object], None], items: list) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-z")
-
         grad_enabled = torch.is_grad_enabled()  # grad mode is thread-local: carry it over
 
-        def run(r: tuple[int, int, int]) -> None:
-            index, start, stop = r
+        def run(item: object) -> None:
             with torch.set_grad_enabled(grad_enabled):
-                fn(start, stop, self._fill(key, index, stop - start, device))
+                fn(item)
 
-        for _ in self._executor.map(run, ranges):  # re-raises a worker's exception here
+        for _ in self._executor.map(run, items):  # re-raises a worker's exception here
             pass
 
     def __getstate__(self) -> dict:

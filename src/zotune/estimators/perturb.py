@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .directions import DirectionSampler
@@ -87,6 +88,9 @@ class Perturbation:
     """
 
     recycle = True  # built tensors go back to the pool once no output aliases them
+    # a 2-D parameter this large is read by F.embedding / F.linear in blocks, never built whole
+    large_numel = 8 * (1 << 20)
+    block_numel = 1 << 21  # elements of one block of rows: two chunks of z, drawn on two threads
 
     def __init__(
         self,
@@ -95,11 +99,18 @@ class Perturbation:
         sampler: DirectionSampler,
         pool: _BufferPool | None = None,
         reuse: frozenset[int] = frozenset(),
+        order: tuple[int, ...] = (),
     ):
         self._targets = {id(p): (p, [t for t in ts if t[1] != 0]) for p, ts in zip(params, terms)}
         self.reuse = reuse
         self.uses: dict[int, int] = defaultdict(int)
         self._kept: dict[int, torch.Tensor] = {}
+        # build-ahead: ``order`` is the previous probe's order of first use (parameter ids);
+        # ``first_use`` records this probe's, for the next one
+        self._position = {pid: pos for pos, pid in enumerate(order)}
+        self._order = order
+        self._ahead: dict[int, torch.Tensor] = {}
+        self.first_use: list[int] = []
         self.sampler = sampler
         self.pool = pool if pool is not None else _BufferPool()
         self.materializations = 0
@@ -114,27 +125,99 @@ class Perturbation:
         sampler: DirectionSampler,
         pool: _BufferPool | None = None,
         reuse: frozenset[int] = frozenset(),
+        order: tuple[int, ...] = (),
     ) -> Perturbation:
         """``params[i] + scale * z(keys[i])``: one direction, one scale."""
-        return cls(params, [[(k, scale)] for k in keys], sampler, pool, reuse)
+        return cls(params, [[(k, scale)] for k in keys], sampler, pool, reuse, order)
 
-    def materialize(self, p: torch.Tensor, terms: Terms) -> torch.Tensor:
-        """``p + sum(scale * z)`` in p's dtype, built chunk by chunk into a pooled buffer."""
+    def materialize(self, p: torch.Tensor, terms: Terms, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """``p + sum(scale * z)`` in p's dtype, built chunk by chunk into a pooled buffer; with
+        ``span=(a, b)``, only the flat elements ``[a, b)`` (a flat tensor)."""
         if not terms:
             return p
+        a, b = span if span is not None else (0, p.numel())
+        buf = self.pool.take(b - a, p.dtype, p.device)
+        self._fill(buf, p, terms, a, b)
+        self.materializations += 1
+        return buf if span is not None else buf.view(p.shape)
+
+    def _fill(self, buf: torch.Tensor, p: torch.Tensor, terms: Terms, a: int, b: int) -> None:
+        """``buf = (p + sum(scale * z))[a:b]`` (flat), the terms added one after the other."""
         if not p.is_contiguous():
             raise ValueError("zotune perturbs contiguous parameters only")
-        buf = self.pool.take(p.numel(), p.dtype, p.device)
-        src = p.detach().view(-1)
+        src = p.detach().view(-1)[a:b]
         for key, scale in terms:
 
             def perturb(start: int, stop: int, z: torch.Tensor, src=src, scale=scale) -> None:
-                torch.add(src[start:stop], z, alpha=scale, out=buf[start:stop])
+                torch.add(src[start - a : stop - a], z, alpha=scale, out=buf[start - a : stop - a])
 
-            self.sampler.apply(p.numel(), key, perturb, p.device)
+            self.sampler.apply(p.numel(), key, perturb, p.device, (a, b))
             src = buf
+
+    ahead_numel = 4 * (1 << 20)  # perturbed copies built ahead at once, in elements (~a layer)
+
+    def build(self, pid: int) -> torch.Tensor:
+        """The perturbed copy of parameter ``pid`` for an op. When the previous probe's order of
+        use is known, the parameters used next (up to ``ahead_numel`` elements) are built with
+        it, several at once on the sampler's threads, and handed out as their ops come."""
+        if pid in self._ahead:
+            return self._ahead.pop(pid)
+        p, terms = self._targets[pid]
+        pos = self._position.get(pid)
+        if pos is None or p.device.type != "cpu":
+            return self.materialize(p, terms)
+        batch, total = [], 0
+        for nxt in self._order[pos:]:
+            q, q_terms = self._targets.get(nxt, (None, None))
+            if q is None or not q_terms or nxt in self.reuse or nxt in self._ahead or q.device.type != "cpu":
+                continue
+            if batch and (total + q.numel() > self.ahead_numel or self._is_large(q)):
+                break
+            batch.append(nxt)
+            total += q.numel()
+        params = {q: self._targets[q][0] for q in batch}
+        bufs = {q: self.pool.take(w.numel(), w.dtype, w.device) for q, w in params.items()}  # on this thread
+        by_size = sorted(batch, key=lambda q: -params[q].numel())  # largest first: balanced threads
+        self.sampler.run_jobs([lambda q=q: self._fill(bufs[q], *self._targets[q], 0, params[q].numel()) for q in by_size])
+        self.materializations += len(batch)
+        for q in batch[1:]:
+            self._ahead[q] = bufs[q].view(params[q].shape)
+        return bufs[pid].view(p.shape)
+
+    def rows(self, p: torch.Tensor, terms: Terms, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of the perturbed 2-D ``p``, ``[len(rows), cols]``: the same values as
+        ``materialize(p, terms)[rows]``, in memory for the rows only (z still comes chunk by chunk)."""
+        cols = p.shape[1]
+        idx = (rows[:, None] * cols + torch.arange(cols, device=p.device)).view(-1)
+        out = p.detach().view(-1)[idx]
+        z = torch.empty(idx.numel(), dtype=torch.float32, device=p.device)
+        for key, scale in terms:
+
+            def pick(start: int, stop: int, chunk: torch.Tensor) -> None:
+                sel = ((idx >= start) & (idx < stop)).nonzero().view(-1)
+                z[sel] = chunk[idx[sel] - start]
+
+            self.sampler.apply(p.numel(), key, pick, p.device)
+            torch.add(out, z, alpha=scale, out=out)
         self.materializations += 1
-        return buf.view(p.shape)
+        return out.view(-1, cols)
+
+    def _is_large(self, p: torch.Tensor) -> bool:
+        """A 2-D parameter large enough (an embedding, an LM head) to be worth never building whole."""
+        return self.recycle and p.ndim == 2 and p.numel() >= self.large_numel
+
+    def large(self, arg: object) -> tuple[torch.Tensor, Terms] | None:
+        """``(param, terms)`` if ``arg`` is a perturbed large parameter (counted as a use); else None."""
+        target = self._targets.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+        if target and target[1] and self._is_large(target[0]):
+            self._note_use(id(arg))
+            return target
+        return None
+
+    def _note_use(self, pid: int) -> None:
+        if pid not in self.uses:
+            self.first_use.append(pid)
+        self.uses[pid] += 1
 
     def __enter__(self) -> Perturbation:
         self._mode = _PerturbMode(self)
@@ -146,9 +229,10 @@ class Perturbation:
         self._mode.__exit__(*exc)
         self._mode = None
         if self.recycle:
-            for buf in self._kept.values():
+            for buf in [*self._kept.values(), *self._ahead.values()]:
                 self.pool.give(buf.view(-1))
         self._kept.clear()
+        self._ahead.clear()
 
 
 class _PerturbMode(TorchFunctionMode):
@@ -162,14 +246,14 @@ class _PerturbMode(TorchFunctionMode):
             target = self.p._targets.get(pid)
             if target is None:
                 return arg
-            self.p.uses[pid] += 1
+            self.p._note_use(pid)
             if not target[1]:  # nothing to add: the parameter as it is
                 return arg
             if pid in self.p.reuse:
                 if pid not in self.p._kept:
                     self.p._kept[pid] = self.p.materialize(*target)
                 return self.p._kept[pid]
-            buf = self.p.materialize(*target)
+            buf = self.p.build(pid) if self.p.recycle else self.p.materialize(*target)
             built.append(buf)
             return buf
         if isinstance(arg, (list, tuple)) and any(id(a) in self.p._targets for a in arg):
@@ -180,6 +264,11 @@ class _PerturbMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if _reads_metadata_only(func):
             return func(*args, **kwargs)
+        if func is F.embedding and len(args) >= 2 and not kwargs.get("max_norm") and (target := self.p.large(args[1])):
+            return self._embedding(args[0], *target)
+        if func is F.linear and len(args) >= 2 and (target := self.p.large(args[1])):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return self._linear(args[0], *target, bias)
         built: list[torch.Tensor] = []
         args = tuple(self._swap(a, built) for a in args)
         if kwargs:
@@ -189,6 +278,29 @@ class _PerturbMode(TorchFunctionMode):
             for buf in built:
                 if not _may_alias(out, buf.untyped_storage().data_ptr()):
                     self.p.pool.give(buf.view(-1))
+        return out
+
+
+    def _embedding(self, ids: torch.Tensor, p: torch.Tensor, terms: Terms) -> torch.Tensor:
+        """``F.embedding(ids, p + eps*z)`` from the perturbed rows that ``ids`` names only."""
+        rows, where = torch.unique(ids, return_inverse=True)
+        return F.embedding(where, self.p.rows(p, terms, rows))
+
+    def _linear(self, x: torch.Tensor, p: torch.Tensor, terms: Terms, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, p + eps*z, bias)`` block of output features by block: one block of the
+        perturbed weight in memory at a time."""
+        built: list[torch.Tensor] = []
+        bias = self._swap(bias, built) if bias is not None else None
+        n_out, n_in = p.shape
+        block = max(1, self.p.block_numel // n_in)
+        out = torch.empty(*x.shape[:-1], n_out, dtype=torch.result_type(x, p), device=x.device)
+        for r0 in range(0, n_out, block):
+            r1 = min(r0 + block, n_out)
+            w = self.p.materialize(p, terms, (r0 * n_in, r1 * n_in))
+            out[..., r0:r1] = F.linear(x, w.view(r1 - r0, n_in), None if bias is None else bias[r0:r1])
+            self.p.pool.give(w)
+        for buf in built:
+            self.p.pool.give(buf.view(-1))
         return out
 
 

@@ -87,11 +87,24 @@ class SPSAEstimate:
         for seed, w in self.terms(param_index):
             self.sampler.apply(numel, direction_key(seed, param_index), lambda s, e, z, w=w: fn(s, e, w, z), device)
 
+    def stream(
+        self,
+        param_index: int,
+        numel: int,
+        fn: Callable[[int, int, torch.Tensor], None],
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
+        """Call ``fn(start, stop, grad_chunk)`` with grad_hat of one parameter, chunk by chunk
+        (float32, summed over its directions; chunks may run concurrently): an update rule
+        that needs the whole estimate at each coordinate, with chunk-sized memory."""
+        assert self.sampler is not None
+        terms = [(direction_key(seed, param_index), w) for seed, w in self.terms(param_index)]
+        self.sampler.apply_sum(numel, terms, fn, device)
+
     def materialize(self, param_index: int, out: torch.Tensor) -> torch.Tensor:
         """Write grad_hat for one parameter into ``out`` (float32, flat or shaped)."""
         flat = out.view(-1)
-        flat.zero_()
-        self.apply(param_index, flat.numel(), lambda s, e, w, z: flat[s:e].add_(z, alpha=w), out.device)
+        self.stream(param_index, flat.numel(), lambda s, e, g: flat[s:e].copy_(g), out.device)
         return out
 
 
@@ -112,6 +125,7 @@ class SPSA:
         self.sampler = sampler if sampler is not None else DirectionSampler(distribution)
         self._pool = _BufferPool()
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
+        self._order: tuple[int, ...] = ()  # params in the order the last probe first used them
         self.materializations = 0
 
     def estimate(
@@ -149,8 +163,9 @@ class SPSA:
     ) -> float:
         """The closure's loss at x + scale*z on the parameters at positions ``chosen``."""
         terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
-        with Perturbation(params, terms, self.sampler, self._pool, self._reuse) as pert:
+        with Perturbation(params, terms, self.sampler, self._pool, self._reuse, self._order) as pert:
             loss = loss_value(closure())
         self.materializations += pert.materializations
         self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
+        self._order = tuple(pert.first_use)
         return loss

@@ -49,23 +49,43 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode, in ``dtype`` on ``device``, without KV cache.
 
     ``name``: ``"smollm2-135m"`` (embedded, offline; also ``"default"``), a ``.gguf`` file, a
     local HF model directory, or a Hugging Face hub id (online or already in the HF cache).
+    ``device``: ``"auto"`` is cuda when torch sees a GPU, else cpu. ``device_map`` (e.g.
+    ``"auto"``) is passed to ``from_pretrained``, which places the layers itself (accelerate);
+    ``device`` is then ignored.
     """
     dtype = resolve_dtype(dtype)
-    model, tokenizer = _from_pretrained(_resolve_source(name), dtype, name)
+    placement = {"device_map": device_map} if device_map is not None else {}
+    model, tokenizer = _from_pretrained(_resolve_source(name), dtype, name, **placement)
     model.to(dtype)
-    model.to(device)
+    if device_map is None:
+        model.to(resolve_device(device))
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: the current CUDA device when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {device}, but torch sees no CUDA device (use auto or cpu)")
+    return torch.device(device)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model reads its token ids (its input embedding's device)."""
+    return model.get_input_embeddings().weight.device
 
 
 def embedded_gguf() -> Path:

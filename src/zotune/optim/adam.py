@@ -14,9 +14,12 @@ class ZOAdam(ZOOptimizer):
     """Adam on ``grad_hat``: ``m, v`` (float32) with bias correction,
     ``x <- x - lr * m_hat / (sqrt(v_hat) + adam_eps)`` (plus weight decay, decoupled).
 
-    Memory: weights + two float32 moments, nothing more. ``eps`` stays the perturbation scale;
-    Adam's own epsilon is ``adam_eps``.
+    Memory: weights + two float32 moments, nothing more: the estimate and Adam's denominator
+    are formed chunk by chunk. ``eps`` stays the perturbation scale; Adam's own epsilon is
+    ``adam_eps``.
     """
+
+    elementwise = True
 
     def __init__(
         self,
@@ -39,12 +42,18 @@ class ZOAdam(ZOOptimizer):
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
         b1, b2 = group["betas"]
-        g = self.gradient(p, index, estimate)
-        m, v = self.buffer(state, "exp_avg", p), self.buffer(state, "exp_avg_sq", p)
+        m, v = self.buffer(state, "exp_avg", p).view(-1), self.buffer(state, "exp_avg_sq", p).view(-1)
         state["step"] = state.get("step", 0) + 1
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
         step_size = group["lr"] / (1 - b1 ** state["step"])
-        denom = v.sqrt().div_(math.sqrt(1 - b2 ** state["step"])).add_(group["adam_eps"])
-        self.decay(p, group)
-        p.addcdiv_(m, denom, value=-step_size)
+        bias2 = math.sqrt(1 - b2 ** state["step"])
+        flat = p.view(-1)
+
+        def chunk(start: int, stop: int, g: torch.Tensor) -> None:
+            mc, vc, pc = m[start:stop], v[start:stop], flat[start:stop]
+            mc.mul_(b1).add_(g, alpha=1 - b1)
+            vc.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = vc.sqrt().div_(bias2).add_(group["adam_eps"])
+            self.decay(pc, group)
+            pc.addcdiv_(mc, denom, value=-step_size)
+
+        estimate.stream(index, p.numel(), chunk, p.device)

@@ -52,6 +52,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Base class: SPSA estimate, then ``update_param`` for every trainable parameter."""
 
     forwards_per_query = 2
+    # update_param touches only its own parameter and state, elementwise: parameters may be
+    # updated concurrently (rules with matrix maths, e.g. Newton-Schulz, set False)
+    elementwise = False
 
     def __init__(
         self,
@@ -188,9 +191,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     ) -> dict[str, Any] | None:
         """Apply the update rule to every trainable parameter of a group with lr != 0.
         Returns optimizer-specific scalars for the step's record (None: nothing)."""
-        for index, p, group in trainable:
-            if group["lr"] != 0:
-                self.update_param(p, index, estimate, group, self.state[p])
+        moving = [(index, p, group, self.state[p]) for index, p, group in trainable if group["lr"] != 0]
+        if not self.elementwise or any(p.device.type != "cpu" for _, p, _, _ in moving):
+            for index, p, group, state in moving:
+                self.update_param(p, index, estimate, group, state)
+            return None
+        # independent parameters on the CPU: several at once, largest first (for balance)
+        moving.sort(key=lambda m: -m[1].numel())
+        self.estimator.sampler.run_jobs([lambda m=m: self.update_param(m[1], m[0], estimate, m[2], m[3]) for m in moving])
         return None
 
     def update_param(
@@ -205,15 +213,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         """MeZO's weight decay, folded into the step: x <- x * (1 - lr * weight_decay)."""
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-
-    def gradient(self, p: torch.Tensor, index: int, estimate: SPSAEstimate) -> torch.Tensor:
-        """grad_hat for one parameter, float32, in a scratch buffer reused across parameters
-        of the same size (valid until the next call): O(largest parameter) memory."""
-        scratch = self.__dict__.setdefault("_grad_scratch", {})
-        key = (p.numel(), p.device)
-        if key not in scratch:
-            scratch[key] = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
-        return estimate.materialize(index, scratch[key]).view(p.shape)
 
     @staticmethod
     def buffer(state: dict, name: str, p: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ class ZOSGDMomentum(ZOOptimizer):
     trainable parameters.
     """
 
+    elementwise = True
+
     def __init__(
         self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9,
         *, defaults: dict[str, Any] | None = None, **options,
@@ -29,7 +31,9 @@ class ZOSGDMomentum(ZOOptimizer):
     def accumulate(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> torch.Tensor:
         """``m <- momentum * m + grad_hat`` for one parameter; returns m (float32)."""
         m = self.buffer(state, "momentum_buffer", p)
-        return m.mul_(group["momentum"]).add_(self.gradient(p, index, estimate))
+        flat = m.view(-1)
+        estimate.stream(index, p.numel(), lambda s, e, g: flat[s:e].mul_(group["momentum"]).add_(g), p.device)
+        return m
 
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict

@@ -26,6 +26,8 @@ class ZOMuon(ZOSGDMomentum):
     AdamW at its own lr); otherwise ``lr``.
     """
 
+    elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
+
     def __init__(
         self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.95, ns_steps: int = 5,
         plain_lr: float | None = None, **options,

@@ -24,6 +24,8 @@ class ZOSGD(ZOOptimizer):
         weight_decay: L2 penalty folded into the update, as in MeZO.
     """
 
+    elementwise = True
+
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:

@@ -15,8 +15,15 @@ class ZOSGDSign(ZOOptimizer):
     smaller than for ZOSGD (ZO-Bench uses ~1e-7 for full fine-tuning of OPT).
     """
 
+    elementwise = True
+
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
-        self.decay(p, group)
-        p.add_(self.gradient(p, index, estimate).sign_(), alpha=-group["lr"])
+        flat = p.view(-1)
+
+        def chunk(start: int, stop: int, g: torch.Tensor) -> None:
+            self.decay(flat[start:stop], group)
+            flat[start:stop].add_(g.sign_(), alpha=-group["lr"])
+
+        estimate.stream(index, p.numel(), chunk, p.device)

@@ -11,6 +11,7 @@ take a run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
@@ -43,6 +45,12 @@ def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, ov
     steps = len(records) if step is None else step
     if not 0 <= steps <= len(records):
         raise DataError(f"--step {step} is outside the trajectory, which has {len(records)} steps")
+    recorded = header.get("device_type", "cpu")
+    if "+" not in recorded:  # replay on the device type that drew the directions (one type)
+        if recorded == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"run {src} was trained on {recorded}, whose random directions only {recorded} "
+                            f"draws again; this machine has no {recorded} device")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=recorded, device_map=None))
     run = RunDir(out, overwrite)
     session = Session.build(cfg, log, with_data=False)
     named = session.named_trainable()

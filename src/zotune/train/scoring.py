@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..models.loader import input_device
 from ..tasks import Example, TaskSpec
 from .metrics import answer_metrics, label_metrics
 
@@ -146,7 +147,8 @@ class ChoiceScorer(PromptScorer):
 
     def loss(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
         """Cross-entropy over the candidates' scores."""
-        return F.cross_entropy(self.scores(model, batch), batch.labels)
+        scores = self.scores(model, batch)
+        return F.cross_entropy(scores, batch.labels.to(scores.device))
 
     def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
         scores = self.scores(model, batch)
@@ -185,7 +187,7 @@ class HeadScorer(ChoiceScorer):
         return self.encode_prompts(examples)
 
     def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
-        return self.head(last_hidden(model, batch).float())
+        return self.head(last_hidden(model, batch).float().to(self.head.weight.device))
 
 
 class AnswerScorer(PromptScorer):
@@ -208,14 +210,15 @@ class AnswerScorer(PromptScorer):
     def loss(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
         """Mean over examples of the answer's per-token negative log-likelihood."""
         per_token = continuation_logprobs(model, batch)
-        return -(per_token.sum(-1) / batch.target_mask.sum(-1).clamp(min=1)).mean()
+        return -(per_token.sum(-1) / batch.target_mask.to(per_token.device).sum(-1).clamp(min=1)).mean()
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, examples: list[Example]) -> list[str]:
         """Greedy decoding of at most ``max_new_tokens``, cut at the first newline."""
         budget = max(1, self.max_length)
         input_ids, attention, _ = left_pad([self.prompt_ids(ex)[-budget:] for ex in examples], self.pad_id)
-        out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+        device = input_device(model)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
                              max_new_tokens=self.spec.max_new_tokens, pad_token_id=self.pad_id,
                              stop_strings=["\n"], tokenizer=self.tokenizer)
         texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
@@ -254,7 +257,7 @@ def _gather_rows(per_row: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
     n_examples = len(batch.examples)
     width = int(batch.row_choice.max()) + 1
     out = per_row.new_full((n_examples, width), float("-inf"))
-    return out.index_put((batch.row_example, batch.row_choice), per_row)
+    return out.index_put((batch.row_example.to(out.device), batch.row_choice.to(out.device)), per_row)
 
 
 def continuation_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
@@ -263,7 +266,8 @@ def continuation_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> torch.
     # logits at position t predict token t+1: the K continuation tokens are predicted by the K
     # positions before the last one.
     logp = lm_logits(model, batch, keep=k + 1)[:, -k - 1 : -1, :].float().log_softmax(-1)
-    return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+    targets, mask = batch.targets.to(logp.device), batch.target_mask.to(logp.device)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
 
 
 def lm_logits(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> torch.Tensor:
@@ -278,10 +282,12 @@ def last_hidden(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
 
 
 def _inputs(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> dict:
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    """The forward's keyword arguments, on the device where the model reads its tokens."""
+    device = input_device(model)
+    kwargs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
     params = _forward_params(model)
     if "position_ids" in params:
-        kwargs["position_ids"] = batch.position_ids
+        kwargs["position_ids"] = batch.position_ids.to(device)
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
     return kwargs

@@ -89,7 +89,8 @@ class Session:
             data = load_task(spec, seed=cfg.seed)
             log(f"task {spec.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test examples")
         t0 = time.perf_counter()
-        model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
+        model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
+                                      device_map=cfg.model.device_map)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -156,6 +157,8 @@ class Session:
             "optimizer": dataclasses.asdict(cfg.optimizer),
             "seed": cfg.seed,
             "initial_sha256": weights_sha256(self.named_trainable()),
+            # z is drawn by each device type's own generator: a replay must run on the same type
+            "device_type": "+".join(sorted({p.device.type for p in self.trainable})),
         }
 
     def test_examples(self) -> list[Example]:

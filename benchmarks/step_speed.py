@@ -7,6 +7,8 @@ builds them), at each batch shape, prints three tables:
    one query), the step time and the ratio step / (2 x forward), which is 1.0 for a step that
    costs exactly its two forwards:
    - ``ZOSGD``: zotune (perturbation on the fly, weights never written);
+   - ``ZOSGD-rad``: the same with Rademacher directions (``distribution: rademacher``:
+     random signs, 8 per random byte, instead of Gaussian values);
    - ``MeZO-ref``: MeZO's original in-place algorithm, re-implemented here from the paper's
      code: global ``torch.manual_seed`` per perturbation, ``p.data = p.data + eps*z`` for
      +eps, -2eps, +eps, then the update: 4 generations of z per step;
@@ -138,9 +140,10 @@ def build(model_name: str, scheme: str) -> Session:
     return Session.build(cfg, log=lambda *_: None, with_data=False)
 
 
-def optimizer(session: Session, name: str) -> torch.optim.Optimizer:
+def optimizer(session: Session, name: str, distribution: str = "gaussian") -> torch.optim.Optimizer:
     """``name`` over the session's model, built as the trainer builds it."""
-    cfg = dataclasses.replace(session.cfg, optimizer=dataclasses.replace(session.cfg.optimizer, name=name))
+    options = dataclasses.replace(session.cfg.optimizer, name=name, distribution=distribution)
+    cfg = dataclasses.replace(session.cfg, optimizer=options)
     return dataclasses.replace(session, cfg=cfg).optimizers(log=lambda *_: None)[0]
 
 
@@ -167,6 +170,8 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
     opts = {name: optimizer(session, name) for name in dict.fromkeys(["ZOSGD", *family])}
     fns: dict[str, Callable[[], object]] = {"forward": forward}
     fns |= {name: (lambda o=o: o.step(closure)) for name, o in opts.items()}
+    signs = optimizer(session, "ZOSGD", "rademacher")
+    fns["ZOSGD-rad"] = lambda: signs.step(closure)
     if reference:
         fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
     if mezo is not None:
@@ -181,7 +186,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: dict[str, int], family: list[str]) -> None:
-    peers = [name for name in ("ZOSGD", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
+    peers = [name for name in ("ZOSGD", "ZOSGD-rad", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
     print("\nstep / (2 x forward): the step's cost in forwards (1.00 = exactly two)")
     print(f"{'scheme':<7}{'batch':>7}{'trainable':>11}{'forward s':>11}"
           + "".join(f"{name + ' s':>14}{'/(2 fwd)':>9}" for name in peers))

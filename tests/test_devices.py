@@ -82,3 +82,14 @@ def test_replay_of_a_gpu_run_without_a_gpu_is_refused(tiny_model_dir, reviews_cs
     err = capsys.readouterr().err.strip()
     assert "trained on cuda" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "replayed").exists()
+
+
+def test_input_device_sees_through_a_ddp_wrapper():
+    """FO baselines under torchrun wrap the model in DistributedDataParallel (``.module``)."""
+    from zotune.models.loader import input_device
+
+    from .conftest import tiny_llama
+
+    wrapper = torch.nn.Module()
+    wrapper.module = tiny_llama()
+    assert input_device(wrapper) == torch.device("cpu") == input_device(wrapper.module)

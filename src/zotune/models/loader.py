@@ -84,8 +84,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    """Where the model reads its token ids (its input embedding's device)."""
-    return model.get_input_embeddings().weight.device
+    """Where the model reads its token ids: its input embedding's device (through a
+    DistributedDataParallel wrapper too), else its first parameter's."""
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if embedding is not None and getattr(embedding, "weight", None) is not None:
+        return embedding.weight.device
+    return next(model.parameters()).device
 
 
 def embedded_gguf() -> Path:

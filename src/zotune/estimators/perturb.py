@@ -8,7 +8,9 @@ into a pooled buffer just before that op and recycled right after it. So:
 
 * restoration is exact by construction (nothing to restore), whatever the dtype, and a
   closure that raises or returns NaN leaves the weights as they were;
-* extra memory is O(largest parameter), never a second copy of the model;
+* extra memory is about one layer (``ahead_numel``: the copies built ahead), never a second
+  copy of the model: a large 2-D parameter (an embedding, an LM head; ``large_numel``) is never
+  built whole, ``F.embedding`` reads its perturbed rows and ``F.linear`` runs block by block;
 * it works for any model and any closure (modules, tied weights, raw tensor maths), because
   it sees ops rather than modules. Its cost is one Python call per op (~2k ops per forward
   for a 30-layer model, unmeasurable next to the matmuls).
@@ -16,8 +18,12 @@ into a pooled buffer just before that op and recycled right after it. So:
 An op whose output aliases the perturbed buffer (``w.t()``, ``w.view(...)``) keeps the buffer
 alive through that output; such a buffer is simply not recycled.
 
-A parameter known to be used by several ops (``reuse``: e.g. an embedding tied to the LM
+A parameter known to be used by several ops (``reuse``: e.g. a small embedding tied to the LM
 head) is materialised once and kept until the probe ends, instead of once per use.
+
+Knowing the previous probe's order of first use (``order``), the parameters used next are
+built together, several at once on the sampler's threads (every chunk of z has its own key,
+so this changes no value).
 """
 
 from __future__ import annotations

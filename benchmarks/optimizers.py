@@ -9,8 +9,11 @@ time, peak RSS. Run directories stay under ``--out`` for inspection.
     .venv/bin/python benchmarks/optimizers.py [--budget 160] [--eval-examples 500]
     .venv/bin/python benchmarks/optimizers.py --only ZOSGDSign --lr ZOSGDSign=1e-6   # another lr
 
+Cells already finished under ``--out`` with the same config are not run again (``--rerun``
+forces it), so an interrupted benchmark resumes and a finished one just prints its table.
+
 The zero-shot accuracy (the same for every optimizer: same model, same test examples) is
-measured once, in the first run.
+measured once, in the first run (a reused cell may carry it instead).
 
 The learning rates below are starting points (ZO-SGD's is the demo's), not tuned per method:
 treat the table as a like-for-like run at these settings, not as each method's best.
@@ -22,7 +25,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from _cells import train_cell
+from _cells import finished_run, train_cell
+
+CONFIG = "configs/demo.yaml"
 
 # name -> (lr, forwards per step, extra overrides)
 OPTIMIZERS: dict[str, tuple[float, int, list[str]]] = {
@@ -46,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-optimizers")
     parser.add_argument("--only", default="", help="comma-separated subset of optimizers")
     parser.add_argument("--lr", default="", metavar="NAME=LR,...", help="learning rates other than the table's")
+    parser.add_argument("--rerun", action="store_true", help="run again the cells already finished under --out")
     args = parser.parse_args()
     names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
     lrs = {name: float(lr) for name, lr in (item.split("=") for item in args.lr.split(",") if item)}
@@ -56,16 +62,18 @@ def main() -> None:
         lr = lrs.get(name, lr)
         steps = max(1, args.budget // per_step)
         out = Path(args.out) / (f"{name}-lr{lr:g}" if name in lrs else name)
-        print(f"{name}: {steps} steps ...", file=sys.stderr, flush=True)
-        summary = train_cell(out, [
+        overrides = [
             f"optimizer.name={name}", f"optimizer.lr={lr}", f"train.steps={steps}",
             "train.eval_every=0", f"train.log_every={max(1, steps // 10)}",
             f"eval.max_examples={args.eval_examples}", f"eval.zero_shot={'true' if i == 0 else 'false'}", *extra,
-        ])
+        ]
+        done = not args.rerun and finished_run(out, overrides, CONFIG)
+        print(f"{name}: {steps} steps{' (finished run in ' + str(out) + ')' if done else ' ...'}", file=sys.stderr, flush=True)
+        summary = train_cell(out, overrides, CONFIG, rerun=args.rerun)
         if isinstance(summary, str):
             rows.append((name, lr, summary))
             continue
-        if "eval_zero_shot" in summary:
+        if "eval_zero_shot" in summary and zero_shot is None:
             zero_shot = summary["eval_zero_shot"]["accuracy"]
         rows.append((name, lr, summary, summary["last_loss"]))
     print(f"zero-shot test accuracy: {zero_shot if zero_shot is None else f'{zero_shot:.3f}'}"

@@ -6,7 +6,10 @@ ZO-SGD takes 2 forward passes per step, AdamW 1 (plus its backward). Learning ra
 per-scheme defaults (MeZO), except full-parameter ZO-SGD, which uses the demo's 3e-5 (MeZO's
 1e-6 is sized for 13B models and thousands of steps).
 
-    .venv/bin/python benchmarks/schemes.py [--budget 80] [--eval-examples 200]
+    .venv/bin/python benchmarks/schemes.py [--budget 80] [--eval-examples 200] [--rerun]
+
+Cells already finished under ``--out`` with the same config are reused (``--rerun`` runs them
+again).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=200)
     parser.add_argument("--out", default="runs/bench-schemes")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--rerun", action="store_true", help="run again the cells already finished under --out")
     args = parser.parse_args()
     rows = []
     for scheme in args.schemes.split(","):
@@ -37,7 +41,7 @@ def main() -> None:
             summary = train_cell(Path(args.out) / f"{scheme}-{name}", [
                 f"tuning.scheme={scheme}", f"optimizer.name={name}", *lr, f"train.steps={steps}",
                 "train.eval_every=0", f"train.log_every={max(1, steps // 10)}",
-                f"eval.max_examples={args.eval_examples}", "eval.zero_shot=false"])
+                f"eval.max_examples={args.eval_examples}", "eval.zero_shot=false"], rerun=args.rerun)
             rows.append((scheme, name, summary))
     print(f"\nbudget {args.budget} forward passes per cell, {args.eval_examples} test examples\n")
     print("| scheme | optimizer | trainable params | lr | steps | test acc | s/step | peak RSS MB |")

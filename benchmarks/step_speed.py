@@ -9,6 +9,9 @@ builds them), at each batch shape, prints three tables:
    - ``ZOSGD``: zotune (perturbation on the fly, weights never written);
    - ``ZOSGD-rad``: the same with Rademacher directions (``distribution: rademacher``:
      random signs, 8 per random byte, instead of Gaussian values);
+   - ``ZOSGD-cache``: the same with the direction cache holding every trainable value
+     (``optimizer.direction_cache_mb``: z drawn once per step instead of three times, for
+     4 bytes per trainable parameter of memory);
    - ``MeZO-ref``: MeZO's original in-place algorithm, re-implemented here from the paper's
      code: global ``torch.manual_seed`` per perturbation, ``p.data = p.data + eps*z`` for
      +eps, -2eps, +eps, then the update: 4 generations of z per step;
@@ -172,6 +175,8 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
     fns |= {name: (lambda o=o: o.step(closure)) for name, o in opts.items()}
     signs = optimizer(session, "ZOSGD", "rademacher")
     fns["ZOSGD-rad"] = lambda: signs.step(closure)
+    cached = optimizer(session, "ZOSGD").cache_directions(4 * sum(p.numel() for p in session.trainable) / 2**20)
+    fns["ZOSGD-cache"] = lambda: cached.step(closure)
     if reference:
         fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
     if mezo is not None:
@@ -186,7 +191,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: dict[str, int], family: list[str]) -> None:
-    peers = [name for name in ("ZOSGD", "ZOSGD-rad", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
+    peers = [name for name in ("ZOSGD", "ZOSGD-rad", "ZOSGD-cache", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
     print("\nstep / (2 x forward): the step's cost in forwards (1.00 = exactly two)")
     print(f"{'scheme':<7}{'batch':>7}{'trainable':>11}{'forward s':>11}"
           + "".join(f"{name + ' s':>14}{'/(2 fwd)':>9}" for name in peers))

@@ -338,6 +338,25 @@ def test_large_weights_read_in_blocks_give_the_same_values(tied, monkeypatch):
     assert whole_peak == 300 * 32 and blocks_peak < 300 * 32  # never the whole 300 x 32 matrix
 
 
+def test_rows_of_a_perturbed_matrix_draw_only_their_chunks():
+    """``rows`` in any order, repeated, equals indexing the whole perturbed matrix, and draws
+    only the chunks of z that hold those rows."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 32)
+    sampler = DirectionSampler("gaussian", chunk_size=1000)  # rows straddle chunk ends
+    terms = [(5, 0.01), (6, -0.02)]
+    rows = torch.tensor([250, 3, 40, 3, 31, 299])
+    drawn = []
+    fill = sampler._fill
+    sampler._fill = lambda key, index, *a: drawn.append(index) or fill(key, index, *a)
+    picked = Perturbation([w], [terms], sampler).rows(w, terms, rows)
+    size = sampler.chunk_size  # 1000, or the fixture's 256
+    hit = {r * 32 // size for r in rows.tolist()} | {((r + 1) * 32 - 1) // size for r in rows.tolist()}
+    assert set(drawn) == hit and len(drawn) == 2 * len(hit) < 2 * (300 * 32 // size)  # not every chunk
+    whole = Perturbation([w], [terms], sampler).materialize(w, terms)
+    assert torch.equal(picked, whole[rows])
+
+
 @pytest.mark.parametrize("name", ["ZOAdam", "ZOSGDMomentum", "ZOSGDSign"])
 def test_streamed_updates_equal_the_whole_tensor_formulas(name):
     """The rules that read grad_hat chunk by chunk move each parameter exactly as the formula

@@ -84,6 +84,7 @@ class OptimizerConfig:
     distribution: str = "gaussian"
     weight_decay: float = 0.0
     blockwise: bool = False  # ZO-Bench block-wise ZO: one query set per transformer layer / the rest
+    direction_cache_mb: float = 0.0  # z kept from a step's first probe for the rest of the step (speed for memory)
     options: dict[str, Any] = field(default_factory=dict)  # class-specific: momentum, betas, ...
 
 
@@ -294,6 +295,7 @@ def validate(cfg: Config) -> None:
     _require(o.eps is None or o.eps > 0, "optimizer.eps", "must be > 0", o.eps)
     _require(o.n_queries >= 1, "optimizer.n_queries", "must be >= 1", o.n_queries)
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", o.weight_decay)
+    _require(o.direction_cache_mb >= 0, "optimizer.direction_cache_mb", "must be >= 0", o.direction_cache_mb)
     _require(
         o.distribution in ("gaussian", "rademacher"),
         "optimizer.distribution", "must be gaussian or rademacher", o.distribution,

@@ -12,12 +12,17 @@ with ``mix(key, chunk_index)``, so that
 
 z is always generated in float32 and cast where it is used, so a direction does not depend on
 the dtype of the weights it perturbs.
+
+Regenerating costs time (a step draws z three times: the + probe, the - probe, the update).
+With ``cache_numel > 0`` the chunks drawn first are kept, up to that many values, and handed
+out again instead of redrawn (the same values, drawn once), until :meth:`clear_cache` (the
+optimizers call it at the end of each step): memory traded for speed, off by default.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -45,13 +50,26 @@ def mix(*values: int) -> int:
 _CPU = torch.device("cpu")
 
 
+_SIGNS: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """Row ``b`` holds the 8 signs of byte ``b``, bit 0 first: ``2 * ((b >> i) & 1) - 1``."""
+    if device not in _SIGNS:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGNS[device] = (2.0 * bits - 1.0).to(device=device, dtype=torch.float32)
+    return _SIGNS[device]
+
+
 def _fill_rademacher(out: torch.Tensor, gen: torch.Generator) -> None:
-    """+-1 with equal probability: 8 signs per random byte."""
+    """+-1 with equal probability: 8 signs per random byte, unpacked by table lookup."""
     n = out.numel()
     packed = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=gen, device=out.device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
-    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[:n]
-    out.copy_(bits).mul_(2.0).sub_(1.0)
+    table = _sign_table(out.device)
+    if n % 8 == 0:
+        torch.index_select(table, 0, packed.long(), out=out.view(-1, 8))
+    else:
+        out.copy_(table[packed.long()].view(-1)[:n])
 
 
 ChunkFn = Callable[[int, int, torch.Tensor], None]
@@ -64,8 +82,8 @@ class DirectionSampler:
     once on ``threads`` threads (one when torch itself has one: ``torch.get_num_threads()``):
     ``fn`` must touch only its own slice ``[start, stop)``.
     ``chunks(numel, key)`` yields the same chunks in order, on the calling thread. Either way
-    ``z`` is a view into a reused float32 scratch buffer, valid until ``fn`` returns or the
-    next iteration.
+    ``z`` is read-only: a view into a reused float32 scratch buffer, valid until ``fn`` returns
+    or the next iteration, or a cached chunk.
     """
 
     def __init__(
@@ -83,12 +101,36 @@ class DirectionSampler:
         self.threads = max(1, threads)
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
+        self.cache_numel = 0  # values of z kept for reuse (0: none); see clear_cache
+        self._cache: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+        self._cached = 0
+        self._cache_lock = threading.Lock()
+
+    def clear_cache(self) -> None:
+        """Forget the cached chunks of z (their keys will not come again: a step's are its own)."""
+        with self._cache_lock:
+            self._cache.clear()
+            self._cached = 0
 
     def _fill(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
         """Chunk ``index`` of z(key), from this thread's own generator and scratch on ``device``.
 
         On an accelerator z comes from that device's generator: the same key gives the same z
-        on every run of that device type, not the same values as on the CPU."""
+        on every run of that device type, not the same values as on the CPU. The result is
+        read-only (it may be a cached chunk)."""
+        name = (key, index, length, device)
+        if self.cache_numel and (hit := self._cache.get(name)) is not None:
+            return hit
+        z = self._draw(key, index, length, device)
+        if self.cache_numel and self._cached + length <= self.cache_numel:
+            with self._cache_lock:  # the first chunks drawn are kept; the rest is redrawn
+                if self._cached + length <= self.cache_numel and name not in self._cache:
+                    self._cache[name] = z.clone()
+                    self._cached += length
+        return z
+
+    def _draw(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
+        """Generate chunk ``index`` of z(key) into this thread's scratch."""
         generators = self._local.__dict__.setdefault("generators", {})
         if device not in generators:
             generators[device] = torch.Generator(device=device)
@@ -120,10 +162,17 @@ class DirectionSampler:
             yield start, stop, self._fill(key, index, stop - start, device)
 
     def apply(
-        self, numel: int, key: int, fn: ChunkFn, device: torch.device = _CPU, span: tuple[int, int] | None = None
+        self,
+        numel: int,
+        key: int,
+        fn: ChunkFn,
+        device: torch.device = _CPU,
+        span: tuple[int, int] | None = None,
+        only: Collection[int] | None = None,
     ) -> None:
         """``fn(start, stop, z[start:stop])`` chunk by chunk; with ``span=(a, b)``, only over the
-        elements ``[a, b)`` (the chunks that overlap them, clipped: the same values as without)."""
+        elements ``[a, b)`` (the chunks that overlap them, clipped: the same values as without);
+        with ``only``, only the chunks of these indices are drawn."""
         a, b = span if span is not None else (0, numel)
 
         def one(index: int, start: int, stop: int) -> None:
@@ -131,7 +180,7 @@ class DirectionSampler:
             lo, hi = max(start, a), min(stop, b)
             fn(lo, hi, z[lo - start : hi - start])
 
-        self._run(numel, one, device, span)
+        self._run(numel, one, device, span, only)
 
     def apply_sum(self, numel: int, terms: list[tuple[int, float]], fn: ChunkFn, device: torch.device = _CPU) -> None:
         """Like :meth:`apply`, for ``sum_j weight_j * z(key_j)`` over ``terms`` (``(key, weight)``
@@ -149,13 +198,22 @@ class DirectionSampler:
         self._run(numel, one, device)
 
     def _run(
-        self, numel: int, work: Callable[[int, int, int], None], device: torch.device, span: tuple[int, int] | None = None
+        self,
+        numel: int,
+        work: Callable[[int, int, int], None],
+        device: torch.device,
+        span: tuple[int, int] | None = None,
+        only: Collection[int] | None = None,
     ) -> None:
-        """``work(index, start, stop)`` for every chunk (that overlaps ``span``), on ``threads``
-        threads when that helps."""
+        """``work(index, start, stop)`` for every chunk (that overlaps ``span``, whose index is in
+        ``only``), on ``threads`` threads when that helps."""
         ranges = self._ranges(numel)
         if span is not None:
             ranges = [r for r in ranges if r[2] > span[0] and r[1] < span[1]]
+        if only is not None:
+            ranges = [r for r in ranges if r[0] in only]
+        if not ranges:
+            return
         if len(ranges) == 1 or device.type != "cpu" or not self._parallel():
             for r in ranges:
                 work(*r)
@@ -199,10 +257,12 @@ class DirectionSampler:
 
     def __getstate__(self) -> dict:
         return {"distribution": self.distribution, "chunk_size": self.chunk_size, "threads": self.threads,
-                "fraction": self.fraction}
+                "fraction": self.fraction, "cache_numel": self.cache_numel}
 
     def __setstate__(self, state: dict) -> None:
+        cache_numel = state.pop("cache_numel", 0)
         self.__init__(**state)
+        self.cache_numel = cache_numel
 
     def full(self, numel: int, key: int, device: torch.device = _CPU) -> torch.Tensor:
         """The whole direction as a new float32 tensor (for tests and small parameters)."""

@@ -192,21 +192,26 @@ class Perturbation:
 
     def rows(self, p: torch.Tensor, terms: Terms, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the perturbed 2-D ``p``, ``[len(rows), cols]``: the same values as
-        ``materialize(p, terms)[rows]``, in memory for the rows only (z still comes chunk by chunk)."""
+        ``materialize(p, terms)[rows]``, in memory for the rows only. Only the chunks of z that
+        hold some of these rows are drawn; each is matched to its rows by binary search."""
         cols = p.shape[1]
+        rows, order = rows.sort()  # ascending rows: ascending flat indices, one slice per chunk
         idx = (rows[:, None] * cols + torch.arange(cols, device=p.device)).view(-1)
         out = p.detach().view(-1)[idx]
         z = torch.empty(idx.numel(), dtype=torch.float32, device=p.device)
+        size = self.sampler.chunk_size
+        hit = set(torch.cat([rows * cols // size, ((rows + 1) * cols - 1) // size]).tolist())
         for key, scale in terms:
 
             def pick(start: int, stop: int, chunk: torch.Tensor) -> None:
-                sel = ((idx >= start) & (idx < stop)).nonzero().view(-1)
-                z[sel] = chunk[idx[sel] - start]
+                lo, hi = torch.searchsorted(idx, torch.tensor([start, stop], device=idx.device)).tolist()
+                z[lo:hi] = chunk[idx[lo:hi] - start]
 
-            self.sampler.apply(p.numel(), key, pick, p.device)
+            self.sampler.apply(p.numel(), key, pick, p.device, only=hit)
             torch.add(out, z, alpha=scale, out=out)
         self.materializations += 1
-        return out.view(-1, cols)
+        out = out.view(-1, cols)
+        return out[order.argsort()] if order.numel() > 1 and bool((order.diff() < 0).any()) else out
 
     def _is_large(self, p: torch.Tensor) -> bool:
         """A 2-D parameter large enough (an embedding, an LM head) to be worth never building whole."""

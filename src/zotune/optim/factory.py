@@ -69,7 +69,7 @@ def build_optimizer(
     lr, eps = resolved_hparams(cfg, scheme)
     try:
         if is_zeroth_order(cfg.name):
-            return ZO_OPTIMIZERS[cfg.name](
+            opt = ZO_OPTIMIZERS[cfg.name](
                 params,
                 lr=lr,
                 eps=eps,
@@ -80,8 +80,11 @@ def build_optimizer(
                 **({"blockwise": True} if cfg.blockwise else {}),
                 **cfg.options,
             )
+            return opt.cache_directions(cfg.direction_cache_mb)
         if cfg.blockwise:
             raise ConfigError("optimizer.blockwise applies to zeroth-order optimizers only")
+        if cfg.direction_cache_mb:
+            raise ConfigError("optimizer.direction_cache_mb applies to zeroth-order optimizers only")
         return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None

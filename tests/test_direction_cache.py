@@ -1,0 +1,83 @@
+"""The direction cache (``ZOOptimizer.cache_directions``): z drawn once per step, same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zotune.config import load_config
+from zotune.errors import ConfigError
+from zotune.estimators.directions import DirectionSampler
+from zotune.estimators.perturb import Perturbation
+from zotune.optim import ZOSGD, ForwardGrad, JaguarSignSGD, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
+from zotune.optim.factory import build_optimizer
+
+from .conftest import tiny_llama
+
+FAMILY = [ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon]
+
+
+def counting_draws(opt) -> list[tuple[int, int]]:
+    """Record the (key, chunk index) of every chunk of z the optimizer's sampler generates."""
+    sampler = opt.estimator.sampler
+    sampler.chunk_size = 512  # several chunks per matrix, drawn on two threads
+    drawn: list[tuple[int, int]] = []
+    draw = sampler._draw
+    sampler._draw = lambda key, index, *a: drawn.append((key, index)) or draw(key, index, *a)
+    return drawn
+
+
+def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):
+    model = tiny_llama(dtype)
+    if getattr(cls, "needs_forward_ad", False):
+        model.set_attn_implementation("eager")
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=3, n_queries=2).cache_directions(megabytes)
+    drawn = counting_draws(opt)
+    for _ in range(steps):
+        opt.step(lambda: model(**batch).loss)
+        assert opt.estimator.sampler._cached == 0  # freed at the end of the step
+    return [p.detach().clone() for p in model.parameters()], drawn
+
+
+@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_directions_give_the_same_weights_drawing_each_chunk_once(cls, dtype, tiny_batch, monkeypatch):
+    monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)  # the tied embedding read by rows and blocks
+    monkeypatch.setattr(Perturbation, "block_numel", 300)
+    plain, drawn_plain = run(cls, 0, dtype, tiny_batch)
+    cached, drawn_cached = run(cls, 64, dtype, tiny_batch)
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert len(set(drawn_cached)) == len(drawn_cached)  # every chunk drawn once
+    assert set(drawn_cached) == set(drawn_plain)  # the same chunks
+    assert len(drawn_plain) >= 2 * len(drawn_cached)  # which without the cache are drawn again
+
+
+def test_a_small_cache_keeps_the_first_chunks_and_redraws_the_rest(tiny_batch):
+    plain, drawn_plain = run(ZOSGD, 0, torch.float32, tiny_batch, steps=2)
+    small, drawn_small = run(ZOSGD, 4 * 512 * 4 / 2**20, torch.float32, tiny_batch, steps=2)  # 4 chunks
+    assert all(torch.equal(a, b) for a, b in zip(plain, small))
+    assert len(drawn_plain) > len(drawn_small) > len(set(drawn_small))
+
+
+def test_the_sampler_cache_is_bounded_and_cleared():
+    sampler = DirectionSampler("gaussian", chunk_size=100)
+    sampler.cache_numel = 250
+    whole = DirectionSampler("gaussian", chunk_size=100).full(1000, key=5)
+    assert torch.equal(sampler.full(1000, key=5), whole) and sampler._cached == 200  # two chunks fit
+    assert torch.equal(sampler.full(1000, key=5), whole)
+    sampler.clear_cache()
+    assert sampler._cached == 0 and not sampler._cache
+
+
+def test_direction_cache_in_config(tiny_batch):
+    cfg = load_config(None, ["optimizer.direction_cache_mb=8"])
+    model = tiny_llama()
+    opt = build_optimizer(cfg.optimizer, model.parameters(), "full", seed=0)
+    assert opt.estimator.sampler.cache_numel == 2 * 2**20
+    with pytest.raises(ConfigError, match="direction_cache_mb"):
+        load_config(None, ["optimizer.direction_cache_mb=-1"])
+    with pytest.raises(ConfigError, match="zeroth-order"):
+        build_optimizer(load_config(None, ["optimizer.name=AdamW", "optimizer.direction_cache_mb=8"]).optimizer,
+                        model.parameters(), "full", seed=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ZOSGD(model.parameters(), lr=1e-3).cache_directions(-1)

@@ -67,6 +67,12 @@ def test_the_sampler_cache_is_bounded_and_cleared():
     assert torch.equal(sampler.full(1000, key=5), whole)
     sampler.clear_cache()
     assert sampler._cached == 0 and not sampler._cache
+    kept = [b.data_ptr() for bufs in sampler._spare.values() for b in bufs]
+    assert len(kept) == 2  # the buffers wait for the next step's chunks ...
+    assert torch.equal(sampler.full(1000, key=6), DirectionSampler("gaussian", chunk_size=100).full(1000, key=6))
+    assert sorted(b.data_ptr() for b in sampler._cache.values()) == sorted(kept)  # ... which reuse them
+    sampler.clear_cache(release=True)
+    assert not sampler._spare
 
 
 def test_direction_cache_in_config(tiny_batch):

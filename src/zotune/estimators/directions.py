@@ -16,7 +16,8 @@ the dtype of the weights it perturbs.
 Regenerating costs time (a step draws z three times: the + probe, the - probe, the update).
 With ``cache_numel > 0`` the chunks drawn first are kept, up to that many values, and handed
 out again instead of redrawn (the same values, drawn once), until :meth:`clear_cache` (the
-optimizers call it at the end of each step): memory traded for speed, off by default.
+optimizers call it at the end of each step; the buffers are reused by the next step): memory
+traded for speed, off by default.
 """
 
 from __future__ import annotations
@@ -104,13 +105,21 @@ class DirectionSampler:
         self.cache_numel = 0  # values of z kept for reuse (0: none); see clear_cache
         self._cache: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
         self._cached = 0
+        self._spare: dict[tuple[int, torch.device], list[torch.Tensor]] = {}  # cleared chunks' buffers
         self._cache_lock = threading.Lock()
 
-    def clear_cache(self) -> None:
-        """Forget the cached chunks of z (their keys will not come again: a step's are its own)."""
+    def clear_cache(self, release: bool = False) -> None:
+        """Forget the cached chunks of z (their keys will not come again: a step's are its own).
+        Their buffers are kept for the next step's chunks (the same sizes), so that the cache's
+        memory stays what ``cache_numel`` allows instead of churning through the allocator;
+        ``release`` frees them too."""
         with self._cache_lock:
+            for (_, _, length, device), buf in self._cache.items():
+                self._spare.setdefault((length, device), []).append(buf)
             self._cache.clear()
             self._cached = 0
+            if release:
+                self._spare.clear()
 
     def _fill(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
         """Chunk ``index`` of z(key), from this thread's own generator and scratch on ``device``.
@@ -125,7 +134,8 @@ class DirectionSampler:
         if self.cache_numel and self._cached + length <= self.cache_numel:
             with self._cache_lock:  # the first chunks drawn are kept; the rest is redrawn
                 if self._cached + length <= self.cache_numel and name not in self._cache:
-                    self._cache[name] = z.clone()
+                    spare = self._spare.get((length, device))
+                    self._cache[name] = spare.pop().copy_(z) if spare else z.clone()
                     self._cached += length
         return z
 

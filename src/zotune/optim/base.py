@@ -98,12 +98,16 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def cache_directions(self, megabytes: float) -> ZOOptimizer:
         """Keep up to ``megabytes`` of z (float32) from a step's first probe for its other probes
-        and its update, instead of drawing it again (bit-identical; freed at the end of each
-        step). Speed for memory: a full step draws z once instead of three times when the
-        cache holds every trainable value (4 bytes each). 0 (the default) turns it off."""
+        and its update, instead of drawing it again (bit-identical; the buffers are held from
+        the first step on and reused by every step). Speed for memory: a full step draws z once
+        instead of three times when the cache holds every trainable value (4 bytes each).
+        0 (the default) turns it off and releases the buffers."""
         if not megabytes >= 0:
             raise ValueError(f"the direction cache must be >= 0 MB, got {megabytes!r}")
-        self.estimator.sampler.cache_numel = int(megabytes * 2**20) // 4
+        sampler = self.estimator.sampler
+        sampler.cache_numel = int(megabytes * 2**20) // 4
+        if not sampler.cache_numel:
+            sampler.clear_cache(release=True)
         return self
 
     @property

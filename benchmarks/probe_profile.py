@@ -10,7 +10,7 @@ then ``torch.profiler`` tables (self CPU time per op, main thread) of the forwar
 z is drawn on the sampler's threads, which the main thread's table does not show: a probe's
 extra time beyond its ops is the drawing.
 
-    .venv/bin/python benchmarks/probe_profile.py [--shape 16x64] [--repeats 3] [--rows 20]
+    .venv/bin/python benchmarks/probe_profile.py [--scheme full|lora] [--shape 16x64] [--repeats 3] [--rows 20]
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from zotune.estimators.perturb import Perturbation
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--scheme", default="full", choices=("full", "lora"))
     parser.add_argument("--shape", default="16x64", help="batch x tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20, help="ops per profile table")
     args = parser.parse_args()
-    session = build(args.model, "full")
+    session = build(args.model, args.scheme)
     model = session.model
     batch = random_batch(model, *(int(x) for x in args.shape.split("x")))
     opt = optimizer(session, "ZOSGD")
@@ -63,7 +64,7 @@ def main() -> None:
            "step": lambda: opt.step(closure), "step_cached": lambda: cached.step(closure)}
     with weights_restored(session.trainable):
         times = interleaved_medians(fns, args.repeats)
-    print(f"{args.model}, full, batch {args.shape}, lr {LR:g}, medians of {args.repeats}")
+    print(f"{args.model}, {args.scheme}, batch {args.shape}, lr {LR:g}, medians of {args.repeats}")
     for name, seconds in times.items():
         print(f"  {name:<12} {seconds:7.3f} s   {seconds / times['forward']:5.2f} x forward")
     for name in ("forward", "probe"):

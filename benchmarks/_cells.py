@@ -36,7 +36,9 @@ def train_cell(
 ) -> dict[str, Any] | str:
     """Run ``zotune train`` into ``out`` (unless it holds this finished run already, and not
     ``rerun``); its summary.json (plus ``last_loss``), or the error line."""
-    if rerun or not finished_run(out, overrides, config):
+    if not rerun and finished_run(out, overrides, config):
+        print(f"  reusing the finished run in {out}", file=sys.stderr, flush=True)
+    else:
         zotune = Path(sys.executable).with_name("zotune")
         cmd = [str(zotune), "train", "--config", config, "--out", str(out), "--overwrite", *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True)

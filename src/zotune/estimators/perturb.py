@@ -210,8 +210,7 @@ class Perturbation:
             self.sampler.apply(p.numel(), key, pick, p.device, only=hit)
             torch.add(out, z, alpha=scale, out=out)
         self.materializations += 1
-        out = out.view(-1, cols)
-        return out[order.argsort()] if order.numel() > 1 and bool((order.diff() < 0).any()) else out
+        return out.view(-1, cols)[order.argsort()]  # back to the order asked for
 
     def _is_large(self, p: torch.Tensor) -> bool:
         """A 2-D parameter large enough (an embedding, an LM head) to be worth never building whole."""

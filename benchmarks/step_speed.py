@@ -6,7 +6,8 @@ builds them), at each batch shape, prints three tables:
 1. the no-grad forward time and, for three implementations of the same MeZO step (ZO-SGD,
    one query), the step time and the ratio step / (2 x forward), which is 1.0 for a step that
    costs exactly its two forwards:
-   - ``ZOSGD``: zotune (perturbation on the fly, weights never written);
+   - ``ZOSGD``: zotune (full: perturbation on the fly, weights never written; LoRA: written in
+     place and restored from saved bits);
    - ``ZOSGD-rad``: the same with Rademacher directions (``distribution: rademacher``:
      random signs, 8 per random byte, instead of Gaussian values);
    - ``ZOSGD-cache``: the same with the direction cache holding every trainable value

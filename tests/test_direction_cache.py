@@ -41,9 +41,12 @@ def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):
 
 @pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cached_directions_give_the_same_weights_drawing_each_chunk_once(cls, dtype, tiny_batch, monkeypatch):
-    monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)  # the tied embedding read by rows and blocks
-    monkeypatch.setattr(Perturbation, "block_numel", 300)
+@pytest.mark.parametrize("path", ["in-place", "on-the-fly"])
+def test_cached_directions_give_the_same_weights_drawing_each_chunk_once(cls, dtype, path, tiny_batch, monkeypatch):
+    if path == "on-the-fly":  # under the mode, the tied embedding read by rows and blocks
+        monkeypatch.setattr(Perturbation, "in_place_numel", 0)
+        monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)
+        monkeypatch.setattr(Perturbation, "block_numel", 300)
     plain, drawn_plain = run(cls, 0, dtype, tiny_batch)
     cached, drawn_cached = run(cls, 64, dtype, tiny_batch)
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))

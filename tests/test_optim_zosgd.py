@@ -33,9 +33,12 @@ def closure_for(model, batch):
 
 @pytest.fixture(params=["one-chunk", "many-chunks"], autouse=True)
 def chunking(request, monkeypatch):
-    """Run every test twice: whole parameters per chunk, and small chunks drawn on two threads
-    (the path real models take, whose parameters span many 1M-value chunks)."""
+    """Run every test twice: whole parameters per chunk, perturbed in place (the tiny model is a
+    small trainable set, like a LoRA), and small chunks drawn on two threads, perturbed on the
+    fly by the mode (the path full fine-tuning of real models takes, whose parameters span many
+    1M-value chunks)."""
     if request.param == "many-chunks":
+        monkeypatch.setattr(Perturbation, "in_place_numel", 0)
         from zotune.estimators import directions
 
         init = directions.DirectionSampler.__init__
@@ -223,6 +226,7 @@ def test_only_trainable_params_and_groups_with_lr_move(tiny_batch):
 def test_no_model_sized_temporaries(tiny_batch, monkeypatch):
     """Pooled perturbation buffers never exceed the build-ahead budget plus two parameters'
     worth (an op's weight and bias), far from a copy of the model."""
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)  # the mode's buffers
     model = tiny_llama()
     sizes = sorted((p.numel() for p in model.parameters()), reverse=True)
     monkeypatch.setattr(Perturbation, "ahead_numel", 2 * sizes[0])
@@ -262,6 +266,7 @@ def test_rademacher_directions_are_signs():
 
 
 def test_tied_weights_are_built_once_per_probe_after_the_first(tiny_batch, monkeypatch):
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)  # the mode's buffers
     monkeypatch.setattr(Perturbation, "large_numel", 1 << 62)  # built whole, not read in blocks
     model = tiny_llama()
     opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-2)
@@ -289,7 +294,8 @@ def test_directions_do_not_depend_on_threads(distribution):
     assert not torch.equal(out, one.full(n, 100))
 
 
-def test_metadata_reads_do_not_build_perturbed_copies():
+def test_metadata_reads_do_not_build_perturbed_copies(monkeypatch):
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)  # under the mode
     w = torch.nn.Parameter(torch.randn(4, 3))
     pert = Perturbation.along([w], [1], 0.5, DirectionSampler("gaussian"))
     with torch.no_grad(), pert:
@@ -315,6 +321,7 @@ def test_large_weights_read_in_blocks_give_the_same_values(tied, monkeypatch):
     sampler = DirectionSampler("gaussian", chunk_size=1000)  # rows of 32 straddle chunk ends
     terms = [[(i + 7, 0.01), (i + 99, -0.003)] for i in range(len(params))]
 
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)  # reading in blocks is the mode's
     def probe(large_numel: int):
         monkeypatch.setattr(Perturbation, "large_numel", large_numel)
         monkeypatch.setattr(Perturbation, "block_numel", 700)
@@ -390,6 +397,7 @@ def test_streamed_updates_equal_the_whole_tensor_formulas(name):
 def test_building_ahead_changes_no_value(tiny_batch, monkeypatch):
     """Parameters built ahead, several at once on two threads, give the weights of building
     each one when its op comes, bit for bit."""
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)  # building ahead is the mode's
     def run(ahead: int) -> tuple[list[torch.Tensor], int]:
         monkeypatch.setattr(Perturbation, "ahead_numel", ahead)
         model = tiny_llama()

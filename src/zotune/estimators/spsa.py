@@ -166,6 +166,8 @@ class SPSA:
         with Perturbation(params, terms, self.sampler, self._pool, self._reuse, self._order) as pert:
             loss = loss_value(closure())
         self.materializations += pert.materializations
+        if pert.in_place:  # no ops were seen: keep what the last probe under the mode learned
+            return loss
         self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
         self._order = tuple(pert.first_use)
         return loss

@@ -3,7 +3,7 @@
 For the default model, full fine-tuning and LoRA (zotune's schemes, built as ``zotune train``
 builds them), at each batch shape, prints three tables:
 
-1. the no-grad forward time and, for three implementations of the same MeZO step (ZO-SGD,
+1. the no-grad forward time and, for several implementations of the same MeZO step (ZO-SGD,
    one query), the step time and the ratio step / (2 x forward), which is 1.0 for a step that
    costs exactly its two forwards:
    - ``ZOSGD``: zotune (full: perturbation on the fly, weights never written; LoRA: written in
@@ -13,6 +13,9 @@ builds them), at each batch shape, prints three tables:
    - ``ZOSGD-cache``: the same with the direction cache holding every trainable value
      (``optimizer.direction_cache_mb``: z drawn once per step instead of three times, for
      4 bytes per trainable parameter of memory);
+   - ``ZOSGD-table``: the same with a 64 MB noise table (``optimizer.noise_table_mb``: every
+     chunk of z a window of one table drawn once, so nothing is drawn per step; other
+     directions than the rest, for 64 MB of memory);
    - ``MeZO-ref``: MeZO's original in-place algorithm, re-implemented here from the paper's
      code: global ``torch.manual_seed`` per perturbation, ``p.data = p.data + eps*z`` for
      +eps, -2eps, +eps, then the update: 4 generations of z per step;
@@ -42,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
+import random
 import statistics
 import sys
 import time
@@ -56,16 +60,21 @@ from zotune.train.trainer import Session
 FAMILY = ("ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")
 UPDATES = ("ZOSGD", "ZOAdam", "ZOMuon")  # update math timed alone
 LR, EPS, SEED = 1e-12, 1e-3, 0
+TABLE_MB = 64  # the noise table of the ZOSGD-table column
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median time of each function, timed in turn within every repetition, so that a drift
-    of the machine's speed affects all of them alike (their ratios stay meaningful)."""
+    of the machine's speed affects all of them alike (their ratios stay meaningful), in a
+    fresh (seeded) order each repetition, so that no function always follows the same one."""
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for rep in range(repeats):
+        order = list(fns)
+        random.Random(rep).shuffle(order)
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -178,6 +187,8 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
     fns["ZOSGD-rad"] = lambda: signs.step(closure)
     cached = optimizer(session, "ZOSGD").cache_directions(4 * sum(p.numel() for p in session.trainable) / 2**20)
     fns["ZOSGD-cache"] = lambda: cached.step(closure)
+    tabled = optimizer(session, "ZOSGD").noise_table(TABLE_MB)
+    fns["ZOSGD-table"] = lambda: tabled.step(closure)
     if reference:
         fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
     if mezo is not None:
@@ -192,7 +203,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: dict[str, int], family: list[str]) -> None:
-    peers = [name for name in ("ZOSGD", "ZOSGD-rad", "ZOSGD-cache", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
+    peers = [name for name in ("ZOSGD", "ZOSGD-rad", "ZOSGD-cache", "ZOSGD-table", "MeZO-ref", "mezo") if any(name in r for r in results.values())]
     print("\nstep / (2 x forward): the step's cost in forwards (1.00 = exactly two)")
     print(f"{'scheme':<7}{'batch':>7}{'trainable':>11}{'forward s':>11}"
           + "".join(f"{name + ' s':>14}{'/(2 fwd)':>9}" for name in peers))

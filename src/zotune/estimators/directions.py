@@ -18,6 +18,10 @@ With ``cache_numel > 0`` the chunks drawn first are kept, up to that many values
 out again instead of redrawn (the same values, drawn once), until :meth:`clear_cache` (the
 optimizers call it at the end of each step; the buffers are reused by the next step): memory
 traded for speed, off by default.
+
+With a noise table (:meth:`DirectionSampler.use_table`) nothing is drawn per step: every chunk
+of z is a window of one table drawn once, at a key-named offset. Other directions than without
+it (a trajectory records the table's size in its optimizer config), for the table's memory.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def mix(*values: int) -> int:
 
 
 _CPU = torch.device("cpu")
+_TABLE_KEY = mix(0x7A6F74756E65)  # names the noise table's chunks ("zotune")
 
 
 _SIGNS: dict[torch.device, torch.Tensor] = {}
@@ -107,6 +112,34 @@ class DirectionSampler:
         self._cached = 0
         self._spare: dict[tuple[int, torch.device], list[torch.Tensor]] = {}  # cleared chunks' buffers
         self._cache_lock = threading.Lock()
+        self.table_numel = 0  # values in the noise table (0: none, every chunk drawn); see use_table
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def use_table(self, numel: int) -> None:
+        """Take every chunk of z as a window of one table of ``numel`` values drawn once (OpenAI
+        ES's shared noise table, Salimans et al. 2017): chunk ``index`` of z(key) is the
+        values at offset ``mix(key, index) mod (numel - chunk_size + 1)``. Nothing is drawn
+        per step (a window is a view); z is still named by its key, but it is another z than
+        without the table, and coordinates of one direction may share a value (each with
+        probability ~ chunk/numel). 0 turns it off."""
+        if numel and self.distribution == "coordinates":
+            raise ValueError("a noise table holds gaussian or rademacher values, not coordinate masks")
+        if numel and numel < self.chunk_size:
+            raise ValueError(f"the noise table must hold at least one chunk ({self.chunk_size} values), got {numel}")
+        self.table_numel = numel
+        self._tables.clear()
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """The noise table on ``device``, drawn on first use, chunk by chunk from fixed keys."""
+        table = self._tables.get(device)
+        if table is None:
+            with self._cache_lock:
+                if (table := self._tables.get(device)) is None:
+                    table = torch.empty(self.table_numel, dtype=torch.float32, device=device)
+                    for index, start, stop in self._ranges(self.table_numel):
+                        table[start:stop] = self._draw(_TABLE_KEY, index, stop - start, device)
+                    self._tables[device] = table
+        return table
 
     def clear_cache(self, release: bool = False) -> None:
         """Forget the cached chunks of z (their keys will not come again: a step's are its own).
@@ -126,7 +159,10 @@ class DirectionSampler:
 
         On an accelerator z comes from that device's generator: the same key gives the same z
         on every run of that device type, not the same values as on the CPU. The result is
-        read-only (it may be a cached chunk)."""
+        read-only (it may be a cached chunk, or a window of the noise table)."""
+        if self.table_numel:
+            offset = mix(key, index) % (self.table_numel - self.chunk_size + 1)
+            return self._table(device)[offset : offset + length]
         name = (key, index, length, device)
         if self.cache_numel and (hit := self._cache.get(name)) is not None:
             return hit
@@ -267,12 +303,13 @@ class DirectionSampler:
 
     def __getstate__(self) -> dict:
         return {"distribution": self.distribution, "chunk_size": self.chunk_size, "threads": self.threads,
-                "fraction": self.fraction, "cache_numel": self.cache_numel}
+                "fraction": self.fraction, "cache_numel": self.cache_numel, "table_numel": self.table_numel}
 
     def __setstate__(self, state: dict) -> None:
-        cache_numel = state.pop("cache_numel", 0)
+        cache_numel, table_numel = state.pop("cache_numel", 0), state.pop("table_numel", 0)
         self.__init__(**state)
         self.cache_numel = cache_numel
+        self.use_table(table_numel)
 
     def full(self, numel: int, key: int, device: torch.device = _CPU) -> torch.Tensor:
         """The whole direction as a new float32 tensor (for tests and small parameters)."""

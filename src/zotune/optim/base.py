@@ -110,6 +110,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             sampler.clear_cache(release=True)
         return self
 
+    def noise_table(self, megabytes: float) -> ZOOptimizer:
+        """Take every direction as windows of one table of ``megabytes`` of float32 values drawn
+        once (a shared noise table, as in OpenAI's evolution strategies): no drawing per step,
+        for the table's memory. It changes the directions (a run replays with the same table
+        size only); 0 (the default) draws every chunk from its key."""
+        if not megabytes >= 0:
+            raise ValueError(f"the noise table must be >= 0 MB, got {megabytes!r}")
+        self.estimator.sampler.use_table(int(megabytes * 2**20) // 4)
+        return self
+
     @property
     def n_queries(self) -> int:
         return self.estimator.n_queries

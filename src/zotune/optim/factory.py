@@ -80,11 +80,10 @@ def build_optimizer(
                 **({"blockwise": True} if cfg.blockwise else {}),
                 **cfg.options,
             )
-            return opt.cache_directions(cfg.direction_cache_mb)
-        if cfg.blockwise:
-            raise ConfigError("optimizer.blockwise applies to zeroth-order optimizers only")
-        if cfg.direction_cache_mb:
-            raise ConfigError("optimizer.direction_cache_mb applies to zeroth-order optimizers only")
+            return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb)
+        for knob in ("blockwise", "direction_cache_mb", "noise_table_mb"):
+            if getattr(cfg, knob):
+                raise ConfigError(f"optimizer.{knob} applies to zeroth-order optimizers only")
         return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None

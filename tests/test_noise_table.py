@@ -1,0 +1,120 @@
+"""The noise table (``ZOOptimizer.noise_table``): every chunk of z a window of one pre-drawn table."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from zotune.config import load_config
+from zotune.errors import ConfigError
+from zotune.estimators import SPSA, DirectionSampler
+from zotune.estimators.directions import mix
+from zotune.optim import ZOSGD, JaguarSignSGD
+from zotune.optim.factory import build_optimizer
+
+from .conftest import tiny_llama
+
+
+def counting_draws(sampler: DirectionSampler) -> list[int]:
+    drawn: list[int] = []
+    draw = sampler._draw
+    sampler._draw = lambda key, index, *a: drawn.append(index) or draw(key, index, *a)
+    return drawn
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_chunks_are_key_named_windows_of_a_table_drawn_once(distribution):
+    sampler = DirectionSampler(distribution, chunk_size=100)
+    sampler.use_table(1000)
+    drawn = counting_draws(sampler)
+    z = sampler.full(250, key=7)
+    assert len(drawn) == 10  # the table, chunk by chunk, once ...
+    assert torch.equal(sampler.full(250, key=7), z) and torch.equal(sampler.full(999, key=8)[:5], sampler.full(5, 8))
+    assert len(drawn) == 10  # ... and nothing per direction
+    table = sampler._table(torch.device("cpu"))
+    for index, (start, stop) in enumerate([(0, 100), (100, 200), (200, 250)]):
+        offset = mix(7, index) % (1000 - 100 + 1)
+        assert torch.equal(z[start:stop], table[offset : offset + stop - start])
+    assert not torch.equal(z, sampler.full(250, key=9))  # another key, another window
+    plain = DirectionSampler(distribution, chunk_size=100)
+    assert torch.equal(table, plain.full(1000, key=0)) is False  # the table is not some direction's z
+    if distribution == "rademacher":
+        assert set(table.unique().tolist()) == {-1.0, 1.0}
+    else:
+        assert abs(float(table.mean())) < 0.1 and abs(float(table.std()) - 1) < 0.1
+
+
+def test_the_table_is_the_same_in_every_sampler_and_survives_pickling():
+    a, b = DirectionSampler("gaussian", chunk_size=100), DirectionSampler("gaussian", chunk_size=100, threads=1)
+    a.use_table(1000)
+    b.use_table(1000)
+    assert torch.equal(a.full(300, 3), b.full(300, 3))
+    c = pickle.loads(pickle.dumps(a))
+    assert c.table_numel == 1000 and torch.equal(c.full(300, 3), a.full(300, 3))
+
+
+def test_estimates_from_table_windows_are_unbiased():
+    """E[g z] = grad f still holds: windows at random offsets are uncorrelated coordinates."""
+    torch.manual_seed(0)
+    d = 8
+    a = torch.randn(d, d)
+    a = a @ a.T / d + torch.eye(d)
+    b = torch.randn(d)
+    x = torch.nn.Parameter(torch.randn(d))
+    true_grad = a @ x.detach() + b
+    spsa = SPSA(eps=1e-2, sampler=DirectionSampler("gaussian", chunk_size=64))
+    spsa.sampler.use_table(4096)
+    n = 4000
+    with torch.no_grad():
+        estimates = [spsa.estimate(lambda: 0.5 * x @ a @ x + b @ x, [x], [0], step_seed=s).materialize(0, torch.empty(d))
+                     for s in range(n)]
+    mean = torch.stack(estimates).mean(0)
+    assert (mean - true_grad).norm() / true_grad.norm() < 0.12  # Monte-Carlo error ~ 0.045
+
+
+def test_an_optimizer_with_a_table_trains_reproducibly_and_draws_nothing_per_step(tiny_batch):
+    def run(table_mb: float):
+        model = tiny_llama()
+        opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2, seed=4)
+        opt.estimator.sampler.chunk_size = 512
+        opt.noise_table(table_mb)
+        drawn = counting_draws(opt.estimator.sampler)
+        losses = [float(opt.step(lambda: model(**tiny_batch).loss)) for _ in range(8)]
+        return [p.detach().clone() for p in model.parameters()], losses, drawn
+
+    weights, losses, drawn = run(4096 * 4 / 2**20)  # a 4096-value table
+    again, losses_again, _ = run(4096 * 4 / 2**20)
+    plain, _, drawn_plain = run(0)
+    assert all(torch.equal(a, b) for a, b in zip(weights, again)) and losses == losses_again
+    assert len(drawn) == 8  # the table's 8 chunks of 512, drawn once in 8 steps
+    assert len(drawn_plain) > 8 * 3 * 10  # without it, every chunk of every step
+    assert not all(torch.equal(a, b) for a, b in zip(weights, plain))  # other directions
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.noise_table_mb=2"], "noise_table_mb"),
+        (["optimizer.noise_table_mb=-1"], "noise_table_mb"),
+        (["optimizer.noise_table_mb=8", "optimizer.direction_cache_mb=8"], "exclude each other"),
+    ],
+)
+def test_bad_noise_table_configs_are_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_the_table_comes_from_the_config_and_only_for_tables_of_values():
+    model = tiny_llama()
+    cfg = load_config(None, ["optimizer.noise_table_mb=8"]).optimizer
+    opt = build_optimizer(cfg, model.parameters(), "full", seed=0)
+    assert opt.estimator.sampler.table_numel == 2 * 2**20
+    for name in ("SGD", "JaguarSignSGD"):
+        cfg = load_config(None, ["optimizer.noise_table_mb=8", f"optimizer.name={name}"]).optimizer
+        with pytest.raises(ConfigError, match="noise"):
+            build_optimizer(cfg, model.parameters(), "full", seed=0)
+    with pytest.raises(ValueError, match="noise table"):
+        JaguarSignSGD(model.parameters(), lr=1e-3).noise_table(8)

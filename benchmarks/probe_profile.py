@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_speed import LR, build, interleaved_medians, lm_loss, optimizer, random_batch, weights_restored
+from step_speed import LR, build, interleaved_timings, lm_loss, optimizer, random_batch, weights_restored
 from torch.profiler import ProfilerActivity, profile
 
 from zotune.estimators.perturb import Perturbation
@@ -63,7 +63,7 @@ def main() -> None:
     fns = {"forward": forward, "probe_empty": probe_empty, "probe": probe, "draws": draws,
            "step": lambda: opt.step(closure), "step_cached": lambda: cached.step(closure)}
     with weights_restored(session.trainable):
-        times = interleaved_medians(fns, args.repeats)
+        times = interleaved_timings(fns, args.repeats)
     print(f"{args.model}, {args.scheme}, batch {args.shape}, lr {LR:g}, medians of {args.repeats}")
     for name, seconds in times.items():
         print(f"  {name:<12} {seconds:7.3f} s   {seconds / times['forward']:5.2f} x forward")

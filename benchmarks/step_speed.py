@@ -63,10 +63,15 @@ LR, EPS, SEED = 1e-12, 1e-3, 0
 TABLE_MB = 64  # the noise table of the ZOSGD-table column
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each function, timed in turn within every repetition, so that a drift
-    of the machine's speed affects all of them alike (their ratios stay meaningful), in a
-    fresh (seeded) order each repetition, so that no function always follows the same one."""
+STATS = {"median": statistics.median, "min": min}
+
+
+def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int, stat: str = "median") -> dict[str, float]:
+    """The median (or min) time of each function, timed in turn within every repetition, so
+    that a drift of the machine's speed affects all of them alike (their ratios stay
+    meaningful), in a fresh (seeded) order each repetition, so that no function always follows
+    the same one. The min is the cost without interference (as ``timeit`` recommends): on a
+    shared machine other processes only ever add time."""
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -78,7 +83,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: STATS[stat](ts) for name, ts in times.items()}
 
 
 def mezo_reference_step(model, closure, lr: float, eps: float, seed: int) -> None:
@@ -168,8 +173,8 @@ def replay_last(opt) -> None:
 
 
 def measure(session: Session, shape: str, repeats: int, family: list[str], reference: bool,
-            mezo: ModuleType | None) -> dict[str, float]:
-    """Median seconds of every timing at one batch shape (``BxT``)."""
+            mezo: ModuleType | None, stat: str = "median") -> dict[str, float]:
+    """Seconds of every timing at one batch shape (``BxT``): the ``stat`` of ``repeats``."""
     model = session.model
     batch = random_batch(model, *(int(x) for x in shape.split("x")))
 
@@ -195,7 +200,7 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
         fns["mezo"] = lambda: mezo.update(model, batch, lm_loss, EPS, LR, SEED)
     fns |= {f"update {name}": (lambda o=opts[name]: replay_last(o)) for name in UPDATES if name in opts}
     with weights_restored(session.trainable):
-        return interleaved_medians(fns, repeats)
+        return interleaved_timings(fns, repeats, stat)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -237,6 +242,8 @@ def main() -> None:
     parser.add_argument("--family", default=",".join(FAMILY), help="optimizers timed against ZOSGD ('' for none)")
     parser.add_argument("--no-reference", action="store_true", help="skip the MeZO reference timing")
     parser.add_argument("--no-mezo", action="store_true", help="skip the PyPI mezo package")
+    parser.add_argument("--stat", choices=sorted(STATS), default="median",
+                        help="per timing: the median of the repetitions, or the min (the cost without interference)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, the 4x32 batch only")
     args = parser.parse_args()
     if args.quick:
@@ -258,7 +265,7 @@ def main() -> None:
         if not results:
             n_params = sum(p.numel() for p in model.parameters())
             print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads; "
-                  f"medians of {args.repeats} interleaved repetitions")
+                  f"{args.stat}s of {args.repeats} interleaved repetitions")
         scheme_mezo = mezo
         if mezo is not None:
             with weights_restored(session.trainable):
@@ -268,7 +275,8 @@ def main() -> None:
                 scheme_mezo = None
         for shape in args.shapes.split(","):
             t0 = time.perf_counter()
-            results[(scheme, shape)] = measure(session, shape, args.repeats, family, not args.no_reference, scheme_mezo)
+            results[(scheme, shape)] = measure(session, shape, args.repeats, family, not args.no_reference, scheme_mezo,
+                                                args.stat)
             print(f"measured {scheme} {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         del session, model
     print_tables(results, trainable, family)

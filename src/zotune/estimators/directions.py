@@ -188,8 +188,7 @@ class DirectionSampler:
         elif self.distribution == "rademacher":
             _fill_rademacher(z, gen)
         else:  # coordinates: 1 on a random `fraction` of the entries, 0 elsewhere
-            z.uniform_(generator=gen)
-            z.copy_(z < self.fraction)
+            z.uniform_(generator=gen).lt_(self.fraction)  # in place: 1.0 / 0.0, no boolean temporary
         return z
 
     def _scratch(self, name: str, length: int, device: torch.device) -> torch.Tensor:

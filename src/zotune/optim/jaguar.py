@@ -65,5 +65,7 @@ class JaguarSignSGD(ZOOptimizer):
 
             self.estimator.sampler.apply(p.numel(), direction_key(seed, index), write, p.device)
         self.decay(p, group)
-        step = memory.sign() if group["variant"] == "sign" else memory
-        p.add_(step.view(p.shape), alpha=-group["lr"])
+        flat, size = p.view(-1), self.estimator.sampler.chunk_size
+        for start in range(0, flat.numel(), size):  # chunk by chunk: no parameter-sized sign()
+            step = memory[start : start + size]
+            flat[start : start + size].add_(step.sign() if group["variant"] == "sign" else step, alpha=-group["lr"])

@@ -25,9 +25,10 @@ builds them), at each batch shape, prints three tables:
      if it is missing or fails on this model, one line says why and the rest goes on;
 2. the step time of ZOSGDSign, ZOSGDMomentum, ZOAdam, ZOMuon and JaguarSignSGD relative to
    ZOSGD's (target: within 1.15);
-3. the update alone of ZOSGD, ZOAdam and ZOMuon: the step's update redone from its record
-   (``ZOOptimizer.replay``: regenerate z from the seeds, apply the rule; no forward, no
-   probe), in seconds, and the extra update math of ZOAdam / ZOMuon over ZOSGD's update, as a
+3. the update alone of ZOSGD and the rules with state (momentum, moments, JAGUAR's memory,
+   Newton-Schulz): the step's update redone from its record (``ZOOptimizer.replay``:
+   regenerate z from the seeds, apply the rule; no forward, no probe), in seconds, and each
+   rule's extra update math over ZOSGD's update, as a
    fraction of ZOSGD's step. Replaying is the update exactly as ``step`` runs it, so this
    separates the rule's cost from the probes' without touching the engine.
 
@@ -58,7 +59,7 @@ from zotune.config import load_config
 from zotune.train.trainer import Session
 
 FAMILY = ("ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")
-UPDATES = ("ZOSGD", "ZOAdam", "ZOMuon")  # update math timed alone
+UPDATES = ("ZOSGD", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")  # update math timed alone
 LR, EPS, SEED = 1e-12, 1e-3, 0
 TABLE_MB = 64  # the noise table of the ZOSGD-table column
 

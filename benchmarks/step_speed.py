@@ -226,12 +226,12 @@ def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: di
             print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[name] / r['ZOSGD']:>15.2f}" for name in family))
     timed = [name for name in UPDATES if name == "ZOSGD" or name in family]
     print("\nupdate alone (replayed from the step's record, no forward), s; extra: (update - ZOSGD's update) / ZOSGD's step")
-    print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>12}" for name in timed)
-          + "".join(f"{name + ' extra':>14}" for name in timed[1:]))
+    print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>17}" for name in timed)
+          + "".join(f"{name + ' extra':>21}" for name in timed[1:]))
     for (scheme, shape), r in results.items():
         base = r["update ZOSGD"]
-        print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[f'update {name}']:>12.3f}" for name in timed)
-              + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>14.2f}" for name in timed[1:]))
+        print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[f'update {name}']:>17.3f}" for name in timed)
+              + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>21.2f}" for name in timed[1:]))
 
 
 def main() -> None:

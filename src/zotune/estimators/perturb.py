@@ -1,10 +1,11 @@
-"""Perturb parameters on the fly, leaving the weights untouched.
+"""Perturb parameters for a probe and give them back bit for bit.
 
 MeZO perturbs weights in place (``x += eps*z`` ... ``x -= 2*eps*z`` ... ``x += eps*z``), which
 does not return ``x`` bit-for-bit in floating point. Here a large parameter set is never written
-during a probe (a small one is, and restored from saved bits: see the end). Inside :class:`Perturbation`, a :class:`~torch.overrides.TorchFunctionMode` swaps
-every registered parameter that reaches a torch op for ``p + scale * z(p)``, materialised
-into a pooled buffer just before that op and recycled right after it. So:
+during a probe (a small one is, and restored from saved bits: see the end). Inside
+:class:`Perturbation`, a :class:`~torch.overrides.TorchFunctionMode` swaps every registered
+parameter that reaches a torch op for ``p + scale * z(p)``, materialised into a pooled buffer
+just before that op and recycled right after it. So:
 
 * restoration is exact by construction (nothing to restore), whatever the dtype, and a
   closure that raises or returns NaN leaves the weights as they were;

@@ -117,7 +117,7 @@ def block_coverage(blocks: list[list[int]], indices: list[int], n_queries: int) 
 
 
 class SPSA:
-    """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly (see perturb.py)."""
+    """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly or in place (see perturb.py)."""
 
     def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian", sampler: DirectionSampler | None = None):
         self.eps = eps
@@ -137,7 +137,8 @@ class SPSA:
         blocks: list[list[int]] | None = None,
         reducer: LossReducer = LOCAL,
     ) -> SPSAEstimate:
-        """Probe the closure at x +- eps*z_j for every query. The weights are never written.
+        """Probe the closure at x +- eps*z_j for every query. The weights come back bit for bit
+        (never written, or, for a small set, written and restored from saved bits: see perturb.py).
 
         ``blocks`` (block-wise ZO, ZO-Bench): lists of positions in ``params``; each block gets
         its own ``n_queries`` queries, which perturb that block only. ``reducer``: which probes

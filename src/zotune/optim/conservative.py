@@ -20,7 +20,7 @@ class ZOSGDConservative(ZOSGD):
     After the SPSA probes it evaluates the closure at ``x`` and at both candidates (3 more
     forward passes per step; with several processes, a second loss exchange, as the candidates
     depend on the first) and moves to the candidate with the lowest loss, or stays. The
-    candidates are evaluated on the fly (the weights are untouched until the choice) and are
+    candidates are evaluated as probes are (the weights come back bit for bit until the choice) and are
     bit-identical to the weights the chosen update writes, so a step never increases the batch
     loss. The step's record says which was taken (``accepted``: -1 descent, +1 ascent, 0 none).
     Weight decay is not offered: it would move ``x`` off the compared candidates.

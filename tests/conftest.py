@@ -52,3 +52,11 @@ def reviews_csv(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return path
+
+
+def counting_draws(sampler) -> list[tuple[int, int]]:
+    """Record the (key, chunk index) of every chunk of z ``sampler`` generates from then on."""
+    drawn: list[tuple[int, int]] = []
+    draw = sampler._draw
+    sampler._draw = lambda key, index, *a: drawn.append((key, index)) or draw(key, index, *a)
+    return drawn

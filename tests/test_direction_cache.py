@@ -12,19 +12,9 @@ from zotune.estimators.perturb import Perturbation
 from zotune.optim import ZOSGD, ForwardGrad, JaguarSignSGD, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zotune.optim.factory import build_optimizer
 
-from .conftest import tiny_llama
+from .conftest import counting_draws, tiny_llama
 
 FAMILY = [ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon]
-
-
-def counting_draws(opt) -> list[tuple[int, int]]:
-    """Record the (key, chunk index) of every chunk of z the optimizer's sampler generates."""
-    sampler = opt.estimator.sampler
-    sampler.chunk_size = 512  # several chunks per matrix, drawn on two threads
-    drawn: list[tuple[int, int]] = []
-    draw = sampler._draw
-    sampler._draw = lambda key, index, *a: drawn.append((key, index)) or draw(key, index, *a)
-    return drawn
 
 
 def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):
@@ -32,7 +22,8 @@ def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):
     if getattr(cls, "needs_forward_ad", False):
         model.set_attn_implementation("eager")
     opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=3, n_queries=2).cache_directions(megabytes)
-    drawn = counting_draws(opt)
+    opt.estimator.sampler.chunk_size = 512  # several chunks per matrix, drawn on two threads
+    drawn = counting_draws(opt.estimator.sampler)
     for _ in range(steps):
         opt.step(lambda: model(**batch).loss)
         assert opt.estimator.sampler._cached == 0  # freed at the end of the step

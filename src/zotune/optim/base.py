@@ -102,10 +102,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         the first step on and reused by every step). Speed for memory: a full step draws z once
         instead of three times when the cache holds every trainable value (4 bytes each).
         0 (the default) turns it off and releases the buffers."""
-        if not megabytes >= 0:
-            raise ValueError(f"the direction cache must be >= 0 MB, got {megabytes!r}")
         sampler = self.estimator.sampler
-        sampler.cache_numel = int(megabytes * 2**20) // 4
+        sampler.cache_numel = _float32_values(megabytes, "the direction cache")
         if not sampler.cache_numel:
             sampler.clear_cache(release=True)
         return self
@@ -115,9 +113,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         once (a shared noise table, as in OpenAI's evolution strategies): no drawing per step,
         for the table's memory. It changes the directions (a run replays with the same table
         size only); 0 (the default) draws every chunk from its key."""
-        if not megabytes >= 0:
-            raise ValueError(f"the noise table must be >= 0 MB, got {megabytes!r}")
-        self.estimator.sampler.use_table(int(megabytes * 2**20) // 4)
+        self.estimator.sampler.use_table(_float32_values(megabytes, "the noise table"))
         return self
 
     @property
@@ -284,3 +280,9 @@ def no_closure() -> Any:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _float32_values(megabytes: float, what: str) -> int:
+    """How many float32 values ``megabytes`` hold (``what`` names the buffer in the error)."""
+    _check(megabytes >= 0, f"{what} must be >= 0 MB, got {megabytes!r}")
+    return int(megabytes * 2**20) // 4

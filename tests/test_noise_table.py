@@ -72,8 +72,9 @@ def test_an_optimizer_with_a_table_trains_reproducibly_and_draws_nothing_per_ste
     "overrides, message",
     [
         (["optimizer.noise_table_mb=2"], "noise_table_mb"),
+        (["optimizer.noise_table_mb=4"], "noise_table_mb"),  # one chunk: one window per chunk index
         (["optimizer.noise_table_mb=-1"], "noise_table_mb"),
-        (["optimizer.noise_table_mb=8", "optimizer.direction_cache_mb=8"], "exclude each other"),
+        (["optimizer.noise_table_mb=64", "optimizer.direction_cache_mb=8"], "exclude each other"),
     ],
 )
 def test_bad_noise_table_configs_are_one_clear_error(overrides, message):
@@ -83,12 +84,21 @@ def test_bad_noise_table_configs_are_one_clear_error(overrides, message):
 
 def test_the_table_comes_from_the_config_and_only_for_tables_of_values():
     model = tiny_llama()
-    cfg = load_config(None, ["optimizer.noise_table_mb=8"]).optimizer
+    cfg = load_config(None, ["optimizer.noise_table_mb=32"]).optimizer
     opt = build_optimizer(cfg, model.parameters(), "full", seed=0)
-    assert opt.estimator.sampler.table_numel == 2 * 2**20
+    assert opt.estimator.sampler.table_numel == 8 * 2**20
     for name in ("SGD", "JaguarSignSGD"):
-        cfg = load_config(None, ["optimizer.noise_table_mb=8", f"optimizer.name={name}"]).optimizer
+        cfg = load_config(None, ["optimizer.noise_table_mb=32", f"optimizer.name={name}"]).optimizer
         with pytest.raises(ConfigError, match="noise"):
             build_optimizer(cfg, model.parameters(), "full", seed=0)
     with pytest.raises(ValueError, match="noise table"):
-        JaguarSignSGD(model.parameters(), lr=1e-3).noise_table(8)
+        JaguarSignSGD(model.parameters(), lr=1e-3).noise_table(32)
+
+
+def test_a_table_too_small_for_several_windows_is_refused():
+    """A table of one chunk has one offset: every direction's chunk i would be the same values."""
+    sampler = DirectionSampler("gaussian", chunk_size=100)
+    with pytest.raises(ValueError, match="at least 8 chunks"):
+        sampler.use_table(100)
+    sampler.use_table(800)
+    assert not torch.equal(sampler.full(100, key=1), sampler.full(100, key=2))

@@ -297,8 +297,8 @@ def validate(cfg: Config) -> None:
     _require(o.n_queries >= 1, "optimizer.n_queries", "must be >= 1", o.n_queries)
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", o.weight_decay)
     _require(o.direction_cache_mb >= 0, "optimizer.direction_cache_mb", "must be >= 0", o.direction_cache_mb)
-    _require(o.noise_table_mb == 0 or o.noise_table_mb >= 4, "optimizer.noise_table_mb",
-             "must be 0 (off) or >= 4 (one 1M-value chunk)", o.noise_table_mb)
+    _require(o.noise_table_mb == 0 or o.noise_table_mb >= 32, "optimizer.noise_table_mb",
+             "must be 0 (off) or >= 32 (8 chunks of 1M values)", o.noise_table_mb)
     _require(not (o.noise_table_mb and o.direction_cache_mb), "optimizer.noise_table_mb",
              "and optimizer.direction_cache_mb exclude each other (a table's windows need no cache)", o.noise_table_mb)
     _require(

@@ -54,6 +54,7 @@ def mix(*values: int) -> int:
 
 _CPU = torch.device("cpu")
 _TABLE_KEY = mix(0x7A6F74756E65)  # names the noise table's chunks ("zotune")
+TABLE_MIN_CHUNKS = 8  # windows start at numel - chunk + 1 offsets: a table of one chunk would have one
 
 
 _SIGNS: dict[torch.device, torch.Tensor] = {}
@@ -124,8 +125,9 @@ class DirectionSampler:
         probability ~ chunk/numel). 0 turns it off."""
         if numel and self.distribution == "coordinates":
             raise ValueError("a noise table holds gaussian or rademacher values, not coordinate masks")
-        if numel and numel < self.chunk_size:
-            raise ValueError(f"the noise table must hold at least one chunk ({self.chunk_size} values), got {numel}")
+        if numel and numel < TABLE_MIN_CHUNKS * self.chunk_size:  # one chunk: every window at offset 0
+            raise ValueError(f"the noise table must hold at least {TABLE_MIN_CHUNKS} chunks "
+                             f"({TABLE_MIN_CHUNKS * self.chunk_size} values), got {numel}")
         self.table_numel = numel
         self._tables.clear()
 

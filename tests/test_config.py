@@ -15,6 +15,21 @@ def test_defaults_without_a_file():
     assert cfg.optimizer.name == "ZOSGD"
 
 
+def test_task_overrides_refine_the_default_task(tmp_path):
+    """`zotune train task.k_shot=4`: the default task with k_shot 4, not an inline spec missing its
+    template; the same from a config file; a source key still starts a task of its own."""
+    from zotune.config import DEFAULT_TASK
+    from zotune.tasks import task_spec
+
+    cfg = load_config(None, ["task.k_shot=4"])
+    assert cfg.task == {"name": DEFAULT_TASK, "k_shot": 4}
+    assert task_spec(cfg.task).name == DEFAULT_TASK
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  k_shot: 4\n")
+    assert load_config(path).task == {"name": DEFAULT_TASK, "k_shot": 4}
+    assert "name" not in load_config(None, ["task.path=x.csv", "task.k_shot=4"]).task
+
+
 def test_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 3\noptimizer: {name: ZOSGD, lr: 1.0e-6}\ntrain: {steps: 5}\n")

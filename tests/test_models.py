@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zotune.cache import cache_dir
+from zotune.models.loader import converted_dir
 from zotune.errors import ConfigError, ModelError
 from zotune.models import DEFAULT_MODEL, embedded_gguf, load_model, resolve_dtype
 from zotune.models import loader
@@ -59,7 +59,7 @@ def test_default_model(default):
 
 def test_default_cache_is_reused(default):
     model, _ = default
-    target = cache_dir("models", DEFAULT_MODEL)
+    target = converted_dir(DEFAULT_MODEL)
     marker = json.loads((target / "zotune_source.json").read_text())
     gguf = embedded_gguf()
     assert marker == {"gguf": gguf.name, "size": gguf.stat().st_size}
@@ -175,7 +175,7 @@ def test_local_directory(default, tmp_path):
     saved = LlamaForCausalLM(config)
     saved.save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(cache_dir("models", DEFAULT_MODEL) / name, tmp_path / name)
+        shutil.copy(converted_dir(DEFAULT_MODEL) / name, tmp_path / name)
 
     model, tok2 = load_model(str(tmp_path), dtype="bf16")
     assert model.config.hidden_size == 16 and not model.training and model.config.use_cache is False
@@ -189,7 +189,7 @@ def test_pickle_weights_are_refused(tmp_path):
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")  # only "pickle" weights left
-    shutil.copy(cache_dir("models", DEFAULT_MODEL) / "tokenizer.json", tmp_path / "tokenizer.json")
+    shutil.copy(converted_dir(DEFAULT_MODEL) / "tokenizer.json", tmp_path / "tokenizer.json")
     assert "safetensors" in _one_line_error(str(tmp_path))
 
 

@@ -113,7 +113,8 @@ from .test_trainer import config  # noqa: E402
     ["optimizer.name=JaguarSignSGD", "optimizer.options={coord_fraction: 0.2}"],
     ["optimizer.name=ZOSGDMomentum", "tuning.scheme=lora"],
     ["optimizer.name=ZOMuon", "tuning.scheme=prompt"],
-], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar", "Momentum-lora", "Muon-prompt"])
+    ["optimizer.name=ZOSGD", "tuning.scheme=lora", "tuning.lora.dropout=0.5"],
+], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar", "Momentum-lora", "Muon-prompt", "ZOSGD-lora-dropout"])
 def test_zotune_replay_rebuilds_the_trained_weights(tiny_model_dir, reviews_csv, tmp_path, extra, capsys):
     from zotune.train.trainer import run_train
 

@@ -22,7 +22,8 @@ from zotune.optim.factory import (
 )
 from zotune.tasks import Example, make_spec
 from zotune.train import trainer
-from zotune.train.scoring import AnswerScorer, ChoiceScorer, HeadScorer
+from zotune.train.decoding import greedy_decode
+from zotune.train.scoring import AnswerScorer, ChoiceScorer, HeadScorer, left_pad
 from zotune.train.trainer import run_train
 from zotune.tuning import (
     SCHEMES,
@@ -198,6 +199,34 @@ def test_generation_and_head_work_under_every_scheme(sharp_model_dir, scheme):
         a = head.scores(model, head.encode([SHORT]))
         b = head.scores(model, head.encode([LONG, SHORT]))
     torch.testing.assert_close(a[0], b[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_cached_greedy_decoding_equals_argmax_over_full_forwards(sharp_model_dir, scheme):
+    """zotune's KV-cached decoder (virtual tokens entered once, one token per step) picks the same
+    tokens as the argmax of the scheme's own forward re-run over the whole growing sequence."""
+    model, tok, _ = schemed(sharp_model_dir, scheme, jitter=0.5)
+    rows = [tok("a much longer prompt than the other")["input_ids"], tok("short")["input_ids"]]
+    ids, mask, pos = left_pad(rows, tok.pad_token_id or 0)
+    with torch.no_grad():
+        cached = greedy_decode(model, ids, mask, pos, 5, lambda new: False)
+        for _ in range(5):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask, pos = torch.cat((ids, nxt), 1), torch.cat((mask, torch.ones_like(nxt)), 1), torch.cat((pos, pos[:, -1:] + 1), 1)
+    assert cached == ids[:, -5:].tolist()
+
+
+def test_greedy_decoding_matches_transformers_generate(sharp_model_dir):
+    """Without peft in the way, the decoder is the same greedy search as ``model.generate``."""
+    model, tok, _ = schemed(sharp_model_dir, "full", jitter=0.5)
+    rows = [tok("a much longer prompt than the other")["input_ids"], tok("short")["input_ids"]]
+    ids, mask, pos = left_pad(rows, tok.pad_token_id or 0)
+    with torch.no_grad():
+        ours = greedy_decode(model, ids, mask, pos, 6, lambda new: False)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                min_new_tokens=6, pad_token_id=tok.pad_token_id or 0)
+    assert ours == theirs[:, ids.shape[1]:].tolist()
 
 
 # -- training ------------------------------------------------------------------------------

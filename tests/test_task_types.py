@@ -274,6 +274,24 @@ def test_eval_baselines(tiny_model_dir, reviews_csv, tmp_path):
         cfg_for(tiny_model_dir, "eval.baseline=few_shot")
 
 
+def test_icl_default_length_is_clamped_to_a_short_model(tiny_model_dir, reviews_csv, tmp_path):
+    """eval.max_length's ICL default (1024) on a model of 128 positions: clamped, said once."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.max_position_embeddings = 128
+    short = tmp_path / "short-model"
+    LlamaForCausalLM(config).save_pretrained(short, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(short)
+    task = task_overrides(reviews_csv, {"text_template": "{text} It was", "choices": {"0": " bad", "1": " good"},
+                                        "k_shot": 8})
+    lines = []
+    icl = run_eval(cfg_for(short, *task, "eval.baseline=icl", "eval.icl_shots=16"), tmp_path / "icl", log=lines.append)
+    assert icl["n_test"] == 8 and 0 <= icl["eval"]["accuracy"] <= 1
+    assert [line for line in lines if "eval.max_length" in line] == [
+        f"eval.max_length: 1024 tokens do not fit {short} (128 positions); using 128"]
+
+
 def test_make_scorer_picks_by_type(tiny):
     model, tok = tiny
     assert isinstance(make_scorer(tok, make_spec({**GEN, "path": "x"}), 64), AnswerScorer)

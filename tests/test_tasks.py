@@ -192,7 +192,7 @@ def test_sst2_without_datasets_names_the_alternative(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataError) as info:
         load_task(task_spec({"name": "sst2"}))
-    assert "pip install datasets" in str(info.value) and "'rotten_tomatoes'" in str(info.value)
+    assert "pip install 'zotune[hub]'" in str(info.value) and "'rotten_tomatoes'" in str(info.value)
 
 
 def test_fetch_offline_is_one_clear_line(monkeypatch, tmp_path):

@@ -54,6 +54,25 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, reviews_csv, tmp_
         assert (out / "weights.safetensors").is_file()
 
 
+def test_zo_probes_see_no_dropout(tiny_model_dir, reviews_csv):
+    """LoRA dropout 0.5, LoRA weights moved off B = 0, and a perturbation too small to change any
+    weight's float32 value: the + and - probes of a step are then the same function, so the
+    projected gradient is exactly 0 (with dropout live, the two masks and losses would differ)."""
+    from zotune.train.trainer import Session
+
+    cfg = config(tiny_model_dir, reviews_csv, "tuning.scheme=lora", "tuning.lora.dropout=0.5", "optimizer.eps=1e-30")
+    session = Session.build(cfg, log=lambda *_: None)
+    assert not any(m.training for m in session.model.modules())
+    with torch.no_grad():
+        for p in session.trainable:
+            p.add_(torch.randn_like(p), alpha=0.5)
+    opt, _, _ = session.optimizers(log=lambda *_: None)
+    batch = session.scorer.encode(session.data.train[:4])
+    for _ in range(3):
+        opt.step(lambda: session.scorer.loss(session.model, batch))
+        assert opt.last_record.projected_grads == [0.0]
+
+
 def test_zosgd_learns_the_tiny_task(tiny_model_dir, reviews_csv, tmp_path):
     """Full-parameter ZOSGD lowers the training loss on an easy task (not just noise)."""
     cfg = config(tiny_model_dir, reviews_csv, "optimizer.lr=5e-3", "optimizer.eps=1e-2",

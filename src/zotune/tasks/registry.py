@@ -68,7 +68,7 @@ def list_tasks() -> list[dict]:
         elif spec.source == "hf":
             notes = ["online only"]
             if importlib.util.find_spec("datasets") is None:
-                notes.append("needs `pip install datasets`")
+                notes.append("needs `pip install 'zotune[hub]'`")
             if spec.offline_alternative:
                 notes.append(f"offline: {spec.offline_alternative}")
             where = f"HF hub {spec.hf} ({'; '.join(notes)})"

@@ -19,15 +19,15 @@ Every scorer also gives ``objective(model, batch, metric)``: minus the task metr
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from ..models.loader import input_device
+from ..models.loader import forward_params, input_device
 from ..tasks import Example, TaskSpec
+from .decoding import greedy_decode
 from .metrics import answer_metrics, label_metrics
 
 
@@ -216,13 +216,20 @@ class AnswerScorer(PromptScorer):
     def generate(self, model: torch.nn.Module, examples: list[Example]) -> list[str]:
         """Greedy decoding of at most ``max_new_tokens``, cut at the first newline."""
         budget = max(1, self.max_length)
-        input_ids, attention, _ = left_pad([self.prompt_ids(ex)[-budget:] for ex in examples], self.pad_id)
+        input_ids, attention, positions = left_pad([self.prompt_ids(ex)[-budget:] for ex in examples], self.pad_id)
         device = input_device(model)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                             max_new_tokens=self.spec.max_new_tokens, pad_token_id=self.pad_id,
-                             stop_strings=["\n"], tokenizer=self.tokenizer)
-        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        stop = self._stop_ids(model)
+        decode = self.tokenizer.decode
+        new = greedy_decode(model, input_ids.to(device), attention.to(device), positions.to(device),
+                            self.spec.max_new_tokens, lambda ids: ids[-1] in stop or "\n" in decode(ids))
+        texts = [decode([t for t in ids if t not in stop], skip_special_tokens=True) for ids in new]
         return [t.split("\n", 1)[0].strip() for t in texts]
+
+    def _stop_ids(self, model: torch.nn.Module) -> set[int]:
+        """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.tokenizer.eos_token_id}
+        return {int(i) for i in ids if i is not None}
 
     def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
         return [{"prediction": text} for text in self.generate(model, batch.examples)]
@@ -285,26 +292,9 @@ def _inputs(model: torch.nn.Module, batch: EncodedBatch, keep: int) -> dict:
     """The forward's keyword arguments, on the device where the model reads its tokens."""
     device = input_device(model)
     kwargs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
-    params = _forward_params(model)
+    params = forward_params(model)
     if "position_ids" in params:
         kwargs["position_ids"] = batch.position_ids.to(device)
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
     return kwargs
-
-
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    """Keyword arguments ``model.forward`` takes. A forward that passes ``**kwargs`` on to a
-    wrapped model (a peft model) also takes that model's: ``get_base_model()``'s, recursively."""
-    cached = getattr(model, "__dict__", {}).get("_zotune_forward_params")  # not getattr: peft passes misses to its base
-    if cached is None:
-        params = inspect.signature(model.forward).parameters.values()
-        cached = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        base = model.get_base_model() if hasattr(model, "get_base_model") else None
-        if base is not None and base is not model and any(p.kind is p.VAR_KEYWORD for p in params):
-            cached |= _forward_params(base)
-        try:
-            model._zotune_forward_params = cached
-        except AttributeError:
-            pass
-    return cached

@@ -46,6 +46,9 @@ from .weights import FILENAME as WEIGHTS
 from .weights import load_weights, named_trainable, save_weights
 
 
+ICL_MAX_LENGTH = 1024  # eval.max_length's default for in-context learning: room for the demonstrations
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -101,13 +104,23 @@ class Session:
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         torch.manual_seed(cfg.seed)  # adapters and heads initialise from the run seed: replayable
         model, trainable = apply_scheme(model, cfg.tuning)
+        if is_zeroth_order(cfg.optimizer.name):
+            # ZO probes are deterministic functions of the weights, as in MeZO's zo_forward: dropout
+            # off (peft adds its LoRA dropout in training mode), so the + and - probes of a query
+            # differ only by the direction, and a replay sees what training saw
+            model.eval()
         scorer = make_scorer(tokenizer, spec, cfg.train.max_length, model)
         trainable += scorer.parameters()  # align: false -> the linear head, tuned alongside
         return cls(cfg, data, model, tokenizer, scorer, trainable, world)
 
-    def eval_scorer(self, prefix: str = "") -> Scorer:
-        """A scorer for evaluation: ``eval.max_length`` (default: train's; 1024 with a prefix)."""
-        length = self.cfg.eval.max_length or (1024 if prefix else self.cfg.train.max_length)
+    def eval_scorer(self, prefix: str = "", log=print) -> Scorer:
+        """A scorer for evaluation: ``eval.max_length`` (default: train's; with a prefix 1024, or
+        the model's maximum positions when it reads fewer)."""
+        length = self.cfg.eval.max_length or (ICL_MAX_LENGTH if prefix else self.cfg.train.max_length)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if self.cfg.eval.max_length is None and limit is not None and length > limit:
+            log(f"eval.max_length: {length} tokens do not fit {self.cfg.model.name} ({limit} positions); using {limit}")
+            length = limit
         if prefix:
             return make_scorer(self.tokenizer, self.data.spec, length, self.model, prefix)
         if length == self.scorer.max_length:
@@ -201,7 +214,7 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
         result = linear_probe(session.model, session.scorer, session.data.train, test, cfg.eval.batch_size)
     elif baseline == "icl":
         prefix = icl_prefix(session.data.spec, session.data.train, cfg.eval.icl_shots, cfg.seed)
-        result = session.evaluate(test, "icl eval", session.eval_scorer(prefix))
+        result = session.evaluate(test, "icl eval", session.eval_scorer(prefix, log))
     else:
         result = session.evaluate(test, "eval")
     result.write_predictions(run.file("predictions.jsonl"))

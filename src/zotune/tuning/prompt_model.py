@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from peft import PeftModelForCausalLM
@@ -37,16 +36,3 @@ class PromptTunedCausalLM(PeftModelForCausalLM):
             position_ids=torch.cat((first, position_ids + n), dim=1),
             **kwargs,
         )
-
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        """Generation: the same positions, from the attention mask that peft extends over the
-        virtual tokens (peft drops the position ids that ``generate`` computes)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Position ids are not supported")
-            inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        mask = inputs.get("attention_mask")
-        step = inputs.get("inputs_embeds")
-        step = inputs.get("input_ids") if step is None else step
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and step is not None:
-            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
-        return inputs

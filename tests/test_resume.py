@@ -232,3 +232,20 @@ def test_checkpoint_every_is_validated():
     for value in ("-1", "often", "1.5"):
         with pytest.raises(ConfigError, match="train.checkpoint_every"):
             load_config(None, [f"train.checkpoint_every={value}"])
+
+
+def test_resume_with_a_schedule_and_best_on_dev_is_bit_identical(tiny_model_dir, reviews_csv, tmp_path,
+                                                                  tmp_path_factory, monkeypatch, capsys):
+    """The lr schedule is a function of the step (nothing to checkpoint) and the base lrs are
+    taken before a checkpoint's scheduled lr is loaded: an interrupted cosine run with warm-up and
+    best-on-dev selection finishes as the uninterrupted one does."""
+    extra = ("train.lr_schedule=cosine", "train.warmup_steps=3", "train.keep_best=true", "train.eval_every=2")
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *extra)
+    interrupt_in_process(args, 7, monkeypatch)
+    assert main(args) == 0
+    assert_same_run(out, ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    lrs = [m["lr"] for m in metrics(ref)]
+    assert lrs[0] < lrs[3] == max(lrs) and lrs[-1] < lrs[4]  # rises over the warm-up, then decays

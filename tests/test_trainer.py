@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -177,3 +178,41 @@ def test_hybrid_bad_input(tiny_model_dir, reviews_csv, tmp_path, override, needl
 def test_hybrid_needs_a_zo_optimizer():
     with pytest.raises(ConfigError, match="zeroth-order"):
         load_config(None, ["tuning.hybrid.zo_layers=1", "optimizer.name=AdamW"])
+
+
+def test_lr_schedules_have_their_shapes():
+    from zotune.train.schedule import lr_factor
+
+    assert [lr_factor("constant", s, 10, warmup=4) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert [lr_factor("linear", s, 10) for s in (0, 5, 9)] == [1.0, 0.5, pytest.approx(0.1)]
+    assert [lr_factor("cosine", s, 10) for s in (0, 5)] == [1.0, pytest.approx(0.5)]
+    assert lr_factor("cosine", 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_factor("step", 0, 10)
+
+
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "AdamW"])
+def test_a_linear_schedule_sets_every_steps_lr(tiny_model_dir, reviews_csv, tmp_path, optimizer):
+    cfg = config(tiny_model_dir, reviews_csv, f"optimizer.name={optimizer}", "optimizer.lr=1e-3",
+                 "train.lr_schedule=linear", "train.warmup_steps=2", "train.log_every=1", "eval.zero_shot=false")
+    run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3 * f for f in (1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25)])
+    if optimizer == "ZOSGD":  # the trajectory records the lr each step used: replay follows the schedule
+        _, records = read_trajectory(tmp_path / "run" / "trajectory.bin")
+        assert [r.lrs[0] for r in records] == pytest.approx(lrs)
+
+
+def test_keep_best_evaluates_the_best_dev_weights(tiny_model_dir, reviews_csv, tmp_path):
+    """train.keep_best: the final evaluation is of the weights at the best dev evaluation (saved
+    as best.safetensors), the same as evaluating that file afterwards."""
+    cfg = config(tiny_model_dir, reviews_csv, "optimizer.lr=5e-3", "optimizer.eps=1e-2", "train.steps=8",
+                 "train.eval_every=2", "train.keep_best=true", "eval.zero_shot=false")
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    dev = [(m["step"], m["dev"]["accuracy"]) for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "dev" in m]
+    best = max(dev, key=lambda p: (p[1], -p[0]))
+    assert (summary["best_step"], summary["best_dev_accuracy"]) == best
+    again = run_eval(cfg, tmp_path / "ev", weights=tmp_path / "run" / "best.safetensors", log=lambda *_: None)
+    assert again["eval"] == summary["eval"]
+    with pytest.raises(ConfigError, match="train.keep_best"):
+        config(tiny_model_dir, reviews_csv, "train.keep_best=true", "train.eval_every=0")

@@ -26,6 +26,7 @@ PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
+SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
 PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_MODES
 
 
@@ -100,6 +101,9 @@ class TrainConfig:
     max_skipped_in_a_row: int = 10  # stop after this many consecutive NaN/inf losses (0: never)
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on SIGTERM/SIGINT)
     parallel: str = "data"  # several processes (torchrun): "data" (shard the batch) | "queries" (share the probes)
+    lr_schedule: str = "constant"  # "constant" | "linear" | "cosine" (to 0 at the last step)
+    warmup_steps: int = 0  # the lr rises linearly over these first steps
+    keep_best: bool = False  # with eval_every: the final weights are the best on dev (MeZO's protocol)
 
 
 @dataclass
@@ -329,6 +333,10 @@ def validate(cfg: Config) -> None:
     _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}", t.parallel)
     _require(t.parallel == "data" or is_zeroth_order(o.name), "train.parallel",
              f"must be 'data' for the first-order optimizer {o.name} (it has no probes to share)", t.parallel)
+    _require(t.lr_schedule in SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(SCHEDULES)}", t.lr_schedule)
+    _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be >= 0 and below train.steps", t.warmup_steps)
+    _require(not t.keep_best or t.eval_every > 0, "train.keep_best",
+             "needs train.eval_every > 0 (the dev evaluations it picks from)", t.keep_best)
     _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
     _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
              f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "

@@ -41,11 +41,13 @@ from .checkpoint import Checkpoint, Checkpoints, Progress, RunInterrupted, read_
 from .evaluate import EvalResult, evaluate, task_metrics
 from .plots import plot_training
 from .rundir import RunDir
+from .schedule import Schedule
 from .scoring import Scorer, make_scorer
 from .weights import FILENAME as WEIGHTS
 from .weights import load_weights, named_trainable, save_weights
 
 
+BEST_WEIGHTS = "best.safetensors"  # train.keep_best: the trainable weights at the best dev evaluation
 ICL_MAX_LENGTH = 1024  # eval.max_length's default for in-context learning: room for the demonstrations
 
 
@@ -259,6 +261,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     metric = session.data.spec.metric
     test = session.test_examples()
     optimizers = {"optimizer": opt, "fo_optimizer": fo_opt}
+    schedule = Schedule([o for o in (opt, fo_opt) if o is not None], tcfg.lr_schedule, tcfg.steps, tcfg.warmup_steps)
     checkpoints = Checkpoints(Path(out) / "checkpoints", tcfg.checkpoint_every, log)
     resumed = _resume_point(world, run, checkpoints)
     progress = resumed.progress if resumed else Progress()
@@ -312,6 +315,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
                     indices = world.shard(indices)
                 exchange.begin(step + 1, len(indices))
             batch = scorer.encode([train[i] for i in indices])
+            schedule.set(step)
             with _out_of_memory_reported(batch):
                 if zo:
                     loss = float(opt.step(lambda: objective(model, batch)))
@@ -338,6 +342,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
                 dev = session.evaluate(session.data.dev, "dev eval")
                 session.compare_params(f"after step {step + 1}")
                 record["dev"] = dev.metrics
+                if tcfg.keep_best and run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
+                    save_weights(run.file(BEST_WEIGHTS), session.named_trainable())
                 progress.dev.append((step + 1, dev.metrics[metric]))
             if run is not None and (record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
                 record = {
@@ -371,6 +377,11 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         if hasattr(model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
             model.save_pretrained(run.file("adapter"), safe_serialization=True)
 
+    best = None
+    if tcfg.keep_best and progress.dev:
+        best = max(progress.dev, key=lambda point: (point[1], -point[0]))  # the first of the best
+        load_weights(Path(out) / BEST_WEIGHTS, session.named_trainable())
+        log(f"best dev {metric}: {best[1]:.4f} at step {best[0]}; its weights are the final ones")
     after = session.evaluate(test, "final eval")
     digests = session.compare_params("at the end")
     zero_shot = progress.zero_shot  # measured in this process or before a resume
@@ -383,6 +394,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         "optimizer": cfg.optimizer.name,
         "lr": lr,
         **({"eps": eps} if zo else {}),
+        **({"best_step": best[0], f"best_dev_{metric}": best[1]} if best else {}),
         "trainable_params": sum(p.numel() for _, p in session.named_trainable()),
         "n_train": len(train),
         "n_test": len(test),
@@ -429,6 +441,8 @@ def _check_world(cfg: Config, world: World) -> None:
     check_batch(cfg.train.batch_size, world.size, cfg.train.parallel)
     if cfg.tuning.hybrid.zo_layers is not None:
         raise ConfigError("tuning.hybrid runs in one process only (its first-order part is not data-parallel yet)")
+    if cfg.train.keep_best:
+        raise ConfigError("train.keep_best runs in one process only (the best weights are a file of rank 0's)")
 
 
 def _check_optimizer_world(cfg: Config, world: World, opt: torch.optim.Optimizer, session: Session) -> None:

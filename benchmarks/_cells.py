@@ -26,7 +26,8 @@ def finished_run(out: Path, overrides: list[str], config: str) -> bool:
         return {**cfg, "eval": {k: v for k, v in cfg["eval"].items() if k != "zero_shot"}}
 
     try:
-        return resolved(load_config(out / "config.yaml").to_dict()) == resolved(load_config(config, overrides).to_dict())
+        recorded = load_config(out / "config.yaml", default_version=1)  # no version: recorded before versions
+        return resolved(recorded.to_dict()) == resolved(load_config(config, overrides).to_dict())
     except ZotuneError:
         return False
 

@@ -22,7 +22,7 @@ from zotune.tuning import layer_blocks
 
 from .conftest import tiny_llama
 
-GRIDS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
+GRIDS = sorted((Path(__file__).parents[1] / "configs" / "bench").rglob("*.yaml"))
 
 
 def write_grid(path: Path, grid: dict) -> Path:

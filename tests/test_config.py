@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import pytest
 
-from zotune.config import Config, load_config
+from zotune.config import CONFIG_VERSION, DEFAULT_NOISE_TABLE_MB, Config, load_config
 from zotune.errors import ConfigError
 
 
 def test_defaults_without_a_file():
     cfg = load_config(None)
-    assert cfg == Config()
+    expected = Config(version=CONFIG_VERSION)
+    expected.optimizer.noise_table_mb = DEFAULT_NOISE_TABLE_MB  # the current version's fast path
+    assert cfg == expected
     assert cfg.task == {"name": "rotten_tomatoes"}
     assert cfg.optimizer.name == "ZOSGD"
+
+
+@pytest.mark.parametrize("overrides, table", [
+    ([], DEFAULT_NOISE_TABLE_MB),  # new runs: the fast direction path
+    (["version=1"], 0.0),  # a run recorded before versions: z drawn per chunk
+    (["optimizer.noise_table_mb=0"], 0.0),  # opted out
+    (["optimizer.noise_table_mb=128"], 128.0),
+    (["optimizer.direction_cache_mb=64"], 0.0),  # the cache excludes the table
+    (["optimizer.name=ZOAdam"], DEFAULT_NOISE_TABLE_MB),
+    (["optimizer.name=JaguarSignSGD"], 0.0),  # coordinate masks: no table
+    (["optimizer.name=AdamW"], 0.0),  # first-order
+])
+def test_the_noise_table_default_follows_the_config_version(overrides, table):
+    assert load_config(None, overrides).optimizer.noise_table_mb == table
+    assert load_config(None, overrides, default_version=1).optimizer.noise_table_mb == (
+        table if any(o.startswith(("optimizer.noise_table_mb", "version")) for o in overrides) else 0.0)
+
+
+def test_an_unknown_config_version_is_one_line():
+    with pytest.raises(ConfigError, match="'version' must be one of 1, 2"):
+        load_config(None, ["version=3"])
 
 
 def test_task_overrides_refine_the_default_task(tmp_path):

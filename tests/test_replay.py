@@ -114,7 +114,9 @@ from .test_trainer import config  # noqa: E402
     ["optimizer.name=ZOSGDMomentum", "tuning.scheme=lora"],
     ["optimizer.name=ZOMuon", "tuning.scheme=prompt"],
     ["optimizer.name=ZOSGD", "tuning.scheme=lora", "tuning.lora.dropout=0.5"],
-], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar", "Momentum-lora", "Muon-prompt", "ZOSGD-lora-dropout"])
+    ["optimizer.name=ZOSGD", "tuning.scheme=top", "tuning.top.layers=1"],
+], ids=["ZOSGD", "Cons-q2", "ZOAdam-blockwise", "Jaguar", "Momentum-lora", "Muon-prompt", "ZOSGD-lora-dropout",
+        "ZOSGD-top"])
 def test_zotune_replay_rebuilds_the_trained_weights(tiny_model_dir, reviews_csv, tmp_path, extra, capsys):
     from zotune.train.trainer import run_train
 

@@ -249,3 +249,30 @@ def test_resume_with_a_schedule_and_best_on_dev_is_bit_identical(tiny_model_dir,
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
     lrs = [m["lr"] for m in metrics(ref)]
     assert lrs[0] < lrs[3] == max(lrs) and lrs[-1] < lrs[4]  # rises over the warm-up, then decays
+
+
+def test_a_run_recorded_before_config_versions_resumes_and_replays_with_its_directions(
+        tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """New runs take z from a noise table (config version 2). A run whose config.yaml has no
+    ``version`` (as zotune wrote them before versions) is version 1: the same command that
+    started it resumes it with z drawn per chunk, bit-identical to an uninterrupted such run,
+    and replay rebuilds its weights; a new run of that command draws other directions."""
+    import yaml
+    from safetensors.torch import load_file
+
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, "version=1")
+    out = tmp_path / "old"
+    interrupt_in_process(argv(tiny_model_dir, reviews_csv, out, "version=1"), 5, monkeypatch)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded.pop("version") == 1 and recorded["optimizer"]["noise_table_mb"] == 0.0
+    (out / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))  # a pre-version run
+    assert main(argv(tiny_model_dir, reviews_csv, out)) == 0  # its command, which never named a version
+    assert "resuming at step" in capsys.readouterr().out
+    assert_same_run(out, ref)
+    assert main(["replay", "--run", str(out), "--out", str(tmp_path / "replayed")]) == 0
+    trained, again = load_file(str(out / "weights.safetensors")), load_file(str(tmp_path / "replayed" / "weights.safetensors"))
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+    new = tmp_path / "new"
+    assert main(argv(tiny_model_dir, reviews_csv, new)) == 0
+    assert yaml.safe_load((new / "config.yaml").read_text())["optimizer"]["noise_table_mb"] == 64.0
+    assert (new / "trajectory.bin").read_bytes() != (ref / "trajectory.bin").read_bytes()

@@ -88,7 +88,7 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
 
 # -- the registry and what each scheme trains ----------------------------------------------
 def test_registry_matches_the_config_choices():
-    assert set(SCHEMES) == set(config_module.SCHEMES) == {"full", "lora", "prefix", "prompt"}
+    assert set(SCHEMES) == set(config_module.SCHEMES) == {"full", "lora", "prefix", "prompt", "top"}
 
 
 def test_each_scheme_trains_only_its_parameters(tiny_model_dir):
@@ -98,16 +98,19 @@ def test_each_scheme_trains_only_its_parameters(tiny_model_dir):
         "lora": 2 * ((8 * 16 + 16 * 8) + (8 * 16 + 8 * 8)),  # r=8 on q_proj (16->16) and v_proj (16->8)
         "prefix": 5 * 2 * 2 * 8,  # 5 virtual tokens x 2 layers x (keys, values) x kv_dim 8
         "prompt": 10 * 16,  # 10 virtual token embeddings
+        "top": (16 * 16 + 2 * 8 * 16 + 16 * 16 + 3 * 16 * 32 + 2 * 16) + 16,  # the last layer and the final norm
     }
     for scheme, count in expected.items():
         model, _, trainable = schemed(tiny_model_dir, scheme)
         assert sum(p.numel() for p in trainable) == count, scheme
-        if scheme != "full":  # and peft counts the same
+        if scheme not in ("full", "top"):  # and peft counts the same
             assert model.get_nb_trainable_parameters()[0] == count, scheme
         assert {id(p) for p in trainable} == {id(p) for p in model.parameters() if p.requires_grad}
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if scheme == "lora":
             assert all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
+        elif scheme == "top":
+            assert all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
         elif scheme != "full":
             assert names == ["prompt_encoder.default.embedding.weight"]
 
@@ -408,3 +411,63 @@ def test_lora_adapters_in_float32_over_a_half_precision_base(tiny_model_dir, rev
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert not any("WARNING" in str(line) for line in lines)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 0
+
+
+# -- the top scheme and its frozen-prefix activation cache ---------------------------------
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tiny_model_dir, tmp_path_factory):
+    """A 2-layer GPT-2 (learned positions: not a frozen-prefix architecture) with the embedded tokenizer."""
+    _, tokenizer = load_model(str(tiny_model_dir))
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_top_scheme_trains_the_top_layers_and_the_final_norm(tiny_model_dir):
+    model, _, trainable = schemed(tiny_model_dir, "top", "tuning.top.layers=1")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
+    assert "model.norm.weight" in names and len(trainable) == len(names)
+    with pytest.raises(ConfigError, match="tuning.top.layers is 3, but the model has 2 layers"):
+        schemed(tiny_model_dir, "top", "tuning.top.layers=3")
+
+
+def test_frozen_prefix_probes_equal_full_forwards(sharp_model_dir):
+    """One example: the cached forward is the full forward bit for bit, so a ZOSGD step through
+    the cache moves the weights exactly as through the model; a padded batch: equal up to float
+    rounding. The cache holds each training example once."""
+    from zotune.tuning.frozen_prefix import FrozenPrefix
+
+    model, tok, trainable = schemed(sharp_model_dir, "top", "tuning.top.layers=1")
+    probe = FrozenPrefix(model, start=1)
+    scorer = ChoiceScorer(tok, make_spec(CHOICES))
+    one, both = scorer.encode([LONG]), scorer.encode([LONG, SHORT])
+    with torch.no_grad():
+        assert torch.equal(scorer.loss(probe, one), scorer.loss(model, one))
+        torch.testing.assert_close(scorer.loss(probe, both), scorer.loss(model, both), rtol=1e-5, atol=1e-6)
+    start = [p.detach().clone() for p in trainable]
+    after = []
+    for forward in (model, probe):
+        with torch.no_grad():
+            for p, s in zip(trainable, start):
+                p.copy_(s)
+        opt = build_optimizer(OptimizerConfig(name="ZOSGD", lr=1e-2, eps=1e-2), trainable, "top", seed=0)
+        for _ in range(3):
+            opt.step(lambda: scorer.loss(forward, one))
+        after.append([p.detach().clone() for p in trainable])
+    assert all(torch.equal(a, b) for a, b in zip(*after)) and any(not torch.equal(a, s) for a, s in zip(after[0], start))
+    assert len(probe.cache) == 4 and probe.cache_bytes > 0  # a row per (example, candidate): 2 x 2
+
+
+def test_top_scheme_run_reports_its_cache_and_a_gpt2_runs_uncached(tiny_model_dir, tiny_gpt2_dir, reviews_csv, tmp_path):
+    lines = []
+    summary = run_train(run_config(tiny_model_dir, reviews_csv, "tuning.scheme=top", "optimizer.lr=1e-3"),
+                        tmp_path / "llama", log=lines.append)
+    assert summary["activation_cache_mb"] > 0
+    summary = run_train(run_config(tiny_gpt2_dir, reviews_csv, "tuning.scheme=top", "optimizer.lr=1e-3"),
+                        tmp_path / "gpt2", log=lines.append)
+    assert "activation_cache_mb" not in summary
+    assert any("no activation cache for model type 'gpt2'" in line for line in lines)

@@ -159,9 +159,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_replay(args.run, args.out, step=args.step, overwrite=args.overwrite)
         return 0
 
-    from .config import load_config
+    from .config import CONFIG_VERSION, load_config, recorded_version
 
-    cfg = load_config(args.config, args.overrides)
+    # a run to resume keeps the defaults it was recorded with (config version)
+    version = recorded_version(args.out) if args.command == "train" and not args.overwrite else CONFIG_VERSION
+    cfg = load_config(args.config, args.overrides, default_version=version)
     if args.command == "memory":
         from .profiling.memory import run_memory
 

@@ -21,11 +21,15 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_TASK = "rotten_tomatoes"
-SCHEMES = ("full", "lora", "prefix", "prompt")  # kept in sync with zotune.tuning.SCHEMES (tested)
+SCHEMES = ("full", "lora", "prefix", "prompt", "top")
+OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters  # kept in sync with zotune.tuning.SCHEMES (tested)
 PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
+CONFIG_VERSION = 2  # 2: the noise table by default (DEFAULT_NOISE_TABLE_MB); 1: before versions
+VERSIONS = (1, 2)
+DEFAULT_NOISE_TABLE_MB = 64.0
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
 PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_MODES
 
@@ -66,11 +70,19 @@ class PromptOptions:
 
 
 @dataclass
+class TopOptions:
+    layers: int = 1  # the top K transformer layers are tuned (with the final norm)
+    norm: bool = True  # the final norm too
+    cache: bool = True  # training probes start from cached hidden states entering the lowest tuned layer
+
+
+@dataclass
 class TuningConfig:
-    scheme: str = "full"  # full | lora | prefix | prompt
+    scheme: str = "full"  # full | lora | prefix | prompt | top
     lora: LoraOptions = field(default_factory=LoraOptions)
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
     prompt: PromptOptions = field(default_factory=PromptOptions)
+    top: TopOptions = field(default_factory=TopOptions)
     trainable_dtype: str | None = None  # adapter schemes: e.g. float32 adapters over a half-precision base
     precision_check: str = "error"  # ZO in half precision, if probes or updates would round away: error | warn | ignore
     hybrid: HybridConfig = field(default_factory=HybridConfig)
@@ -86,7 +98,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     blockwise: bool = False  # ZO-Bench block-wise ZO: one query set per transformer layer / the rest
     direction_cache_mb: float = 0.0  # z kept from a step's first probe for the rest of the step (speed for memory)
-    noise_table_mb: float = 0.0  # z as windows of one pre-drawn table of this size (speed for memory; other z)
+    # z as windows of one pre-drawn table of this size (speed for memory; other z). None: the
+    # config version's default (version 2: DEFAULT_NOISE_TABLE_MB for optimizers that take one)
+    noise_table_mb: float | None = None
     options: dict[str, Any] = field(default_factory=dict)  # class-specific: momentum, betas, ...
 
 
@@ -119,6 +133,7 @@ class EvalConfig:
 @dataclass
 class Config:
     seed: int = 0
+    version: int | None = None  # the defaults' generation (CONFIG_VERSION); None: the current one
     model: ModelConfig = field(default_factory=ModelConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -131,8 +146,10 @@ class Config:
 
 
 # -- loading -------------------------------------------------------------------------------
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (optional), apply ``a.b=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                default_version: int = CONFIG_VERSION) -> Config:
+    """Read a YAML config (optional), apply ``a.b=value`` overrides, validate (see
+    :func:`from_dict` for ``default_version``)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(Path(path))
@@ -143,16 +160,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = key.strip()
         # templates such as "{text} It was" would parse as YAML mappings: keep them verbatim
         set_dotted(raw, key, value if key.endswith("template") else _parse_value(value))
-    return from_dict(raw)
+    return from_dict(raw, default_version)
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested plain data."""
+def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION) -> Config:
+    """Build and validate a :class:`Config` from nested plain data. A config without ``version``
+    gets ``default_version``'s defaults: the current ones for a new run, the recorded run's for
+    a run written before versions existed (1, see :func:`recorded_version`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
     cfg = _build(Config, _refining_default_task(raw), prefix="")
+    if cfg.version is None:
+        cfg.version = default_version
+    _require(cfg.version in VERSIONS, "version", f"must be one of {', '.join(map(str, VERSIONS))}", cfg.version)
+    _versioned_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def _versioned_defaults(cfg: Config) -> None:
+    """Fill the keys whose default depends on the config version. Version 2 (new runs): the noise
+    table, the fast direction path, for zeroth-order optimizers that take one and have no
+    direction cache. Version 1 (runs recorded before versions): z drawn per chunk."""
+    if cfg.optimizer.noise_table_mb is None:
+        cfg.optimizer.noise_table_mb = default_noise_table_mb(cfg.version, cfg.optimizer)
+
+
+def default_noise_table_mb(version: int, optimizer: OptimizerConfig) -> float:
+    """``optimizer.noise_table_mb`` when the config gives none, under config ``version``."""
+    from .optim.factory import ZO_OPTIMIZERS
+
+    cls = ZO_OPTIMIZERS.get(optimizer.name)
+    fast = version >= 2 and cls is not None and cls.takes_noise_table and not optimizer.direction_cache_mb
+    return DEFAULT_NOISE_TABLE_MB if fast else 0.0
+
+
+def recorded_version(run_dir: str | Path) -> int:
+    """The config version an unfinished run in ``run_dir`` was recorded with (1 for a
+    ``config.yaml`` without ``version``: written before versions existed); the current version
+    when there is no run to resume there."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file() or (path / "summary.json").exists():
+        return CONFIG_VERSION
+    try:
+        recorded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return CONFIG_VERSION  # the resume check reports the unreadable file
+    version = recorded.get("version", 1) if isinstance(recorded, dict) else CONFIG_VERSION
+    return version if version in VERSIONS else CONFIG_VERSION
 
 
 # a task section naming none of these refines the default task (task.k_shot=4) instead of
@@ -356,6 +411,7 @@ def _validate_tuning(tc: TuningConfig) -> None:
     _require(lora.alpha > 0, "tuning.lora.alpha", "must be > 0", lora.alpha)
     _require(0 <= lora.dropout < 1, "tuning.lora.dropout", "must be in [0, 1)", lora.dropout)
     _require(prefix.num_virtual_tokens >= 1, "tuning.prefix.num_virtual_tokens", "must be >= 1", prefix.num_virtual_tokens)
+    _require(tc.top.layers >= 1, "tuning.top.layers", "must be >= 1", tc.top.layers)
     _require(prompt.num_virtual_tokens >= 1, "tuning.prompt.num_virtual_tokens", "must be >= 1", prompt.num_virtual_tokens)
     _require(prompt.init_text is None or prompt.init_text.strip() != "", "tuning.prompt.init_text",
              "must be null or a non-empty text", prompt.init_text)
@@ -366,8 +422,8 @@ def _validate_tuning(tc: TuningConfig) -> None:
             resolve_dtype(tc.trainable_dtype)
         except ConfigError:
             _require(False, "tuning.trainable_dtype", "must be null, float32, bfloat16 or float16", tc.trainable_dtype)
-        _require(tc.scheme != "full", "tuning.trainable_dtype",
-                 "applies to the adapter schemes (lora, prefix, prompt) only: full fine-tuning trains the model's "
+        _require(tc.scheme not in OWN_WEIGHTS_SCHEMES, "tuning.trainable_dtype",
+                 f"applies to the adapter schemes (lora, prefix, prompt) only: {tc.scheme} tunes the model's "
                  "own weights, in model.dtype (use model.dtype=float32 instead)", tc.trainable_dtype)
 
 

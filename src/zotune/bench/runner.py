@@ -38,7 +38,7 @@ from typing import IO, Any
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import load_config
+from ..config import from_dict, load_config
 from ..errors import ConfigError, ZotuneError
 from ..train.rundir import RUN_MARKERS
 from .grid import Cell, Grid, load_grid
@@ -113,8 +113,11 @@ class BenchDir:
 
 
 def _same_config(path: Path, cell: Cell) -> bool:
+    """Whether a cell's run directory holds the cell's config, compared under the defaults of the
+    config version the run was recorded with (a cell run before a new version stays done)."""
     try:
-        return load_config(path).to_dict() == cell.cfg.to_dict()
+        recorded = load_config(path, default_version=1)  # no version: recorded before versions
+        return recorded.to_dict() == from_dict(cell.config, default_version=recorded.version).to_dict()
     except ZotuneError:
         return False
 

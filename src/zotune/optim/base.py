@@ -52,6 +52,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Base class: SPSA estimate, then ``update_param`` for every trainable parameter."""
 
     forwards_per_query = 2
+    takes_noise_table = True  # its directions can be windows of a noise table (see noise_table)
     # update_param touches only its own parameter and state, elementwise: parameters may be
     # updated concurrently (rules with matrix maths, e.g. Newton-Schulz, set False)
     elementwise = False

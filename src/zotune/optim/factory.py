@@ -38,11 +38,12 @@ ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
 
 # (lr, eps) by scheme for ZO, with per-optimizer lr exceptions; lr by optimizer and scheme for FO.
-ZO_DEFAULTS = {"full": (1e-6, 1e-3), "lora": (5e-5, 1e-2), "prefix": (1e-2, 1e-1), "prompt": (1e-3, 1e-2)}
+ZO_DEFAULTS = {"full": (1e-6, 1e-3), "lora": (5e-5, 1e-2), "prefix": (1e-2, 1e-1), "prompt": (1e-3, 1e-2),
+               "top": (1e-6, 1e-3)}  # top K layers: full fine-tuning's until measured
 ZO_LR = {("ZOAdam", "full"): 1e-5}
 FO_DEFAULTS = {
-    "SGD": {"full": 1e-4, "lora": 1e-3, "prefix": 1e-2, "prompt": 1e-3},
-    "AdamW": {"full": 1e-5, "lora": 1e-4, "prefix": 1e-2, "prompt": 1e-3},
+    "SGD": {"full": 1e-4, "lora": 1e-3, "prefix": 1e-2, "prompt": 1e-3, "top": 1e-4},
+    "AdamW": {"full": 1e-5, "lora": 1e-4, "prefix": 1e-2, "prompt": 1e-3, "top": 1e-5},
 }
 
 
@@ -80,7 +81,7 @@ def build_optimizer(
                 **({"blockwise": True} if cfg.blockwise else {}),
                 **cfg.options,
             )
-            return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb)
+            return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb or 0)
         for knob in ("blockwise", "direction_cache_mb", "noise_table_mb"):
             if getattr(cfg, knob):
                 raise ConfigError(f"optimizer.{knob} applies to zeroth-order optimizers only")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import OWN_WEIGHTS_SCHEMES
 from ..errors import ConfigError, DataError
 from .rundir import run_config
 from .trainer import Session
@@ -38,7 +39,7 @@ def run_export(run_dir: str | Path, out: str | Path, weights: str | Path | None 
     if scheme == "lora":
         model = model.merge_and_unload()
         kind = "merged LoRA"
-    elif scheme == "full":
+    elif scheme in OWN_WEIGHTS_SCHEMES:
         kind = "full weights"
     else:
         kind = f"{scheme}-tuning adapter (peft format; no merged form)"

@@ -22,7 +22,7 @@ def run_config(path: str | Path):
 
     if not (Path(path) / "config.yaml").is_file():
         raise DataError(f"--run {path} is not a run directory (no config.yaml)")
-    return load_config(Path(path) / "config.yaml")
+    return load_config(Path(path) / "config.yaml", default_version=1)  # no version: recorded before versions
 
 
 class RunDir:
@@ -100,7 +100,8 @@ def _check_same_config(path: Path, config: dict[str, Any]) -> None:
         return yaml.safe_load(yaml.safe_dump(data))
 
     try:
-        theirs = plain(from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))).to_dict())
+        recorded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        theirs = plain(from_dict(recorded, default_version=1).to_dict())  # no version: recorded before versions
     except (OSError, ValueError, yaml.YAMLError, ConfigError):
         raise ConfigError(f"--out {path} holds an unfinished run whose config.yaml cannot be read; "
                           "pass --overwrite to start over") from None

@@ -35,7 +35,8 @@ from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, res
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import TrajectoryWriter, weights_sha256
-from ..tuning import apply_scheme, check_precision, hybrid_split, layer_blocks
+from ..tuning import apply_scheme, check_precision, hybrid_split, layer_blocks, transformer_layers
+from ..tuning.frozen_prefix import FrozenPrefix, supports_frozen_prefix
 from .baselines import icl_prefix, linear_probe
 from .checkpoint import Checkpoint, Checkpoints, Progress, RunInterrupted, read_checkpoint, stop_on_signal
 from .evaluate import EvalResult, evaluate, task_metrics
@@ -130,6 +131,18 @@ class Session:
         scorer = copy.copy(self.scorer)  # shares a linear head (align: false) with training
         scorer.max_length = length
         return scorer
+
+    def probe_model(self, log=print) -> torch.nn.Module | FrozenPrefix:
+        """What training forwards call: the model, or under the ``top`` scheme its frozen-prefix
+        activation cache (the probes start at the lowest tuned layer)."""
+        top = self.cfg.tuning.top
+        if self.cfg.tuning.scheme != "top" or not top.cache:
+            return self.model
+        if not supports_frozen_prefix(self.model):
+            log(f"tuning.top.cache: no activation cache for model type {self.model.config.model_type!r}; "
+                "the probes run full forwards")
+            return self.model
+        return FrozenPrefix(self.model, len(transformer_layers(self.model)) - top.layers)
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return named_trainable(self.model, getattr(self.scorer, "head", None), self.trainable)
@@ -296,7 +309,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         objective = lambda model, batch: scorer.objective(model, batch, tcfg.objective)  # noqa: E731
     exchange = LossExchange(world, tcfg.parallel) if world.distributed else None
     ddp_bytes = {"bytes": 0}
-    train_model = data_parallel(model, ddp_bytes) if exchange and not zo else model  # FO: torch's DDP
+    probe = session.probe_model(log)
+    train_model = data_parallel(model, ddp_bytes) if exchange and not zo else probe  # FO: torch's DDP
     if exchange and zo:
         opt.loss_reducer = exchange
     steps_here = 0
@@ -318,7 +332,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
             schedule.set(step)
             with _out_of_memory_reported(batch):
                 if zo:
-                    loss = float(opt.step(lambda: objective(model, batch)))
+                    loss = float(opt.step(lambda: objective(probe, batch)))
                     progress.forwards += opt.forwards_per_step
                     if trajectory is not None:
                         trajectory.append(opt.last_record)
@@ -395,6 +409,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         "lr": lr,
         **({"eps": eps} if zo else {}),
         **({"best_step": best[0], f"best_dev_{metric}": best[1]} if best else {}),
+        **({"activation_cache_mb": round(probe.cache_bytes / 2**20, 3)} if isinstance(probe, FrozenPrefix) else {}),
         "trainable_params": sum(p.numel() for _, p in session.named_trainable()),
         "n_train": len(train),
         "n_test": len(test),

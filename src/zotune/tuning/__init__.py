@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TuningConfig
+from ..config import OWN_WEIGHTS_SCHEMES, TuningConfig
 from ..errors import ConfigError
 from .precision import check_precision, precision_report
 from .schemes import LORA_TARGETS, SCHEMES, lora_targets
 
-__all__ = ["LORA_TARGETS", "SCHEMES", "apply_scheme", "check_precision", "hybrid_split", "layer_blocks",
-           "lora_targets", "precision_report", "transformer_layers"]
+__all__ = ["LORA_TARGETS", "SCHEMES", "apply_scheme", "check_precision", "final_norm", "hybrid_split", "layer_blocks",
+           "lora_targets", "precision_report", "transformer_layers", "tuned_top"]
 
 
 def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
@@ -25,7 +25,7 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
     its trainable parameters, in ``tuning.trainable_dtype`` if set, else in the model's dtype."""
     if cfg.scheme not in SCHEMES:
         raise ConfigError(f"tuning.scheme {cfg.scheme!r} is not available; choose one of {', '.join(SCHEMES)}")
-    if cfg.trainable_dtype is not None and cfg.scheme == "full":
+    if cfg.trainable_dtype is not None and cfg.scheme in OWN_WEIGHTS_SCHEMES:
         raise ConfigError("config key 'tuning.trainable_dtype' applies to the adapter schemes (lora, prefix, "
                           "prompt) only: full fine-tuning trains the model's own weights (use model.dtype)")
     from ..models.loader import resolve_dtype
@@ -33,7 +33,7 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
     base_dtype = next(model.parameters()).dtype
     model = SCHEMES[cfg.scheme](model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if cfg.scheme != "full":
+    if cfg.scheme not in OWN_WEIGHTS_SCHEMES:
         dtype = resolve_dtype(cfg.trainable_dtype) if cfg.trainable_dtype is not None else base_dtype
         for p in trainable:
             if p.dtype != dtype:
@@ -45,6 +45,25 @@ def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:
     """The model's stack of layers: its largest ``nn.ModuleList``."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     return max(lists, key=len) if lists else []
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm after the last layer (Llama-family ``norm``, OPT ``final_layer_norm``, GPT-2 ``ln_f``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def tuned_top(model: torch.nn.Module, k: int, norm: bool = True) -> list[torch.nn.Module]:
+    """The modules the ``top`` scheme tunes: the last ``k`` layers, then the final norm."""
+    layers = list(transformer_layers(model))
+    if not 1 <= k <= len(layers):
+        raise ConfigError(f"tuning.top.layers is {k}, but the model has {len(layers)} layers")
+    last = final_norm(model) if norm else None
+    return layers[-k:] + ([last] if last is not None else [])
 
 
 def hybrid_split(

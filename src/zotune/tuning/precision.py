@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import OWN_WEIGHTS_SCHEMES, Config
 from ..errors import ConfigError
 
 HALF = (torch.float16, torch.bfloat16)
@@ -145,7 +145,7 @@ def _problem(report: PrecisionReport, lr: float, eps: float) -> tuple[str, str] 
 
 
 def _remedy(cfg: Config, knob: str) -> str:
-    if cfg.tuning.scheme == "full":
+    if cfg.tuning.scheme in OWN_WEIGHTS_SCHEMES:
         return (f"remedies: model.dtype=float32, or an adapter scheme (tuning.scheme=lora) with "
                 f"tuning.trainable_dtype=float32, or a larger {knob}")
     return (f"remedies: tuning.trainable_dtype=float32 (the adapter weights in float32 over the "

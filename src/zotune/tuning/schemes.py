@@ -6,6 +6,8 @@
 * ``prefix``: peft prefix tuning (``tuning.prefix``): trainable keys and values of
   ``num_virtual_tokens`` virtual tokens in every layer, optionally initialised from the
   keys/values of random real tokens (MeZO's ``prefix_init_by_real_act``).
+* ``top``: the top K transformer layers and the final norm (``tuning.top``), the model's own
+  weights; with a frozen-prefix activation cache for the training probes (frozen_prefix.py).
 * ``prompt``: peft prompt tuning (``tuning.prompt``): ``num_virtual_tokens`` trainable input
   embeddings in front of the prompt, initialised from a text (peft's TEXT init) or, without
   one, from the embeddings of random vocabulary tokens (ZO-Bench's
@@ -90,8 +92,23 @@ def prompt(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
     return _peft(model, config, cls=PromptTunedCausalLM)
 
 
+def top(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
+    """The top ``tuning.top.layers`` transformer layers (and the final norm) of the model's own
+    weights; everything below them, the embeddings and the head stay frozen, so the hidden states
+    entering the lowest tuned layer are a fixed function of the input (frozen_prefix.py caches
+    them)."""
+    from . import tuned_top
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in tuned_top(model, cfg.top.layers, cfg.top.norm):
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return model
+
+
 SCHEMES: dict[str, Callable[[torch.nn.Module, TuningConfig], torch.nn.Module]] = {
-    "full": full, "lora": lora, "prefix": prefix, "prompt": prompt,
+    "full": full, "lora": lora, "prefix": prefix, "prompt": prompt, "top": top,
 }
 
 

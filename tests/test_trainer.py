@@ -216,3 +216,17 @@ def test_keep_best_evaluates_the_best_dev_weights(tiny_model_dir, reviews_csv, t
     assert again["eval"] == summary["eval"]
     with pytest.raises(ConfigError, match="train.keep_best"):
         config(tiny_model_dir, reviews_csv, "train.keep_best=true", "train.eval_every=0")
+
+
+def test_test_every_records_test_metrics_and_evaluation_time(tiny_model_dir, reviews_csv, tmp_path):
+    """train.test_every: the test set's metrics in metrics.jsonl at those steps (the final one is
+    summary.json's), and eval_s, the part of wall_s spent evaluating (training time = the rest)."""
+    cfg = config(tiny_model_dir, reviews_csv, "train.test_every=2", "train.eval_every=3", "train.log_every=1",
+                 "eval.zero_shot=false")
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "test" in m] == [2, 4]
+    assert all(0 <= m["test"]["accuracy"] <= 1 for m in metrics if "test" in m) and "test" not in metrics[-1]
+    evals = [m["eval_s"] for m in metrics]
+    assert evals == sorted(evals) and evals[0] == 0 and evals[-1] > 0
+    assert all(m["eval_s"] <= m["wall_s"] for m in metrics) and summary["steps"] == 6

@@ -109,6 +109,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 16
     eval_every: int = 0  # 0: evaluate on the dev set only at the end
+    test_every: int = 0  # also the test set every this many steps (convergence curves); 0: only at the end
     log_every: int = 10
     max_length: int = 128  # prompt + continuation tokens; longer prompts are cut on the left
     objective: str = "loss"  # "loss" | "accuracy" | "f1": ZO on minus the batch metric (MeZO 3.4)
@@ -379,6 +380,7 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1, "train.steps", "must be >= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
+    _require(t.test_every >= 0, "train.test_every", "must be >= 0", t.test_every)
     _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _require(t.max_length >= 8, "train.max_length", "must be >= 8", t.max_length)
     _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)

@@ -115,6 +115,7 @@ class Progress:
     dev: list[tuple[int, float]] = field(default_factory=list)  # (step, dev metric)
     zero_shot: dict[str, float] | None = None  # test metrics before training, once measured
     wall_s: float = 0.0  # training wall time up to `step`, across resumes
+    eval_s: float = 0.0  # the part of wall_s spent in evaluations during training (dev, test)
 
     def start_clock(self) -> None:
         self._t0 = time.perf_counter() - self.wall_s

@@ -352,6 +352,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
             progress.losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
             record: dict[str, Any] = {}
+            t_eval = time.perf_counter()
             if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                 dev = session.evaluate(session.data.dev, "dev eval")
                 session.compare_params(f"after step {step + 1}")
@@ -359,12 +360,16 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
                 if tcfg.keep_best and run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
                     save_weights(run.file(BEST_WEIGHTS), session.named_trainable())
                 progress.dev.append((step + 1, dev.metrics[metric]))
+            if tcfg.test_every and (step + 1) % tcfg.test_every == 0 and step + 1 < tcfg.steps:
+                record["test"] = session.evaluate(test, "test eval").metrics  # the final one follows the loop
+            progress.eval_s += time.perf_counter() - t_eval
             if run is not None and (record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
                 record = {
                     "step": step + 1,
                     "loss": loss,
                     "forward_passes": progress.forwards,
                     "wall_s": round(progress.elapsed(), 3),
+                    "eval_s": round(progress.eval_s, 3),
                     "lr": opt.param_groups[0]["lr"],
                     **({"projected_grad": opt.last_record.projected_grads, "skipped_steps": opt.skipped_steps} if zo else {}),
                     **record,

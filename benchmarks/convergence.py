@@ -1,0 +1,167 @@
+"""Convergence at budgets that mean something: ZO against first-order on rotten_tomatoes, k = 16.
+
+Every run is an ordinary ``zotune train`` directory under ``--out`` (default
+``runs/convergence/<run>``), checkpointed every 50 steps: the same command resumes a run that was
+interrupted (another session, a kill) bit for bit, and skips a finished one. Dev accuracy
+(32 sentences) every ``eval_every`` steps, test accuracy (500 sentences) every ``test_every``
+steps and at the end. Baselines at the same data: zero-shot, ICL and linear
+probing, each a ``zotune eval`` (ICL: 8 demonstrations, 512 tokens).
+
+    .venv/bin/python benchmarks/convergence.py --runs zosgd-full-s0        # run (or resume) one run
+    .venv/bin/python benchmarks/convergence.py --baselines                   # zero-shot, ICL, linear probe
+    .venv/bin/python benchmarks/convergence.py --collect                     # results.csv + plots only
+
+``--collect`` writes ``docs/convergence/results.csv`` (one row per run and evaluation point:
+optimizer, scheme, seed, step, forward_passes, wall_s (training time, evaluations excluded),
+dev_accuracy, test_accuracy) and the plots ``accuracy_vs_forward_passes.png`` and
+``accuracy_vs_wall_clock.png`` (test accuracy, mean +- std over seeds, baselines as lines), from
+whatever runs exist, finished or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASE = [
+    "model.name=smollm2-135m", "task.name=rotten_tomatoes", "train.batch_size=16", "train.max_length=40",
+    "train.log_every=10", "train.eval_every=100", "train.test_every=250", "train.checkpoint_every=50",
+    "eval.max_examples=500", "eval.batch_size=32",
+]
+# name -> (optimizer, scheme, seed, steps, overrides); learning rates from the sweeps (docs/convergence.md)
+RUNS: dict[str, tuple[str, str, int, int, list[str]]] = {
+    **{f"zosgd-full-s{s}": ("ZOSGD", "full", s, 2000, ["optimizer.lr=1e-4", "optimizer.eps=1e-3"]) for s in (0, 1, 2)},
+    "zosgd-top2-s0": ("ZOSGD", "top", 0, 2000, ["tuning.top.layers=2", "optimizer.lr=1e-4", "optimizer.eps=1e-3"]),
+    "adamw-full-s0": ("AdamW", "full", 0, 200, ["optimizer.lr=1e-5"]),
+    "sgd-full-s0": ("SGD", "full", 0, 200, ["optimizer.lr=1e-3"]),
+}
+BASELINES = ("zero_shot", "icl", "linear_probe")
+DOCS = Path("docs/convergence")
+
+
+def zotune() -> str:
+    return str(Path(sys.executable).with_name("zotune"))
+
+
+def run(name: str, out: Path) -> None:
+    optimizer, scheme, seed, steps, extra = RUNS[name]
+    target = out / name
+    if (target / "summary.json").is_file():
+        print(f"{name}: finished", file=sys.stderr)
+        return
+    cmd = [zotune(), "train", "--out", str(target), *BASE, f"optimizer.name={optimizer}", f"tuning.scheme={scheme}",
+           f"seed={seed}", f"train.steps={steps}", *extra]
+    print(f"{name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=False)
+
+
+def baselines(out: Path) -> None:
+    for baseline in BASELINES:
+        target = out / "baselines" / baseline
+        if (target / "summary.json").is_file():
+            continue
+        extra = ["eval.icl_shots=8", "eval.max_length=512"] if baseline == "icl" else []
+        subprocess.run([zotune(), "eval", "--out", str(target), "--overwrite", *BASE, f"eval.baseline={baseline}", *extra],
+                       check=False)
+
+
+def collect(out: Path) -> None:
+    DOCS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (optimizer, scheme, seed, _, _) in RUNS.items():
+        path = out / name / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        label = f"{scheme} (top {RUNS[name][4][0].split('=')[1]})" if scheme == "top" else scheme
+        for m in map(json.loads, path.read_text().splitlines()):
+            if "dev" in m or "test" in m:
+                rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": m["step"],
+                             "forward_passes": m["forward_passes"], "wall_s": round(m["wall_s"] - m.get("eval_s", 0.0), 1),
+                             "dev_accuracy": m.get("dev", {}).get("accuracy", ""),
+                             "test_accuracy": m.get("test", {}).get("accuracy", "")})
+        summary = out / name / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            last = json.loads(path.read_text().splitlines()[-1])
+            rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": s["steps"],
+                         "forward_passes": s["forward_passes"],
+                         "wall_s": round(last["wall_s"] - last.get("eval_s", 0.0), 1),
+                         "dev_accuracy": last.get("dev", {}).get("accuracy", ""), "test_accuracy": s["eval"]["accuracy"]})
+            if "eval_zero_shot" in s:
+                rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": 0, "forward_passes": 0,
+                             "wall_s": 0.0, "dev_accuracy": "", "test_accuracy": s["eval_zero_shot"]["accuracy"]})
+    rows.sort(key=lambda r: (r["optimizer"], r["scheme"], r["seed"], r["step"]))
+    with (DOCS / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["optimizer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = {}
+    for baseline in BASELINES:
+        summary = out / "baselines" / baseline / "summary.json"
+        if summary.is_file():
+            lines[baseline] = json.loads(summary.read_text())["eval"]["accuracy"]
+    (DOCS / "baselines.json").write_text(json.dumps(lines, indent=2) + "\n")
+    plot(rows, lines)
+    print(f"{len(rows)} rows -> {DOCS / 'results.csv'}; baselines {lines}", file=sys.stderr)
+
+
+def plot(rows: list[dict], lines: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves: dict[tuple[str, str], dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["test_accuracy"] != "":
+            curves[(r["optimizer"], r["scheme"])][r["step"]].append((r, float(r["test_accuracy"])))
+    for x_key, fname, xlabel in (("forward_passes", "accuracy_vs_forward_passes.png", "forward passes"),
+                                 ("wall_s", "accuracy_vs_wall_clock.png", "training wall-clock (s), 2-core CPU")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for (optimizer, scheme), by_step in sorted(curves.items()):
+            steps = sorted(by_step)
+            x = [np.mean([float(r[x_key]) for r, _ in by_step[s]]) for s in steps]
+            y = np.array([np.mean([a for _, a in by_step[s]]) for s in steps])
+            e = np.array([np.std([a for _, a in by_step[s]]) for s in steps])
+            n = max(len(by_step[s]) for s in steps)
+            (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{optimizer} {scheme}" + (f" ({n} seeds)" if n > 1 else ""))
+            if n > 1:
+                ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.2)
+        for (name, value), style in zip(lines.items(), (":", "--", "-.")):
+            ax.axhline(value, color="gray", linestyle=style, lw=1, label=f"{name.replace('_', '-')} {value:.3f}")
+        ax.set_xscale("symlog" if x_key == "forward_passes" else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (500 sentences)")
+        ax.set_title("rotten_tomatoes, k = 16 per class, SmolLM2-135M")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(DOCS / fname, dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="", help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--baselines", action="store_true")
+    parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--out", default="runs/convergence", type=Path)
+    args = parser.parse_args()
+    for name in filter(None, args.runs.split(",")):
+        if name not in RUNS:
+            parser.error(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
+        run(name, args.out)
+    if args.baselines:
+        baselines(args.out)
+    if args.collect or args.runs or args.baselines:
+        collect(args.out)
+
+
+if __name__ == "__main__":
+    main()

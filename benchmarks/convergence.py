@@ -1,7 +1,7 @@
 """Convergence at budgets that mean something: ZO against first-order on rotten_tomatoes, k = 16.
 
 Every run is an ordinary ``zotune train`` directory under ``--out`` (default
-``runs/convergence/<run>``), checkpointed every 50 steps: the same command resumes a run that was
+``runs/convergence/<run>``), checkpointed every 100 steps: the same command resumes a run that was
 interrupted (another session, a kill) bit for bit, and skips a finished one. Dev accuracy
 (32 sentences) every ``eval_every`` steps, test accuracy (500 sentences) every ``test_every``
 steps and at the end. Baselines at the same data: zero-shot, ICL and linear
@@ -30,7 +30,7 @@ from pathlib import Path
 
 BASE = [
     "model.name=smollm2-135m", "task.name=rotten_tomatoes", "train.batch_size=16", "train.max_length=40",
-    "train.log_every=10", "train.eval_every=100", "train.test_every=250", "train.checkpoint_every=50",
+    "train.log_every=10", "train.eval_every=100", "train.test_every=250", "train.checkpoint_every=100",
     "eval.max_examples=500", "eval.batch_size=32",
 ]
 # name -> (optimizer, scheme, seed, steps, overrides); learning rates from the sweeps (docs/convergence.md)
@@ -135,7 +135,9 @@ def plot(rows: list[dict], lines: dict[str, float]) -> None:
                 ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.2)
         for (name, value), style in zip(lines.items(), (":", "--", "-.")):
             ax.axhline(value, color="gray", linestyle=style, lw=1, label=f"{name.replace('_', '-')} {value:.3f}")
-        ax.set_xscale("symlog" if x_key == "forward_passes" else "linear")
+        if x_key == "forward_passes":
+            ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (500 sentences)")
         ax.set_title("rotten_tomatoes, k = 16 per class, SmolLM2-135M")

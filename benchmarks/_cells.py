@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zotune.config import load_config
+from zotune.config import load_config, recorded_config
 from zotune.errors import ZotuneError
 
 
@@ -26,7 +26,7 @@ def finished_run(out: Path, overrides: list[str], config: str) -> bool:
         return {**cfg, "eval": {k: v for k, v in cfg["eval"].items() if k != "zero_shot"}}
 
     try:
-        recorded = load_config(out / "config.yaml", default_version=1)  # no version: recorded before versions
+        recorded = recorded_config(out / "config.yaml")
         return resolved(recorded.to_dict()) == resolved(load_config(config, overrides).to_dict())
     except ZotuneError:
         return False

@@ -21,13 +21,14 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_TASK = "rotten_tomatoes"
-SCHEMES = ("full", "lora", "prefix", "prompt", "top")
-OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters  # kept in sync with zotune.tuning.SCHEMES (tested)
+SCHEMES = ("full", "lora", "prefix", "prompt", "top")  # kept in sync with zotune.tuning.SCHEMES (tested)
+OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters
 PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
 CONFIG_VERSION = 2  # 2: the noise table by default (DEFAULT_NOISE_TABLE_MB); 1: before versions
+UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
 VERSIONS = (1, 2)
 DEFAULT_NOISE_TABLE_MB = 64.0
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
@@ -207,8 +208,13 @@ def recorded_version(run_dir: str | Path) -> int:
         recorded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return CONFIG_VERSION  # the resume check reports the unreadable file
-    version = recorded.get("version", 1) if isinstance(recorded, dict) else CONFIG_VERSION
+    version = recorded.get("version", UNVERSIONED) if isinstance(recorded, dict) else CONFIG_VERSION
     return version if version in VERSIONS else CONFIG_VERSION
+
+
+def recorded_config(path: str | Path) -> Config:
+    """A run directory's ``config.yaml``, under the defaults of the version it was recorded with."""
+    return load_config(path, default_version=UNVERSIONED)
 
 
 # a task section naming none of these refines the default task (task.k_shot=4) instead of

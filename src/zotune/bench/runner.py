@@ -38,7 +38,7 @@ from typing import IO, Any
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import from_dict, load_config
+from ..config import from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..train.rundir import RUN_MARKERS
 from .grid import Cell, Grid, load_grid
@@ -116,7 +116,7 @@ def _same_config(path: Path, cell: Cell) -> bool:
     """Whether a cell's run directory holds the cell's config, compared under the defaults of the
     config version the run was recorded with (a cell run before a new version stays done)."""
     try:
-        recorded = load_config(path, default_version=1)  # no version: recorded before versions
+        recorded = recorded_config(path)
         return recorded.to_dict() == from_dict(cell.config, default_version=recorded.version).to_dict()
     except ZotuneError:
         return False

@@ -29,9 +29,8 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     with the token after which ``finished(new_ids)`` holds. Rows are independent of each other."""
     batch = input_ids.shape[0]
     runner, kwargs, n_virtual = _prefill(model, input_ids, attention_mask, position_ids)
-    params = forward_params(runner)
-    cache_key = "cache" if "cache" in params else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_key = _cache_keyword(runner)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(runner) else {}
     mask, position = kwargs["attention_mask"], position_ids[:, -1:] + n_virtual
     new: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
@@ -55,6 +54,11 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return new
 
 
+def _cache_keyword(runner: torch.nn.Module) -> str:
+    """The keyword ``forward`` takes its KV cache by: ``cache`` since transformers 5.24."""
+    return "cache" if "cache" in forward_params(runner) else "past_key_values"
+
+
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor) -> tuple[torch.nn.Module, dict, int]:
     """(the module every step calls, the prefill's keyword arguments, number of virtual tokens)."""
@@ -66,8 +70,7 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     batch = input_ids.shape[0]
     kwargs: dict = {"attention_mask": torch.cat((attention_mask.new_ones((batch, n)), attention_mask), dim=1)}
     if prompt_learning and str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING":
-        cache_key = "cache" if "cache" in forward_params(runner) else "past_key_values"
-        kwargs.update(input_ids=input_ids, **{cache_key: model.get_prompt(batch_size=batch)})
+        kwargs.update(input_ids=input_ids, **{_cache_keyword(runner): model.get_prompt(batch_size=batch)})
         if takes_positions:
             kwargs["position_ids"] = position_ids + n
     elif prompt_learning:  # prompt tuning: peft's virtual embeddings before the tokens

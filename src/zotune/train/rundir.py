@@ -17,12 +17,12 @@ RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
 
 def run_config(path: str | Path):
     """The resolved config of a finished run directory (its ``config.yaml``)."""
-    from ..config import load_config
+    from ..config import recorded_config
     from ..errors import DataError
 
     if not (Path(path) / "config.yaml").is_file():
         raise DataError(f"--run {path} is not a run directory (no config.yaml)")
-    return load_config(Path(path) / "config.yaml", default_version=1)  # no version: recorded before versions
+    return recorded_config(Path(path) / "config.yaml")
 
 
 class RunDir:
@@ -94,14 +94,13 @@ class RunDir:
 
 def _check_same_config(path: Path, config: dict[str, Any]) -> None:
     """An unfinished run in ``path`` may be resumed only by the same resolved config."""
-    from ..config import from_dict
+    from ..config import recorded_config
 
     def plain(data: dict[str, Any]) -> Any:
         return yaml.safe_load(yaml.safe_dump(data))
 
     try:
-        recorded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        theirs = plain(from_dict(recorded, default_version=1).to_dict())  # no version: recorded before versions
+        theirs = plain(recorded_config(path / "config.yaml").to_dict())
     except (OSError, ValueError, yaml.YAMLError, ConfigError):
         raise ConfigError(f"--out {path} holds an unfinished run whose config.yaml cannot be read; "
                           "pass --overwrite to start over") from None

@@ -27,7 +27,7 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
         raise ConfigError(f"tuning.scheme {cfg.scheme!r} is not available; choose one of {', '.join(SCHEMES)}")
     if cfg.trainable_dtype is not None and cfg.scheme in OWN_WEIGHTS_SCHEMES:
         raise ConfigError("config key 'tuning.trainable_dtype' applies to the adapter schemes (lora, prefix, "
-                          "prompt) only: full fine-tuning trains the model's own weights (use model.dtype)")
+                          f"prompt) only: {cfg.scheme} tunes the model's own weights (use model.dtype)")
     from ..models.loader import resolve_dtype
 
     base_dtype = next(model.parameters()).dtype

@@ -61,10 +61,6 @@ class FrozenPrefix:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache.values())
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs):
-        return self.forward(input_ids, attention_mask, position_ids, logits_to_keep, **kwargs)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs):
         if kwargs or attention_mask is None or position_ids is None:
@@ -82,6 +78,8 @@ class FrozenPrefix:
         with self._top_layers():
             return self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
                               logits_to_keep=logits_to_keep)
+
+    __call__ = forward
 
     @torch.no_grad()
     def _entering(self, row: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ probing, each a ``zotune eval`` (ICL: 8 demonstrations, 512 tokens).
     .venv/bin/python benchmarks/convergence.py --collect                     # results.csv + plots only
 
 ``--collect`` writes ``docs/convergence/results.csv`` (one row per run and evaluation point:
-optimizer, scheme, seed, step, forward_passes, wall_s (training time, evaluations excluded),
+task, optimizer, scheme, seed, step, forward_passes, wall_s (training time, evaluations excluded),
 dev_accuracy, test_accuracy) and the plots ``accuracy_vs_forward_passes.png`` and
 ``accuracy_vs_wall_clock.png`` (test accuracy, mean +- std over seeds, baselines as lines), from
 whatever runs exist, finished or not.
@@ -26,6 +26,7 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 BASE = [
@@ -33,12 +34,32 @@ BASE = [
     "train.log_every=10", "train.eval_every=100", "train.test_every=250", "train.checkpoint_every=100",
     "eval.max_examples=500", "eval.batch_size=32",
 ]
-# name -> (optimizer, scheme, seed, steps, overrides); learning rates from the sweeps (docs/convergence.md)
-RUNS: dict[str, tuple[str, str, int, int, list[str]]] = {
-    **{f"zosgd-full-s{s}": ("ZOSGD", "full", s, 2000, ["optimizer.lr=1e-4", "optimizer.eps=1e-3"]) for s in (0, 1, 2)},
-    "zosgd-top2-s0": ("ZOSGD", "top", 0, 2000, ["tuning.top.layers=2", "optimizer.lr=1e-4", "optimizer.eps=1e-3"]),
-    "adamw-full-s0": ("AdamW", "full", 0, 200, ["optimizer.lr=1e-5"]),
-    "sgd-full-s0": ("SGD", "full", 0, 200, ["optimizer.lr=1e-3"]),
+
+
+@dataclass(frozen=True)
+class Run:
+    optimizer: str
+    scheme: str  # tuning.scheme
+    label: str  # the scheme column of results.csv and the plots' legend
+    seed: int
+    steps: int
+    overrides: tuple[str, ...]
+    task: str = "rotten_tomatoes"  # the plots show rotten_tomatoes; other tasks are rows of results.csv
+
+
+# learning rates from the sweeps (docs/sweeps.md, benchmarks/sweeps.py)
+RUNS: dict[str, Run] = {
+    **{f"zosgd-full-s{s}": Run("ZOSGD", "full", "full", s, 2000, ("optimizer.lr=1e-4", "optimizer.eps=1e-3"))
+       for s in (0, 1, 2)},
+    "zosgd-lora-s0": Run("ZOSGD", "lora", "lora", 0, 2000, ("optimizer.lr=3e-3", "optimizer.eps=1e-2")),
+    "zosgd-top2-s0": Run("ZOSGD", "top", "top 2", 0, 2000, ("tuning.top.layers=2", "optimizer.lr=1e-3", "optimizer.eps=1e-3")),
+    "zosgd-top2-lr1e-4-s0": Run("ZOSGD", "top", "top 2, lr 1e-4 (untuned)", 0, 2000,
+                                ("tuning.top.layers=2", "optimizer.lr=1e-4", "optimizer.eps=1e-3")),
+    # held-out sanity: the ZOSGD full recipe on a 7-way intent task (k = 16 per class: 112 train sentences)
+    "zosgd-full-intent-s0": Run("ZOSGD", "full", "full", 0, 1000, ("optimizer.lr=1e-4", "optimizer.eps=1e-3"),
+                                task="intent_recognition"),
+    "adamw-full-s0": Run("AdamW", "full", "full", 0, 200, ("optimizer.lr=1e-5",)),
+    "sgd-full-s0": Run("SGD", "full", "full", 0, 200, ("optimizer.lr=1e-3",)),
 }
 BASELINES = ("zero_shot", "icl", "linear_probe")
 DOCS = Path("docs/convergence")
@@ -49,13 +70,14 @@ def zotune() -> str:
 
 
 def run(name: str, out: Path) -> None:
-    optimizer, scheme, seed, steps, extra = RUNS[name]
+    spec = RUNS[name]
     target = out / name
     if (target / "summary.json").is_file():
         print(f"{name}: finished", file=sys.stderr)
         return
-    cmd = [zotune(), "train", "--out", str(target), *BASE, f"optimizer.name={optimizer}", f"tuning.scheme={scheme}",
-           f"seed={seed}", f"train.steps={steps}", *extra]
+    cmd = [zotune(), "train", "--out", str(target), *BASE, f"optimizer.name={spec.optimizer}",
+           f"tuning.scheme={spec.scheme}", f"seed={spec.seed}", f"train.steps={spec.steps}", f"task.name={spec.task}",
+           *spec.overrides]
     print(f"{name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=False)
 
@@ -73,14 +95,14 @@ def baselines(out: Path) -> None:
 def collect(out: Path) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, (optimizer, scheme, seed, _, _) in RUNS.items():
+    for name, spec in RUNS.items():
         path = out / name / "metrics.jsonl"
         if not path.is_file():
             continue
-        label = f"{scheme} (top {RUNS[name][4][0].split('=')[1]})" if scheme == "top" else scheme
+        optimizer, label, seed, task = spec.optimizer, spec.label, spec.seed, spec.task
         for m in map(json.loads, path.read_text().splitlines()):
             if "dev" in m or "test" in m:
-                rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": m["step"],
+                rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": m["step"],
                              "forward_passes": m["forward_passes"], "wall_s": round(m["wall_s"] - m.get("eval_s", 0.0), 1),
                              "dev_accuracy": m.get("dev", {}).get("accuracy", ""),
                              "test_accuracy": m.get("test", {}).get("accuracy", "")})
@@ -88,14 +110,14 @@ def collect(out: Path) -> None:
         if summary.is_file():
             s = json.loads(summary.read_text())
             last = json.loads(path.read_text().splitlines()[-1])
-            rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": s["steps"],
+            rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": s["steps"],
                          "forward_passes": s["forward_passes"],
                          "wall_s": round(last["wall_s"] - last.get("eval_s", 0.0), 1),
                          "dev_accuracy": last.get("dev", {}).get("accuracy", ""), "test_accuracy": s["eval"]["accuracy"]})
             if "eval_zero_shot" in s:
-                rows.append({"optimizer": optimizer, "scheme": label, "seed": seed, "step": 0, "forward_passes": 0,
+                rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": 0, "forward_passes": 0,
                              "wall_s": 0.0, "dev_accuracy": "", "test_accuracy": s["eval_zero_shot"]["accuracy"]})
-    rows.sort(key=lambda r: (r["optimizer"], r["scheme"], r["seed"], r["step"]))
+    rows.sort(key=lambda r: (r["task"] != "rotten_tomatoes", r["task"], r["optimizer"], r["scheme"], r["seed"], r["step"]))
     with (DOCS / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["optimizer"])
         writer.writeheader()
@@ -106,7 +128,7 @@ def collect(out: Path) -> None:
         if summary.is_file():
             lines[baseline] = json.loads(summary.read_text())["eval"]["accuracy"]
     (DOCS / "baselines.json").write_text(json.dumps(lines, indent=2) + "\n")
-    plot(rows, lines)
+    plot([r for r in rows if r["task"] == "rotten_tomatoes"], lines)
     print(f"{len(rows)} rows -> {DOCS / 'results.csv'}; baselines {lines}", file=sys.stderr)
 
 

@@ -20,13 +20,20 @@ def predictions(path):
     return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("scheme", ["lora", "full", "prefix"])
+@pytest.mark.parametrize("scheme", ["lora", "lora-fa", "full", "prefix"])
 def test_save_load_eval_and_export(tiny_model_dir, reviews_csv, tmp_path, scheme, capsys):
     run = tmp_path / "run"
+    fa = scheme == "lora-fa"  # LoRA-FA: A frozen at its seeded init, rebuilt with the model on load
+    scheme = "lora" if fa else scheme
     extra = ["tuning.scheme=" + scheme, "optimizer.lr=5e-2" if scheme == "lora" else "optimizer.lr=1e-3",
-             "train.eval_every=0", "eval.zero_shot=false"]
+             "train.eval_every=0", "eval.zero_shot=false", *(["tuning.lora.freeze_a=true"] if fa else [])]
     run_train(config(tiny_model_dir, reviews_csv, *extra), run, **QUIET)
     assert (run / "adapter").is_dir() == (scheme != "full")
+    if fa:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(run / "weights.safetensors"))
+        assert saved and all(".lora_B." in name for name in saved)
     # save -> load -> eval: the same predictions and scores
     ev = run_eval(config(tiny_model_dir, reviews_csv, *extra), tmp_path / "ev", weights=run / "weights.safetensors", **QUIET)
     assert predictions(tmp_path / "ev" / "predictions.jsonl") == predictions(run / "predictions.jsonl")

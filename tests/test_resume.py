@@ -276,3 +276,24 @@ def test_a_run_recorded_before_config_versions_resumes_and_replays_with_its_dire
     assert main(argv(tiny_model_dir, reviews_csv, new)) == 0
     assert yaml.safe_load((new / "config.yaml").read_text())["optimizer"]["noise_table_mb"] == 64.0
     assert (new / "trajectory.bin").read_bytes() != (ref / "trajectory.bin").read_bytes()
+
+
+def test_a_version_2_run_with_the_default_lr_resumes_with_the_lr_it_was_recorded_with(
+        tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, monkeypatch):
+    """Version 3 measured the default learning rates. A run recorded under version 2 with
+    ``lr: null`` resumes under version 2's default (MeZO's 1e-6 for full fine-tuning), bit-identical
+    to an uninterrupted such run, from the command that never named a version; a new run of that
+    command takes version 3's."""
+    import yaml
+
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, "version=2", "optimizer.lr=null")
+    out = tmp_path / "v2"
+    interrupt_in_process(argv(tiny_model_dir, reviews_csv, out, "version=2", "optimizer.lr=null"), 5, monkeypatch)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["version"] == 2 and recorded["optimizer"]["lr"] is None
+    assert main(argv(tiny_model_dir, reviews_csv, out, "optimizer.lr=null")) == 0
+    assert_same_run(out, ref)
+    assert {m["lr"] for m in metrics(out)} == {1e-6}
+    new = tmp_path / "new"
+    assert main(argv(tiny_model_dir, reviews_csv, new, "optimizer.lr=null")) == 0
+    assert {m["lr"] for m in metrics(new)} == {1e-4}

@@ -11,10 +11,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from zotune import config as config_module
-from zotune.config import OptimizerConfig, load_config
+from zotune.config import CONFIG_VERSION, OptimizerConfig, load_config
 from zotune.errors import ConfigError
 from zotune.models import load_model
 from zotune.optim.factory import (
+    DEFAULTS_BY_VERSION,
     FO_OPTIMIZERS,
     ZO_OPTIMIZERS,
     build_optimizer,
@@ -301,19 +302,32 @@ def test_zo_lora_run_leaves_the_base_weights_bit_identical(tiny_model_dir, revie
     assert summary["lr"] == 1e-2 and summary["eps"] == 1e-2  # eps: LoRA's default
 
 
-def test_defaults_per_scheme():
+def test_mezo_defaults_per_scheme_under_versions_1_and_2():
+    """Runs recorded before version 3 keep MeZO's published values (they resume and replay)."""
+    for version in (1, 2):
+        zo = OptimizerConfig(name="ZOSGD")
+        assert resolved_hparams(zo, "full", version) == (1e-6, 1e-3)
+        assert resolved_hparams(zo, "lora", version) == (5e-5, 1e-2)
+        assert resolved_hparams(zo, "prefix", version) == (1e-2, 1e-1)
+        assert resolved_hparams(zo, "prompt", version) == (1e-3, 1e-2)
+        assert resolved_hparams(OptimizerConfig(name="ZOAdam"), "full", version) == (1e-5, 1e-3)
+        adamw = OptimizerConfig(name="AdamW")
+        assert [resolved_hparams(adamw, s, version)[0] for s in ("full", "lora", "prefix", "prompt")] == [
+            1e-5, 1e-4, 1e-2, 1e-3]
+
+
+def test_measured_defaults_for_new_runs():
+    """Version 3 (new runs): the sweeps' picks on the default model (docs/sweeps.md)."""
     zo = OptimizerConfig(name="ZOSGD")
-    assert resolved_hparams(zo, "full") == (1e-6, 1e-3)
-    assert resolved_hparams(zo, "lora") == (5e-5, 1e-2)
-    assert resolved_hparams(zo, "prefix") == (1e-2, 1e-1)
-    assert resolved_hparams(zo, "prompt") == (1e-3, 1e-2)
-    assert resolved_hparams(OptimizerConfig(name="ZOAdam"), "full") == (1e-5, 1e-3)
-    assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)
-    adamw = OptimizerConfig(name="AdamW")
-    assert [resolved_hparams(adamw, s)[0] for s in ("full", "lora", "prefix", "prompt")] == [1e-5, 1e-4, 1e-2, 1e-3]
-    for scheme in SCHEMES:  # every optimizer has a default for every scheme
-        for name in [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]:
-            assert resolved_hparams(OptimizerConfig(name=name), scheme)[0] > 0
+    assert resolved_hparams(zo, "full") == resolved_hparams(zo, "full", CONFIG_VERSION) == (1e-4, 1e-3)
+    assert resolved_hparams(zo, "lora") == (3e-3, 1e-2)  # 60x MeZO's: at 5e-5 LoRA does not move
+    assert resolved_hparams(zo, "top") == (1e-3, 1e-3)
+    assert resolved_hparams(OptimizerConfig(name="SGD"), "full") == (1e-3, None)
+    assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)  # given wins
+    for version in DEFAULTS_BY_VERSION:  # every optimizer has a default for every scheme, in every version
+        for scheme in SCHEMES:
+            for name in [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]:
+                assert resolved_hparams(OptimizerConfig(name=name), scheme, version)[0] > 0
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -411,6 +425,23 @@ def test_lora_adapters_in_float32_over_a_half_precision_base(tiny_model_dir, rev
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert not any("WARNING" in str(line) for line in lines)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 0
+
+
+def test_lora_fa_tunes_only_b_and_keeps_a_at_its_init(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    """LoRA-FA (``tuning.lora.freeze_a``), over a bfloat16 base with float32 adapters: only the
+    B matrices train; every A stays bit-identical, in the adapters' dtype (peft feeds A's output
+    to B)."""
+    sessions = _capture_sessions(monkeypatch)
+    run_train(run_config(tiny_model_dir, reviews_csv, "model.dtype=bfloat16", "tuning.scheme=lora",
+                         "tuning.lora.freeze_a=true", "tuning.trainable_dtype=float32", "optimizer.lr=1e-2",
+                         "train.eval_every=0"), tmp_path / "run", log=lambda *_: None)
+    ((session, frozen, start),) = sessions
+    named = dict(session.model.named_parameters())
+    a = [n for n in named if ".lora_A." in n]
+    assert a and all(n in frozen and torch.equal(named[n], frozen[n]) for n in a)
+    assert {named[n].dtype for n in a} == {p.dtype for p in session.trainable} == {torch.float32}
+    assert {n for n, p in named.items() if p.requires_grad} == {n for n in named if ".lora_B." in n}
+    assert all(not torch.equal(p, start[id(p)]) for p in session.trainable)
 
 
 # -- the top scheme and its frozen-prefix activation cache ---------------------------------

@@ -27,9 +27,11 @@ PRECISION_CHECKS = ("error", "warn", "ignore")
 FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
-CONFIG_VERSION = 2  # 2: the noise table by default (DEFAULT_NOISE_TABLE_MB); 1: before versions
+# The defaults' generations: 3: learning rates measured on the default model (zotune.optim.factory);
+# 2: the noise table by default (DEFAULT_NOISE_TABLE_MB); 1: before versions
+CONFIG_VERSION = 3
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 DEFAULT_NOISE_TABLE_MB = 64.0
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
 PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_MODES
@@ -56,6 +58,7 @@ class LoraOptions:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: by architecture (Llama/Mistral/OPT q_proj, v_proj; GPT-2 c_attn; BERT query, value)
+    freeze_a: bool = False  # LoRA-FA: A stays at its random init (from the run seed), only B is tuned
 
 
 @dataclass

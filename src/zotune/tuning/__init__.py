@@ -32,13 +32,25 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
 
     base_dtype = next(model.parameters()).dtype
     model = SCHEMES[cfg.scheme](model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if cfg.scheme not in OWN_WEIGHTS_SCHEMES:
+    if cfg.scheme not in OWN_WEIGHTS_SCHEMES:  # every adapter tensor, a frozen LoRA A included
         dtype = resolve_dtype(cfg.trainable_dtype) if cfg.trainable_dtype is not None else base_dtype
-        for p in trainable:
-            if p.dtype != dtype:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-    return model, trainable
+    if cfg.scheme == "lora" and cfg.lora.freeze_a:
+        freeze_lora_a(model)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """LoRA-FA (Zhang et al. 2023): the down-projections A keep their random init and only the
+    up-projections B (zero at init) are tuned. ``delta W = B A`` starts at zero as in LoRA, but
+    the loss is no longer flat along the A coordinates that a zeroth-order probe perturbs for
+    nothing while B = 0 (A is most of LoRA's dimension: r x d_in per module against d_out x r).
+    A is rebuilt from the run seed with the model, so the weights files hold only B."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
 
 
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:

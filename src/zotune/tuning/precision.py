@@ -108,7 +108,7 @@ def check_precision(cfg: Config, params: list[torch.Tensor], closure: Callable[[
     mode, name = cfg.tuning.precision_check, cfg.optimizer.name
     if mode == "ignore" or name not in ZO_OPTIMIZERS or not any(p.dtype in HALF for p in params):
         return None
-    lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme)
+    lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme, cfg.version)
     probe_eps = None if getattr(ZO_OPTIMIZERS[name], "needs_forward_ad", False) else eps  # a JVP has no probe
     dist = cfg.optimizer.distribution
     report = precision_report(params, probe_eps, None, dist)

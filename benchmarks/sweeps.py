@@ -1,0 +1,124 @@
+"""Tables of the learning-rate sweeps (``configs/bench/sweep/*.yaml``), each picked by dev accuracy.
+
+Each sweep is a ``zotune bench`` grid run into ``runs/sweep/<name>``:
+
+    zotune bench --grid configs/bench/sweep/zosgd-full.yaml --out runs/sweep/zosgd-full
+
+This script reads whatever cells exist there (finished or not) and prints, per sweep, one row per
+cell: dev accuracy at every evaluation, the best dev accuracy and its step, test accuracy with the
+best-dev weights (``train.keep_best``), the last training loss, and the pick: the best dev
+accuracy, ties broken by the mean dev accuracy over the evaluations (the steadier cell). A cell
+without a summary is marked unfinished, and one whose loss passed 10x its first is marked diverged.
+
+    .venv/bin/python benchmarks/sweeps.py                      # every sweep under runs/sweep
+    .venv/bin/python benchmarks/sweeps.py zosgd-lora zosgd-top # some of them
+    .venv/bin/python benchmarks/sweeps.py --markdown docs/sweeps/tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SWEEPS = Path("runs/sweep")
+
+
+@dataclass
+class Cell:
+    name: str
+    dev: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    summary: dict | None = None
+
+    @property
+    def diverged(self) -> bool:
+        finite = [x for x in self.losses if math.isfinite(x)]
+        return len(finite) < len(self.losses) or (bool(finite) and max(finite) > 10 * finite[0])
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        return max(((acc, -step) for step, acc in self.dev), default=None)
+
+    def rank_key(self) -> tuple[float, float]:
+        if self.diverged or not self.dev:
+            return (-1.0, -1.0)
+        return (max(a for _, a in self.dev), sum(a for _, a in self.dev) / len(self.dev))
+
+
+def read_cell(path: Path) -> Cell:
+    cell = Cell(path.name)
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                cell.losses.append(float(record["loss"]))
+            if "dev" in record:
+                cell.dev.append((record["step"], record["dev"]["accuracy"]))
+    if (path / "summary.json").is_file():
+        cell.summary = json.loads((path / "summary.json").read_text())
+    return cell
+
+
+def _order(name: str) -> list:
+    """Cells in the order of their axis values, numbers as numbers ("lr=1e-05,seed=0")."""
+    key = []
+    for part in name.split(","):
+        value = part.partition("=")[2]
+        try:
+            key.append((0, float(value), ""))
+        except ValueError:
+            key.append((1, 0.0, value))
+    return key
+
+
+def table(sweep: Path) -> str:
+    if not (sweep / "cells").is_dir():
+        return f"### {sweep.name}\n\n(not run yet)\n"
+    paths = sorted((p for p in (sweep / "cells").iterdir() if p.is_dir()), key=lambda p: _order(p.name))
+    cells = [read_cell(p) for p in paths]
+    if not cells:
+        return f"### {sweep.name}\n\n(no cells yet)\n"
+    description = ""
+    grid = sweep / "grid.yaml"
+    if grid.is_file():
+        for line in grid.read_text().splitlines():
+            if line.startswith("description:"):
+                description = line.partition(":")[2].strip().strip('"')
+    steps = sorted({s for c in cells for s, _ in c.dev})
+    pick = max(cells, key=Cell.rank_key)
+    lines = [f"### {sweep.name}: {description}" if description else f"### {sweep.name}", "",
+             f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) | test, best-dev weights | last loss | |",
+             "|---|---|---|---:|---:|---|"]
+    for c in cells:
+        by_step = dict(c.dev)
+        dev = " / ".join(f"{by_step[s]:.3f}" if s in by_step else "-" for s in steps)
+        best = f"{c.best[0]:.3f} ({-c.best[1]})" if c.best else "-"
+        test = f"{c.summary['eval']['accuracy']:.3f}" if c.summary and "eval" in c.summary else "-"
+        loss = f"{c.losses[-1]:.3f}" if c.losses else "-"
+        status = ("diverged" if c.diverged else "unfinished" if c.summary is None else "")
+        if c is pick and not c.diverged and c.dev:
+            status = "**picked**" + (" (unfinished)" if c.summary is None else "")
+        lines.append(f"| {c.name} | {dev} | {best} | {test} | {loss} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweeps", nargs="*", help="sweep names under runs/sweep (default: all)")
+    parser.add_argument("--root", type=Path, default=SWEEPS)
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = parser.parse_args()
+    names = args.sweeps or sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir())
+    text = "\n".join(table(args.root / n) for n in names)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ def test_defaults_without_a_file():
     cfg = load_config(None)
     expected = Config(version=CONFIG_VERSION)
     expected.optimizer.noise_table_mb = DEFAULT_NOISE_TABLE_MB  # the current version's fast path
+    expected.tuning.lora.freeze_a = True  # and LoRA-FA under ZO
     assert cfg == expected
     assert cfg.task == {"name": "rotten_tomatoes"}
     assert cfg.optimizer.name == "ZOSGD"
@@ -31,6 +32,17 @@ def test_the_noise_table_default_follows_the_config_version(overrides, table):
     assert load_config(None, overrides).optimizer.noise_table_mb == table
     assert load_config(None, overrides, default_version=1).optimizer.noise_table_mb == (
         table if any(o.startswith(("optimizer.noise_table_mb", "version")) for o in overrides) else 0.0)
+
+
+@pytest.mark.parametrize("overrides, freeze", [
+    ([], True),  # new ZO runs: LoRA-FA
+    (["version=2"], False),  # recorded before version 3: plain LoRA
+    (["optimizer.name=AdamW"], False),  # first-order: plain LoRA
+    (["tuning.lora.freeze_a=false"], False),
+    (["optimizer.name=AdamW", "tuning.lora.freeze_a=true"], True),
+])
+def test_lora_fa_is_the_default_for_new_zeroth_order_runs(overrides, freeze):
+    assert load_config(None, ["tuning.scheme=lora", *overrides]).tuning.lora.freeze_a is freeze
 
 
 def test_an_unknown_config_version_is_one_line():

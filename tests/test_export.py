@@ -26,7 +26,7 @@ def test_save_load_eval_and_export(tiny_model_dir, reviews_csv, tmp_path, scheme
     fa = scheme == "lora-fa"  # LoRA-FA: A frozen at its seeded init, rebuilt with the model on load
     scheme = "lora" if fa else scheme
     extra = ["tuning.scheme=" + scheme, "optimizer.lr=5e-2" if scheme == "lora" else "optimizer.lr=1e-3",
-             "train.eval_every=0", "eval.zero_shot=false", *(["tuning.lora.freeze_a=true"] if fa else [])]
+             "train.eval_every=0", "eval.zero_shot=false", f"tuning.lora.freeze_a={str(fa).lower()}"]
     run_train(config(tiny_model_dir, reviews_csv, *extra), run, **QUIET)
     assert (run / "adapter").is_dir() == (scheme != "full")
     if fa:

@@ -106,3 +106,20 @@ def test_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, capsys, args, needl
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("zotune: error:") and needle in lines[0], lines
     assert not out.exists()
+
+
+def test_each_cell_gets_its_own_optimizers_versioned_defaults():
+    """A memory grid varies the optimizer over one config: the defaults that depend on it (the
+    noise table, LoRA-FA under ZO) are each cell's own, and what the config set stays set."""
+    from zotune.config import load_config
+    from zotune.profiling.memory import Cell, cell_config
+
+    def cell(name):
+        return Cell(optimizer=name, scheme="lora", length=16, batch_size=1, steps=1, device="cpu")
+
+    default = load_config(None)  # ZOSGD: a 64 MB table, LoRA-FA
+    fo, zo = cell_config(default, cell("AdamW")), cell_config(default, cell("ZOAdam"))
+    assert (fo.optimizer.noise_table_mb, fo.tuning.lora.freeze_a) == (0.0, False)
+    assert (zo.optimizer.noise_table_mb, zo.tuning.lora.freeze_a) == (64.0, True)
+    pinned = cell_config(load_config(None, ["tuning.lora.freeze_a=false", "optimizer.noise_table_mb=32"]), cell("ZOAdam"))
+    assert (pinned.optimizer.noise_table_mb, pinned.tuning.lora.freeze_a) == (32.0, False)

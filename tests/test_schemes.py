@@ -20,6 +20,7 @@ from zotune.optim.factory import (
     ZO_OPTIMIZERS,
     build_optimizer,
     resolved_hparams,
+    run_hparams,
 )
 from zotune.tasks import Example, make_spec
 from zotune.train import trainer
@@ -53,7 +54,8 @@ def read_jsonl(path):
 
 
 def tuning(*overrides):
-    return load_config(None, list(overrides)).tuning
+    """A tuning config; LoRA is plain LoRA unless the overrides freeze A (a new ZO config would)."""
+    return load_config(None, ["tuning.lora.freeze_a=false", *overrides]).tuning
 
 
 def schemed(model_dir, scheme, *overrides, dtype="float32", attn=None, jitter=0.0):
@@ -320,12 +322,18 @@ def test_measured_defaults_for_new_runs():
     """Version 3 (new runs): the sweeps' picks on the default model (docs/sweeps.md)."""
     zo = OptimizerConfig(name="ZOSGD")
     assert resolved_hparams(zo, "full") == resolved_hparams(zo, "full", CONFIG_VERSION) == (1e-4, 1e-3)
-    assert resolved_hparams(zo, "lora") == (3e-3, 1e-2)  # 60x MeZO's: at 5e-5 LoRA does not move
+    assert resolved_hparams(zo, "lora") == (1e-3, 1e-2)  # plain LoRA: 3e-3 diverges after ~150 steps
+    assert resolved_hparams(zo, "lora-fa") == (3e-2, 1e-2)  # LoRA-FA: stable at 10x
     assert resolved_hparams(zo, "top") == (1e-3, 1e-3)
+    # a new ZO LoRA run is LoRA-FA at its lr; a first-order one, or one recorded under version 2, is plain LoRA
+    assert run_hparams(load_config(None, ["tuning.scheme=lora"])) == (3e-2, 1e-2)
+    assert run_hparams(load_config(None, ["tuning.scheme=lora", "tuning.lora.freeze_a=false"])) == (1e-3, 1e-2)
+    assert run_hparams(load_config(None, ["tuning.scheme=lora", "version=2"])) == (5e-5, 1e-2)
+    assert run_hparams(load_config(None, ["tuning.scheme=lora", "optimizer.name=AdamW"])) == (1e-4, None)
     assert resolved_hparams(OptimizerConfig(name="SGD"), "full") == (1e-3, None)
     assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)  # given wins
     for version in DEFAULTS_BY_VERSION:  # every optimizer has a default for every scheme, in every version
-        for scheme in SCHEMES:
+        for scheme in [*SCHEMES, "lora-fa"]:
             for name in [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]:
                 assert resolved_hparams(OptimizerConfig(name=name), scheme, version)[0] > 0
 
@@ -415,7 +423,8 @@ def test_lora_adapters_in_float32_over_a_half_precision_base(tiny_model_dir, rev
     sessions = _capture_sessions(monkeypatch)
     lines = []
     run_train(run_config(tiny_model_dir, reviews_csv, f"model.dtype={dtype}", "tuning.scheme=lora",
-                         "tuning.trainable_dtype=float32", "train.eval_every=0"), tmp_path / "run", log=lines.append)
+                         "tuning.lora.freeze_a=false", "tuning.trainable_dtype=float32", "train.eval_every=0"),
+              tmp_path / "run", log=lines.append)
     ((session, frozen, start),) = sessions
     assert {p.dtype for p in session.trainable} == {torch.float32}
     assert {p.dtype for p in frozen.values()} == {getattr(torch, dtype)}

@@ -58,7 +58,9 @@ class LoraOptions:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: by architecture (Llama/Mistral/OPT q_proj, v_proj; GPT-2 c_attn; BERT query, value)
-    freeze_a: bool = False  # LoRA-FA: A stays at its random init (from the run seed), only B is tuned
+    # LoRA-FA: A stays at its random init (from the run seed), only B is tuned. None: the config
+    # version's default (version 3: true under zeroth-order optimizers, where plain LoRA diverges)
+    freeze_a: bool | None = None
 
 
 @dataclass
@@ -184,20 +186,60 @@ def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION) -> Con
 
 
 def _versioned_defaults(cfg: Config) -> None:
-    """Fill the keys whose default depends on the config version. Version 2 (new runs): the noise
-    table, the fast direction path, for zeroth-order optimizers that take one and have no
-    direction cache. Version 1 (runs recorded before versions): z drawn per chunk."""
-    if cfg.optimizer.noise_table_mb is None:
-        cfg.optimizer.noise_table_mb = default_noise_table_mb(cfg.version, cfg.optimizer)
+    """Fill the keys whose default depends on the config version (``VERSIONED_DEFAULTS``)."""
+    for section, key, default in VERSIONED_DEFAULTS:
+        options = _section(cfg, section)
+        if getattr(options, key) is None:
+            setattr(options, key, default(cfg.version, cfg.optimizer))
 
 
 def default_noise_table_mb(version: int, optimizer: OptimizerConfig) -> float:
-    """``optimizer.noise_table_mb`` when the config gives none, under config ``version``."""
+    """``optimizer.noise_table_mb`` when the config gives none. Version 2 on: the noise table,
+    the fast direction path, for zeroth-order optimizers that take one and have no direction
+    cache. Version 1 (runs recorded before versions): z drawn per chunk."""
     from .optim.factory import ZO_OPTIMIZERS
 
     cls = ZO_OPTIMIZERS.get(optimizer.name)
     fast = version >= 2 and cls is not None and cls.takes_noise_table and not optimizer.direction_cache_mb
     return DEFAULT_NOISE_TABLE_MB if fast else 0.0
+
+
+def default_freeze_a(version: int, optimizer: OptimizerConfig) -> bool:
+    """``tuning.lora.freeze_a`` when the config gives none. Version 3 on: LoRA-FA under zeroth-order
+    optimizers. With A frozen, delta W = B A is linear in the tuned B, so the curvature a ZO step
+    meets does not grow as B does; plain LoRA at its best 100-step lr diverges after ~150 steps
+    (docs/convergence.md)."""
+    from .optim.factory import ZO_OPTIMIZERS
+
+    return version >= 3 and optimizer.name in ZO_OPTIMIZERS
+
+
+# (section, key, default(version, optimizer)): the keys whose default depends on the config version
+VERSIONED_DEFAULTS = (
+    ("optimizer", "noise_table_mb", default_noise_table_mb),
+    ("tuning.lora", "freeze_a", default_freeze_a),
+)
+
+
+def _section(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def unresolved_versioned_defaults(cfg: Config) -> dict[str, Any]:
+    """``cfg.to_dict()`` with every versioned key that holds its default back at None, so that a
+    config derived from it with another optimizer (``zotune memory``'s cells) gets that
+    optimizer's default."""
+    raw = cfg.to_dict()
+    for section, key, default in VERSIONED_DEFAULTS:
+        if getattr(_section(cfg, section), key) == default(cfg.version, cfg.optimizer):
+            node = raw
+            for part in section.split("."):
+                node = node[part]
+            node[key] = None
+    return raw
 
 
 def recorded_version(run_dir: str | Path) -> int:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..config import SCHEMES, Config, default_noise_table_mb, from_dict
+from ..config import SCHEMES, Config, from_dict, unresolved_versioned_defaults
 from ..errors import ConfigError, ZotuneError
 
 INFERENCE = "inference"
@@ -197,12 +197,10 @@ def check_length(length: int, limit: int | None, model_name: str) -> None:
 
 def cell_config(cfg: Config, cell: Cell) -> Config:
     """The run config of a cell: its optimizer and scheme (inference: the plain model)."""
-    raw = cfg.to_dict()
+    raw = unresolved_versioned_defaults(cfg)  # defaults that depend on the optimizer: each cell's own
     inference = cell.optimizer == INFERENCE
     raw["tuning"]["scheme"] = "full" if inference else cell.scheme
     raw["optimizer"]["name"] = "ZOSGD" if inference else cell.optimizer  # inference: no special attention
-    if cfg.optimizer.noise_table_mb == default_noise_table_mb(cfg.version, cfg.optimizer):
-        raw["optimizer"]["noise_table_mb"] = None  # the default: each cell's optimizer gets its own
     return from_dict(raw)
 
 

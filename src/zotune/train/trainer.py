@@ -31,7 +31,7 @@ from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.base import ZOOptimizer
-from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, is_zeroth_order, resolved_hparams
+from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, defaults_row, is_zeroth_order, run_hparams
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import TrajectoryWriter, weights_sha256
@@ -164,11 +164,11 @@ class Session:
             params = layer_blocks(model, params)
         if is_zeroth_order(cfg.optimizer.name):
             params = ZO_OPTIMIZERS[cfg.optimizer.name].param_groups_for(model, params)
-        opt = build_optimizer(cfg.optimizer, params, cfg.tuning.scheme, cfg.seed, cfg.version)
+        opt = build_optimizer(cfg.optimizer, params, defaults_row(cfg.tuning), cfg.seed, cfg.version)
         fo_opt = None
         if fo_params:
             fo_cfg = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
-            fo_opt = build_optimizer(fo_cfg, fo_params, cfg.tuning.scheme, cfg.seed, cfg.version)
+            fo_opt = build_optimizer(fo_cfg, fo_params, defaults_row(cfg.tuning), cfg.seed, cfg.version)
             log(f"hybrid ZO-FO: {sum(p.numel() for p in zo_params) / 1e6:.2f}M parameters by {cfg.optimizer.name}, "
                 f"{sum(p.numel() for p in fo_params) / 1e6:.2f}M by {hybrid.fo_optimizer}")
         return opt, fo_opt, zo_params
@@ -289,7 +289,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         log(f"zero-shot {metric}: {progress.zero_shot[metric]:.4f}")
 
     zo = is_zeroth_order(cfg.optimizer.name)
-    lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme, cfg.version)
+    lr, eps = run_hparams(cfg)
     log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}"
         + (f" on {world.size} processes ({tcfg.parallel} parallel)" if world.distributed else ""))
     trajectory = None

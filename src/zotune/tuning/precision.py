@@ -103,12 +103,12 @@ def check_precision(cfg: Config, params: list[torch.Tensor], closure: Callable[[
     more than ``THRESHOLD`` of the trainable half-precision coordinates would not move.
     ``closure`` (the loss on a training batch) measures the typical projected gradient; None
     skips the update part. Nothing to do for float32 weights or first-order optimizers."""
-    from ..optim.factory import ZO_OPTIMIZERS, resolved_hparams
+    from ..optim.factory import ZO_OPTIMIZERS, run_hparams
 
     mode, name = cfg.tuning.precision_check, cfg.optimizer.name
     if mode == "ignore" or name not in ZO_OPTIMIZERS or not any(p.dtype in HALF for p in params):
         return None
-    lr, eps = resolved_hparams(cfg.optimizer, cfg.tuning.scheme, cfg.version)
+    lr, eps = run_hparams(cfg)
     probe_eps = None if getattr(ZO_OPTIMIZERS[name], "needs_forward_ad", False) else eps  # a JVP has no probe
     dist = cfg.optimizer.distribution
     report = precision_report(params, probe_eps, None, dist)

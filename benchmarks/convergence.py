@@ -52,7 +52,7 @@ RUNS: dict[str, Run] = {
     **{f"zosgd-full-s{s}": Run("ZOSGD", "full", "full", s, 2000, ("optimizer.lr=1e-4", "optimizer.eps=1e-3"))
        for s in (0, 1, 2)},
     # plain LoRA at its sweep pick diverges after ~150 steps (stopped at 260: docs/convergence.md)
-    "zosgd-lora-s0": Run("ZOSGD", "lora", "lora", 0, 2000,
+    "zosgd-lora-s0": Run("ZOSGD", "lora", "LoRA (plain, stopped at 260)", 0, 2000,
                          ("tuning.lora.freeze_a=false", "optimizer.lr=3e-3", "optimizer.eps=1e-2")),
     "zosgd-lorafa-s0": Run("ZOSGD", "lora", "LoRA-FA", 0, 2000,
                            ("tuning.lora.freeze_a=true", "optimizer.lr=3e-2", "optimizer.eps=1e-2")),
@@ -134,7 +134,23 @@ def collect(out: Path) -> None:
             lines[baseline] = json.loads(summary.read_text())["eval"]["accuracy"]
     (DOCS / "baselines.json").write_text(json.dumps(lines, indent=2) + "\n")
     plot([r for r in rows if r["task"] == "rotten_tomatoes"], lines)
+    print(test_table(rows))
     print(f"{len(rows)} rows -> {DOCS / 'results.csv'}; baselines {lines}", file=sys.stderr)
+
+
+def test_table(rows: list[dict]) -> str:
+    """Markdown: test accuracy of every run (mean over seeds) at each step it was tested."""
+    by_run: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["test_accuracy"] != "" and r["step"] > 0:
+            by_run[(r["task"], r["optimizer"], r["scheme"])][r["step"]].append(float(r["test_accuracy"]))
+    steps = sorted({s for by_step in by_run.values() for s in by_step})
+    lines = [f"| task | optimizer | scheme | {' | '.join(map(str, steps))} |", "|---|---|---|" + "---:|" * len(steps)]
+    for (task, optimizer, scheme), by_step in sorted(by_run.items()):
+        cells = [f"{sum(v) / len(v):.3f}" + (f" ({len(v)})" if len(v) > 1 else "") if (v := by_step.get(s)) else ""
+                 for s in steps]
+        lines.append(f"| {task} | {optimizer} | {scheme} | {' | '.join(cells)} |")
+    return "test accuracy by step (mean over seeds; (n): seeds)\n" + "\n".join(lines)
 
 
 def plot(rows: list[dict], lines: dict[str, float]) -> None:

@@ -29,32 +29,6 @@ from pathlib import Path
 STEPS = 3
 
 
-def tiny_model(root: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from zotune.models import load_model
-
-    _, tokenizer = load_model()
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    path = root / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def reviews(root: Path) -> Path:
-    good = ["a wonderful film", "great acting and a moving story", "i loved every minute", "a delight"]
-    bad = ["a boring mess", "terrible acting and a dull plot", "i hated every minute", "a waste of time"]
-    rows = [f'"{t} number {i}",1' for i in range(10) for t in good] + [f'"{t} number {i}",0' for i in range(10) for t in bad]
-    path = root / "reviews.csv"
-    path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "-"
 
@@ -64,7 +38,10 @@ def fingerprints(root: Path) -> dict[str, dict[str, str]]:
     from zotune.optim.factory import is_zeroth_order, optimizer_names
     from zotune.train.trainer import run_train
 
-    model, csv = tiny_model(root), reviews(root)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' fixture builders
+    from tests.conftest import write_reviews_csv, write_tiny_llama
+
+    model, csv = write_tiny_llama(root / "tiny-llama"), write_reviews_csv(root / "reviews.csv")
     out: dict[str, dict[str, str]] = {}
     for name in optimizer_names():
         for scheme in SCHEMES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,13 +27,11 @@ def tiny_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved as an HF directory, with the embedded model's tokenizer."""
+def write_tiny_llama(path: Path) -> Path:
+    """A tiny random Llama (seed 0) saved as an HF directory, with the embedded model's tokenizer."""
     from zotune.models import load_model
 
     _, tokenizer = load_model()  # the embedded model's cached tokenizer (no download)
-    path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -43,15 +43,25 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def reviews_csv(tmp_path):
+def write_reviews_csv(path: Path) -> Path:
     """A small two-class CSV whose label is readable from the words (learnable)."""
     good = ["a wonderful film", "great acting and a moving story", "i loved every minute", "a delight"]
     bad = ["a boring mess", "terrible acting and a dull plot", "i hated every minute", "a waste of time"]
     rows = [f'"{t} number {i}",1' for i in range(10) for t in good] + [f'"{t} number {i}",0' for i in range(10) for t in bad]
-    path = tmp_path / "reviews.csv"
     path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory, with the embedded model's tokenizer."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    """A small two-class CSV whose label is readable from the words (learnable)."""
+    return write_reviews_csv(tmp_path / "reviews.csv")
 
 
 def counting_draws(sampler) -> list[tuple[int, int]]:

@@ -166,7 +166,7 @@ def plot(rows: list[dict], lines: dict[str, float]) -> None:
             curves[(r["optimizer"], r["scheme"])][r["step"]].append((r, float(r["test_accuracy"])))
     for x_key, fname, xlabel in (("forward_passes", "accuracy_vs_forward_passes.png", "forward passes"),
                                  ("wall_s", "accuracy_vs_wall_clock.png", "training wall-clock (s), 2-core CPU")):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.8))
         for (optimizer, scheme), by_step in sorted(curves.items()):
             steps = sorted(by_step)
             x = [np.mean([float(r[x_key]) for r, _ in by_step[s]]) for s in steps]
@@ -184,7 +184,7 @@ def plot(rows: list[dict], lines: dict[str, float]) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (500 sentences)")
         ax.set_title("rotten_tomatoes, k = 16 per class, SmolLM2-135M")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(DOCS / fname, dpi=110)

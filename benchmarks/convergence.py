@@ -104,24 +104,25 @@ def collect(out: Path) -> None:
         path = out / name / "metrics.jsonl"
         if not path.is_file():
             continue
-        optimizer, label, seed, task = spec.optimizer, spec.label, spec.seed, spec.task
-        for m in map(json.loads, path.read_text().splitlines()):
+        run_rows: dict[int, dict] = {}  # by step: one row per evaluation point
+
+        def point(m: dict, test: float | str) -> dict:
+            return {"task": spec.task, "optimizer": spec.optimizer, "scheme": spec.label, "seed": spec.seed,
+                    "step": m["step"], "forward_passes": m["forward_passes"],
+                    "wall_s": round(m["wall_s"] - m.get("eval_s", 0.0), 1),
+                    "dev_accuracy": m.get("dev", {}).get("accuracy", ""), "test_accuracy": test}
+
+        metrics = [json.loads(line) for line in path.read_text().splitlines()]
+        for m in metrics:
             if "dev" in m or "test" in m:
-                rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": m["step"],
-                             "forward_passes": m["forward_passes"], "wall_s": round(m["wall_s"] - m.get("eval_s", 0.0), 1),
-                             "dev_accuracy": m.get("dev", {}).get("accuracy", ""),
-                             "test_accuracy": m.get("test", {}).get("accuracy", "")})
+                run_rows[m["step"]] = point(m, m.get("test", {}).get("accuracy", ""))
         summary = out / name / "summary.json"
-        if summary.is_file():
+        if summary.is_file():  # the final test evaluation, at the last step
             s = json.loads(summary.read_text())
-            last = json.loads(path.read_text().splitlines()[-1])
-            rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": s["steps"],
-                         "forward_passes": s["forward_passes"],
-                         "wall_s": round(last["wall_s"] - last.get("eval_s", 0.0), 1),
-                         "dev_accuracy": last.get("dev", {}).get("accuracy", ""), "test_accuracy": s["eval"]["accuracy"]})
+            run_rows[metrics[-1]["step"]] = point(metrics[-1], s["eval"]["accuracy"])
             if "eval_zero_shot" in s:
-                rows.append({"task": task, "optimizer": optimizer, "scheme": label, "seed": seed, "step": 0, "forward_passes": 0,
-                             "wall_s": 0.0, "dev_accuracy": "", "test_accuracy": s["eval_zero_shot"]["accuracy"]})
+                run_rows[0] = point({"step": 0, "forward_passes": 0, "wall_s": 0.0}, s["eval_zero_shot"]["accuracy"])
+        rows += run_rows.values()
     rows.sort(key=lambda r: (r["task"] != "rotten_tomatoes", r["task"], r["optimizer"], r["scheme"], r["seed"], r["step"]))
     with (DOCS / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["optimizer"])

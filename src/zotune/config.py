@@ -235,10 +235,7 @@ def unresolved_versioned_defaults(cfg: Config) -> dict[str, Any]:
     raw = cfg.to_dict()
     for section, key, default in VERSIONED_DEFAULTS:
         if getattr(_section(cfg, section), key) == default(cfg.version, cfg.optimizer):
-            node = raw
-            for part in section.split("."):
-                node = node[part]
-            node[key] = None
+            set_dotted(raw, f"{section}.{key}", None)
     return raw
 
 

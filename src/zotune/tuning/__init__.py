@@ -44,10 +44,10 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
 
 def freeze_lora_a(model: torch.nn.Module) -> None:
     """LoRA-FA (Zhang et al. 2023): the down-projections A keep their random init and only the
-    up-projections B (zero at init) are tuned. ``delta W = B A`` starts at zero as in LoRA, but
-    the loss is no longer flat along the A coordinates that a zeroth-order probe perturbs for
-    nothing while B = 0 (A is most of LoRA's dimension: r x d_in per module against d_out x r).
-    A is rebuilt from the run seed with the model, so the weights files hold only B."""
+    up-projections B (zero at init) are tuned. ``delta W = B A`` starts at zero as in LoRA, and
+    is linear in what is tuned; a zeroth-order probe no longer perturbs the A coordinates, along
+    which the loss is flat while B = 0 (A is most of LoRA's dimension: r x d_in per module against
+    d_out x r). A is rebuilt from the run seed with the model, so the weights files hold only B."""
     for name, p in model.named_parameters():
         if ".lora_A." in name:
             p.requires_grad_(False)

@@ -15,7 +15,8 @@ probing, each a ``zotune eval`` (ICL: 8 demonstrations, 512 tokens).
 task, optimizer, scheme, seed, step, forward_passes, wall_s (training time, evaluations excluded),
 dev_accuracy, test_accuracy) and the plots ``accuracy_vs_forward_passes.png`` and
 ``accuracy_vs_wall_clock.png`` (test accuracy, mean +- std over seeds, baselines as lines), from
-whatever runs exist, finished or not.
+whatever runs exist, finished or not; rows of runs that have no directory here are kept from the
+committed results.csv (run directories do not outlive a machine; results.csv does).
 """
 
 from __future__ import annotations
@@ -123,12 +124,13 @@ def collect(out: Path) -> None:
             if "eval_zero_shot" in s:
                 run_rows[0] = point({"step": 0, "forward_passes": 0, "wall_s": 0.0}, s["eval_zero_shot"]["accuracy"])
         rows += run_rows.values()
+    rows += kept_rows({(r["task"], r["optimizer"], r["scheme"], r["seed"]) for r in rows})
     rows.sort(key=lambda r: (r["task"] != "rotten_tomatoes", r["task"], r["optimizer"], r["scheme"], r["seed"], r["step"]))
     with (DOCS / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["optimizer"])
         writer.writeheader()
         writer.writerows(rows)
-    lines = {}
+    lines = json.loads((DOCS / "baselines.json").read_text()) if (DOCS / "baselines.json").is_file() else {}
     for baseline in BASELINES:
         summary = out / "baselines" / baseline / "summary.json"
         if summary.is_file():
@@ -137,6 +139,19 @@ def collect(out: Path) -> None:
     plot([r for r in rows if r["task"] == "rotten_tomatoes"], lines)
     print(test_table(rows))
     print(f"{len(rows)} rows -> {DOCS / 'results.csv'}; baselines {lines}", file=sys.stderr)
+
+
+def kept_rows(local: set[tuple]) -> list[dict]:
+    """Rows of the committed results.csv for runs that have no directory here (run in an earlier session on
+    another machine): results.csv is the durable record, run directories are not."""
+    path = DOCS / "results.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"], r["step"], r["forward_passes"] = int(r["seed"]), int(r["step"]), int(r["forward_passes"])
+    return [r for r in rows if (r["task"], r["optimizer"], r["scheme"], r["seed"]) not in local]
 
 
 def test_table(rows: list[dict]) -> str:

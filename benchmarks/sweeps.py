@@ -12,7 +12,7 @@ without a summary is marked unfinished, and one whose loss passed 10x its first 
 
     .venv/bin/python benchmarks/sweeps.py                      # every sweep under runs/sweep
     .venv/bin/python benchmarks/sweeps.py zosgd-lora zosgd-top # some of them
-    .venv/bin/python benchmarks/sweeps.py --markdown docs/sweeps/tables.md
+    .venv/bin/python benchmarks/sweeps.py --markdown docs/sweeps.md  # update the doc's tables in place
 """
 
 from __future__ import annotations
@@ -110,14 +110,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="*", help="sweep names under runs/sweep (default: all)")
     parser.add_argument("--root", type=Path, default=SWEEPS)
-    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    parser.add_argument("--markdown", type=Path,
+                        help=f"also write the tables into this file, between {BEGIN} and {END} (appended if absent), "
+                             "keeping the tables there of sweeps that have no directory here")
     args = parser.parse_args()
-    names = args.sweeps or sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir())
-    text = "\n".join(table(args.root / n) for n in names)
-    print(text)
+    root_names = sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir()) if args.root.is_dir() else []
+    tables = {n: table(args.root / n) for n in (args.sweeps or root_names)}
+    print("\n".join(tables.values()))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+        old = args.markdown.read_text() if args.markdown.is_file() else ""
+        args.markdown.write_text(merge_tables(old, {n: t for n, t in tables.items() if n in root_names}))
+
+
+BEGIN, END = "<!-- sweep tables: benchmarks/sweeps.py --markdown -->", "<!-- end of sweep tables -->"
+
+
+def merge_tables(document: str, tables: dict[str, str]) -> str:
+    """``document`` with its sweep tables (between BEGIN and END, one ``### name`` section each) updated:
+    sweeps in ``tables`` replaced or added, the others kept as they were (run in an earlier session:
+    run directories do not outlive a machine, the document does). Sections sorted by name."""
+    head, found, rest = document.partition(BEGIN)
+    body, _, tail = rest.partition(END) if found else ("", "", "")
+    sections = {}
+    for chunk in body.split("\n### ")[1:]:
+        name = chunk.split(":", 1)[0].split("\n", 1)[0].strip()
+        sections[name] = "### " + chunk.strip() + "\n"
+    sections.update(tables)
+    merged = "\n".join(sections[n] for n in sorted(sections))
+    return f"{head.rstrip()}\n\n{BEGIN}\n\n{merged}\n{END}\n{tail.lstrip(chr(10)) if found else ''}"
 
 
 if __name__ == "__main__":

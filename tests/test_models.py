@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from zotune.models.loader import converted_dir
 from zotune.errors import ConfigError, ModelError
 from zotune.models import DEFAULT_MODEL, embedded_gguf, load_model, resolve_dtype
+from zotune import hub
 from zotune.models import loader
 
 
@@ -216,5 +217,5 @@ def test_bad_hub_id_offline(monkeypatch):
 
 def test_bad_hub_id_unreachable_hub(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(loader, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
     assert "unreachable" in _one_line_error("zotune-test/definitely-not-a-model")

@@ -14,12 +14,12 @@ import threading
 
 import pytest
 
-from zotune.errors import DataError
+from zotune.errors import ConfigError, DataError
 from zotune.tasks import builtin_tasks, list_tasks, load_task, make_spec, task_spec
-from zotune.tasks import bigbench, fetch, hub_rows
-from zotune.tasks.data import _examples
+from zotune.tasks import bigbench, fetch
+from zotune.tasks.data import MOVED, _examples, _transformed, parse_hf
 from zotune.tasks.bigbench import BIGBENCH_TASKS, BigBenchTask, bigbench_rows
-from zotune.tasks.hub_rows import hf_rows
+from zotune.tasks.transforms import ROW_TRANSFORMS
 
 TOP = "bigbench-1.0.0/"
 OTHERS = [  # members that must not be extracted
@@ -186,31 +186,31 @@ def test_reader_rows():
 
 # One row per hub dataset with its real column names (values made up), as `datasets` returns it.
 HUB_ROWS = {
-    "glue/sst2": {"sentence": "a gem", "label": 1, "idx": 0},
+    "nyu-mll/glue:sst2": {"sentence": "a gem", "label": 1, "idx": 0},
     "SetFit/sst5:default": {"text": "a gem", "label": 4, "label_text": "very positive"},
-    "snli": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "label": 0},
-    "glue/mnli": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "label": 0, "idx": 0},
-    "super_glue/rte": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "idx": 0, "label": 0},
-    "trec": {"text": "Who wrote Hamlet ?", "coarse_label": 3, "fine_label": 29},
-    "super_glue/boolq": {"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
-    "super_glue/cb": {"premise": "He left.", "hypothesis": "He is gone.", "idx": 0, "label": 0},
-    "super_glue/wsc.fixed": {"text": "Mark told Pete he was late.", "span1_index": 0, "span2_index": 3,
+    "stanfordnlp/snli": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "label": 0},
+    "nyu-mll/glue:mnli": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "label": 0, "idx": 0},
+    "aps/super_glue:rte": {"premise": "A man sleeps.", "hypothesis": "A man rests.", "idx": 0, "label": 0},
+    "CogComp/trec": {"text": "Who wrote Hamlet ?", "coarse_label": 3, "fine_label": 29},
+    "aps/super_glue:boolq": {"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
+    "aps/super_glue:cb": {"premise": "He left.", "hypothesis": "He is gone.", "idx": 0, "label": 0},
+    "aps/super_glue:wsc.fixed": {"text": "Mark told Pete he was late.", "span1_index": 0, "span2_index": 3,
                              "span1_text": "Mark", "span2_text": "He", "idx": 0, "label": 1},
-    "super_glue/wic": {"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "start1": 10,
+    "aps/super_glue:wic": {"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "start1": 10,
                        "start2": 4, "end1": 14, "end2": 8, "idx": 0, "label": 0},
-    "super_glue/multirc": {"paragraph": "Tom is 5.", "question": "How old is Tom?", "answer": "5",
+    "aps/super_glue:multirc": {"paragraph": "Tom is 5.", "question": "How old is Tom?", "answer": "5",
                            "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 1},
-    "super_glue/copa": {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+    "aps/super_glue:copa": {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
                         "choice2": "I got a hole in my sock.", "question": "cause", "idx": 0, "label": 0},
-    "super_glue/record": {"passage": "Obama met Merkel.\n@highlight\nThey talked", "query": "@placeholder spoke first.",
+    "aps/super_glue:record": {"passage": "Obama met Merkel.\n@highlight\nThey talked", "query": "@placeholder spoke first.",
                           "entities": ["Obama", "Merkel"],
                           "entity_spans": {"text": ["Obama", "Merkel"], "start": [0, 10], "end": [5, 16]},
                           "answers": ["Merkel"], "idx": {"passage": 0, "query": 0}},
-    "winogrande/winogrande_m": {"sentence": "Sarah beat Maria because _ trained more.", "option1": "Sarah",
+    "allenai/winogrande:winogrande_m": {"sentence": "Sarah beat Maria because _ trained more.", "option1": "Sarah",
                                 "option2": "Maria", "answer": "1"},
-    "squad": {"id": "x", "title": "Hamlet", "context": "Shakespeare wrote Hamlet.", "question": "Who wrote Hamlet?",
+    "rajpurkar/squad": {"id": "x", "title": "Hamlet", "context": "Shakespeare wrote Hamlet.", "question": "Who wrote Hamlet?",
               "answers": {"text": ["Shakespeare", "William Shakespeare"], "answer_start": [0, 0]}},
-    "drop": {"section_id": "s", "query_id": "q", "passage": "3 and 4 goals.", "question": "How many goals?",
+    "ucinlp/drop": {"section_id": "s", "query_id": "q", "passage": "3 and 4 goals.", "question": "How many goals?",
              "answers_spans": {"spans": ["7"], "types": ["number"]}},
 }
 
@@ -237,8 +237,7 @@ def test_builtin_yamls_are_valid_and_offline_alternatives_exist():
 def test_hub_tasks_match_the_hub_columns(name):
     """The hub dataset's columns, through its row transform, fit the task's template and labels."""
     spec = task_spec({"name": name})
-    rows = hf_rows(spec.hf, [HUB_ROWS[spec.hf]])
-    (example,) = _examples(spec, [("row 1", r) for r in rows], spec.hf)
+    (example,) = _examples(spec, _transformed(spec, [("row 1", HUB_ROWS[spec.hf])], spec.hf), spec.hf)
     prompt, continuations = spec.render(example.fields), spec.continuations(example)
     assert prompt.strip() and all(c.strip() for c in continuations or ["x"])
     if name == "copa":  # MeZO: "The man broke his toe because" + " he dropped a hammer on his foot."
@@ -262,15 +261,9 @@ def test_hub_tasks_match_the_hub_columns(name):
         assert example.answers == ("7",)
 
 
-def test_hub_transforms_drop_unlabelled_rows_and_ignore_org_prefixes():
-    assert hf_rows("snli", [{"premise": "p", "hypothesis": "h", "label": -1}, {"premise": "p", "hypothesis": "h",
-                                                                             "label": 2}]) == [
-        {"premise": "p", "hypothesis": "h", "label": 2}]
-    assert hf_rows("allenai/winogrande:winogrande_xl", [{"sentence": "_ won.", "option1": "A", "option2": "B",
-                                                        "answer": ""}]) == []  # test split: no answer
-    assert hub_rows.hf_transform("aps/super_glue:copa") is hub_rows.hf_transform("super_glue/copa") is not None
-    assert hub_rows.hf_transform("glue/sst2") is None
-    assert hf_rows("glue/sst2", [HUB_ROWS["glue/sst2"]]) == [HUB_ROWS["glue/sst2"]]
+def test_row_transforms_drop_unlabelled_rows():
+    assert ROW_TRANSFORMS["snli"]({"premise": "p", "hypothesis": "h", "label": -1}) is None
+    assert ROW_TRANSFORMS["winogrande"]({"sentence": "_ won.", "option1": "A", "option2": "B", "answer": ""}) is None
 
 
 def test_listing_downloads_nothing(tmp_path, monkeypatch, capsys):
@@ -281,7 +274,7 @@ def test_listing_downloads_nothing(tmp_path, monkeypatch, capsys):
                                          "(358 MB, streamed; every BIG-bench task at once)")
     assert rows["winowhy"]["train"] is None and rows["rotten_tomatoes"]["test"] is None
     sst2 = rows["sst2"]["source"]
-    assert sst2.startswith("HF hub glue/sst2 (online only") and "offline: rotten_tomatoes" in sst2
+    assert sst2.startswith("HF hub nyu-mll/glue:sst2 (online, or from the local HF cache") and "offline: rotten_tomatoes" in sst2
     assert (rows["squad"]["type"], rows["squad"]["metric"]) == ("generation", "f1")
 
     from zotune.cli import main
@@ -323,3 +316,130 @@ def test_offline_bigbench_tasks_load_balanced(bigbench_cache, name):
     for e in data.train[:5]:
         prompt, continuations = spec.render(e.fields), spec.continuations(e)
         assert prompt.strip() and len(continuations) >= 2 and 0 <= spec.target(e) < len(continuations)
+
+
+# ---- hub data from local files, the local cache, and a separate test file (through `datasets`) ----
+
+HUB_TASKS = [n for n, raw in builtin_tasks().items() if raw.get("source") == "hf"]
+
+
+def hub_variants(spec, row: dict) -> list[dict]:
+    """Rows in the hub's layout covering every class of a classification task (one row otherwise)."""
+    if spec.type != "classification":
+        return [row]
+    value = row[spec.label_column]
+    return [{**row, spec.label_column: type(value)(label)} for label in spec.labels]
+
+
+def write_hub_folder(folder, splits: dict[str, list[dict]]):
+    """A folder laid out as a hub dataset repository: data/<split>-00000-of-00001.parquet."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (folder / "data").mkdir(parents=True)
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+def test_every_hub_id_is_a_namespaced_script_free_copy():
+    """Bare canonical ids (``super_glue``, ``trec``, ``drop``) are the loading-script datasets that
+    `datasets` >= 4 refuses; the built-ins name org/name copies (trec has none: its YAML says so)."""
+    for name in HUB_TASKS:
+        spec = task_spec({"name": name})
+        path, _ = parse_hf(spec.hf)
+        assert path.count("/") == 1 and path.split("/")[0] not in MOVED, (name, spec.hf)
+    assert parse_hf("super_glue/boolq") == ("aps/super_glue", "boolq")  # older ids still resolve
+    assert parse_hf("glue/sst2") == ("nyu-mll/glue", "sst2")
+    assert parse_hf("stanfordnlp/snli") == ("stanfordnlp/snli", None)
+    assert parse_hf("SetFit/sst5:default") == ("SetFit/sst5", "default")
+
+
+@pytest.mark.parametrize("name", HUB_TASKS)
+def test_hub_tasks_load_offline_from_local_files_in_the_hub_layout(name, tmp_path, monkeypatch, tiny_model_dir):
+    """Every built-in hub task: its rows in the hub's own columns, as a local dataset folder, go through
+    `datasets`, the task's row transform, the split and the scorer (tiny model) with the hub unreachable."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = task_spec({"name": name})
+    rows = hub_variants(spec, HUB_ROWS[spec.hf])
+    folder = write_hub_folder(tmp_path / "hub", {"train": rows * 2, spec.hf_split: rows})
+    data = load_task(task_spec({"name": name, "hf": str(folder), "k_shot": 1, "n_dev": 0}))
+    assert data.train and len(data.test) == len(rows)
+    assert all(spec.render(e.fields).strip() for e in data.train + data.test)
+
+    from zotune.models import load_model
+    from zotune.train.evaluate import evaluate
+    from zotune.train.scoring import make_scorer
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    result = evaluate(model, make_scorer(tokenizer, data.spec, 256, model), data.test, progress=False)
+    assert 0.0 <= result.metrics[data.spec.metric] <= 1.0 and len(result.predictions) == len(rows)
+
+
+def write_hub_cache(cache, repo: str, config: str, splits: dict[str, list[dict]]) -> None:
+    """What `datasets` leaves in its cache after loading ``repo``/``config`` from the hub."""
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    source = write_hub_folder(cache.parent / "source", splits) / "data"
+    files = datasets.data_files.DataFilesDict.from_patterns(
+        {split: [str(source / f"{split}-00000-of-00001.parquet")] for split in splits})
+    builder = Parquet(cache_dir=str(cache.parent / "build"), dataset_name=repo.split("/")[1], config_name=config,
+                      data_files=files)
+    builder.download_and_prepare()
+    target = cache / repo.replace("/", "___") / config / "0.0.0" / ("0" * 40)
+    target.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, target)
+
+
+def test_a_cached_hub_dataset_loads_with_the_hub_unreachable(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from zotune import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: False)  # the socket probe fails
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    copa = HUB_ROWS["aps/super_glue:copa"]
+    write_hub_cache(tmp_path / "cache", "aps/super_glue", "copa",
+                    {"train": [copa, {**copa, "label": 1}] * 2, "validation": [copa]})
+    data = load_task(task_spec({"name": "copa", "k_shot": 1, "n_dev": 0}))
+    assert len(data.test) == 1 and data.test[0].candidates[0] == "he dropped a hammer on his foot."
+    assert datasets.config.HF_HUB_OFFLINE is False  # offline mode only for the load
+
+    with pytest.raises(DataError) as info:  # not in the cache: one line, naming the offline stand-in
+        load_task(task_spec({"name": "boolq"}))
+    message = str(info.value)
+    assert "unreachable" in message and "cache has no copy" in message and "'strategyqa'" in message
+    assert "\n" not in message
+
+
+def test_a_local_file_takes_the_row_transform_and_a_separate_test_file(tmp_path):
+    copa = HUB_ROWS["aps/super_glue:copa"]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({**copa, "idx": i, "label": i % 2}) + "\n" for i in range(6)))
+    test = write_hub_folder(tmp_path / "t", {"test": [copa] * 3}) / "data" / "test-00000-of-00001.parquet"
+    data = load_task(task_spec({"name": "copa", "path": str(train), "test_path": str(test), "k_shot": 2, "n_dev": 1}))
+    assert (len(data.train), len(data.dev), len(data.test)) == (4, 2, 3)  # test: the whole file; train/dev: all of path
+    assert data.spec.rows == "copa" and data.test[0].fields["connective"] == "because"
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"name": "copa", "rows": "nope"}, "unknown task.rows 'nope'"),
+    ({"name": "sst2", "test_path": "x.csv"}, "task.test_path is for a task read from a file"),
+])
+def test_bad_rows_or_test_path_is_one_line(cfg, needle):
+    with pytest.raises(ConfigError, match=needle) as info:
+        task_spec(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_without_the_transforms_columns_is_one_line(tmp_path):
+    bad = tmp_path / "copa.csv"
+    bad.write_text("sentence,label\nhello,0\n")
+    with pytest.raises(DataError, match=r"line 2: row transform 'copa' needs column 'premise' \(columns: sentence, label\)"):
+        load_task(task_spec({"name": "copa", "path": str(bad)}))
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_task(task_spec({"name": "copa", "path": str(junk)}))

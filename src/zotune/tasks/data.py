@@ -1,16 +1,19 @@
 """Read a task's rows and split them, deterministically, as in MeZO / LM-BFF.
 
-* Test: a held-out pool (``eval_fraction`` of a single file chosen with a fixed seed, or the
-  hub's ``hf_split``), shuffled with a fixed seed and cut to ``n_test``: the same test set for
-  every run seed.
+* Test: a held-out pool (``eval_fraction`` of a single file chosen with a fixed seed, the file
+  ``test_path``, or the hub's ``hf_split``), shuffled with a fixed seed and cut to ``n_test``: the
+  same test set for every run seed.
 * Train: ``k_shot`` examples per class from the rest, drawn with the run seed.
 * Dev: ``n_dev`` (default ``k_shot``) further examples per class, disjoint from train.
 
-Splits use ``random.Random(seed)`` only, so they are identical across processes and machines.
+Rows pass through the task's row transform (``rows``) whatever their source, so a hub task reads
+the same from the hub, the local Hugging Face cache, or local files in the hub's layout. Splits use
+``random.Random(seed)`` only, so they are identical across processes and machines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,7 +24,8 @@ from types import EllipsisType
 
 from ..errors import DataError
 from .fetch import PACKAGES
-from .hub_rows import hf_rows
+from .. import hub
+from .transforms import ROW_TRANSFORMS
 from .spec import SPEC_KEYS, Example, TaskData, TaskSpec, make_spec
 
 TEST_SPLIT_SEED = 1234  # fixed: the test set never depends on the run seed
@@ -44,6 +48,8 @@ def load_task(spec: TaskSpec, seed: int = 0, k_shot: int | None | EllipsisType =
                           **{k: v for k, v in given.items() if v is not ...}})
     if spec.source == "hf":
         rest, held = _examples(spec, *_read_hf(spec, "train")), _examples(spec, *_read_hf(spec, spec.hf_split))
+    elif spec.test_path:
+        rest, held = _examples(spec, *_read(spec)), _examples(spec, *_read_file(spec, spec.test_path))
     else:
         examples = _examples(spec, *_read(spec))
         order = list(range(len(examples)))
@@ -182,22 +188,66 @@ def _gold_index(value, candidates: tuple[str, ...], at: str) -> int:
 
 
 def _read(spec: TaskSpec) -> tuple[Rows, str]:
-    """Rows of a package's data or of a .csv / .jsonl file, and a name for messages."""
+    """Rows of a package's data or of the task's file, and a name for messages."""
     if spec.source == "package":
         pkg = PACKAGES[spec.package or ""]
-        return [(f"row {n}", r) for n, r in enumerate(pkg.read(), start=1)], pkg.description
-    path = Path(spec.path or "")
+        return _transformed(spec, [(f"row {n}", r) for n, r in enumerate(pkg.read(), start=1)], pkg.description), \
+            pkg.description
+    return _read_file(spec, spec.path or "")
+
+
+FILE_FORMATS = (".csv", ".jsonl", ".parquet")
+
+
+def _read_file(spec: TaskSpec, name: str) -> tuple[Rows, str]:
+    """Rows of a .csv / .jsonl / .parquet file (through the task's row transform), and a name for messages."""
+    path = Path(name)
     if not path.is_file():
         raise DataError(f"task {spec.name!r}: data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise DataError(f"task {spec.name!r}: data file {path} must be .csv or .jsonl")
+    if suffix not in FILE_FORMATS:
+        raise DataError(f"task {spec.name!r}: data file {path} must be {', '.join(FILE_FORMATS[:-1])} or {FILE_FORMATS[-1]}")
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise DataError(f"task {spec.name!r}: data file {path} is not UTF-8 (byte {err.start}); "
+                            "save it as UTF-8") from None
+        rows = _read_csv(text, path) if suffix == ".csv" else _read_jsonl(text, path)
+    return _transformed(spec, rows, str(path)), str(path)
+
+
+def _transformed(spec: TaskSpec, rows: Rows, where: str) -> Rows:
+    """``rows`` through the task's row transform (``rows: copa``); a row it returns None for is dropped."""
+    if spec.rows is None:
+        return rows
+    transform, out = ROW_TRANSFORMS[spec.rows], []
+    for loc, row in rows:
+        try:
+            shaped = transform(dict(row))
+        except KeyError as err:
+            raise DataError(f"task {spec.name!r}: {where} {loc}: row transform {spec.rows!r} needs column {err} "
+                            f"(columns: {', '.join(map(str, row))})") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"task {spec.name!r}: {where} {loc}: row transform {spec.rows!r} cannot read this row "
+                            f"({type(err).__name__}: {err})") from None
+        if shaped is not None:
+            out.append((loc, shaped))
+    return out
+
+
+def _read_parquet(path: Path) -> Rows:
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"task {spec.name!r}: data file {path} is not UTF-8 (byte {err.start}); "
-                        "save it as UTF-8") from None
-    return (_read_csv(text, path) if suffix == ".csv" else _read_jsonl(text, path)), str(path)
+        import pyarrow.parquet as pq  # comes with the optional `datasets`
+    except ImportError:
+        raise DataError(f"data file {path}: reading Parquet needs pyarrow (pip install 'zotune[hub]')") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise DataError(f"data file {path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    return [(f"row {n}", r) for n, r in enumerate(table.to_pylist(), start=1)]
 
 
 def _read_csv(text: str, path: Path) -> Rows:
@@ -226,23 +276,47 @@ def _read_jsonl(text: str, path: Path) -> Rows:
     return rows
 
 
-def _read_hf(spec: TaskSpec, split: str) -> tuple[Rows, str]:
-    """One split of a hub dataset (``hf: name/config`` or ``org/name:config``) via optional `datasets`."""
-    from ..models.loader import _hub_reachable
+# older ids written "name/config" -> the script-free copies that load with `datasets` >= 4
+# (the originals need a loading script, which `datasets` no longer runs; lm-evaluation-harness issue 3171)
+MOVED = {"glue": "nyu-mll/glue", "super_glue": "aps/super_glue", "winogrande": "allenai/winogrande"}
 
+
+def parse_hf(hf: str) -> tuple[str, str | None]:
+    """A task's ``hf``: ``org/name:config``, ``org/name``, a local folder, or an older ``glue/sst2``
+    (its dataset in :data:`MOVED`) -> (path for ``datasets.load_dataset``, config or None)."""
+    if ":" in hf:
+        name, _, config = hf.rpartition(":")
+        return name, config or None
+    first, _, rest = hf.partition("/")
+    if first in MOVED and rest and not Path(hf).is_dir():
+        return MOVED[first], rest
+    return hf, None
+
+
+def _read_hf(spec: TaskSpec, split: str) -> tuple[Rows, str]:
+    """One split of a hub dataset through the optional `datasets` (and the task's row transform).
+
+    ``hf`` names a hub dataset (``org/name:config``) or a local folder of data files in the hub's
+    layout (e.g. ``train.parquet``, ``validation.parquet``). With the hub unreachable, a hub dataset
+    loads from the local Hugging Face cache if it is there."""
     instead = f": use {spec.offline_alternative!r} instead, available offline" if spec.offline_alternative else ""
-    need = f"task {spec.name!r} needs {spec.hf} from the Hugging Face hub"
-    if not _hub_reachable():
-        raise DataError(f"{need}, which is unreachable here (offline?){instead}")
+    hf = spec.hf or ""
+    name, config = parse_hf(hf)
+    local = Path(name).is_dir()
+    need = f"task {spec.name!r} needs {hf} " + ("(a local folder)" if local else "from the Hugging Face hub")
     try:
         import datasets  # optional: only hub tasks need it
     except ImportError:
         raise DataError(f"{need}, read with the optional package `datasets` (pip install 'zotune[hub]'){instead}") from None
-    hf = spec.hf or ""
-    name, _, config = hf.rpartition(":") if ":" in hf else hf.partition("/")
+    online = local or hub.reachable()
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        with contextlib.nullcontext() if online else hub.offline():
+            ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # the hub raises many types; report one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if not online:
+            raise DataError(f"{need}, which is unreachable here (offline?), and the local Hugging Face cache has no "
+                            f"copy of its split {split!r} ({first}){instead}") from None
         raise DataError(f"{need}, which failed for split {split!r}: {first}{instead}") from None
-    return [(f"row {n}", r) for n, r in enumerate(hf_rows(hf, ds), start=1)], f"{hf} ({split})"
+    where = f"{hf} ({split})"
+    return _transformed(spec, [(f"row {n}", dict(r)) for n, r in enumerate(ds, start=1)], where), where

@@ -15,7 +15,7 @@ from .fetch import PACKAGES
 from .spec import TaskSpec, make_spec
 
 _BUILTIN = Path(__file__).parent / "builtin"
-_DATA_KEYS = ("source", "path", "hf", "hf_split", "package")
+_DATA_KEYS = ("source", "path", "test_path", "hf", "hf_split", "package")
 
 
 @cache
@@ -28,7 +28,8 @@ def task_spec(cfg: dict) -> TaskSpec:
     """The config's ``task`` mapping -> TaskSpec.
 
     ``{"name": builtin}`` plus optional overrides of any key (overriding ``path`` / ``hf`` /
-    ``package`` replaces the built-in's data source), or a full inline spec (``name`` optional).
+    ``package`` replaces the built-in's data source and keeps its row transform ``rows``, so a hub
+    task reads local files in the hub's layout), or a full inline spec (``name`` optional).
     """
     if not isinstance(cfg, dict):
         raise ConfigError(f"config key 'task' must be a mapping, got {cfg!r}")
@@ -36,8 +37,9 @@ def task_spec(cfg: dict) -> TaskSpec:
     builtins = builtin_tasks()
     if isinstance(name, str) and name in builtins:
         base = builtins[name]
-        if {"path", "hf", "package"} & cfg.keys():
-            base = {k: v for k, v in base.items() if k not in _DATA_KEYS}
+        if {"path", "hf", "package"} & cfg.keys():  # another source; another copy of a hub dataset keeps its splits
+            keep = ("hf_split",) if "hf" in cfg and base.get("source") == "hf" else ()
+            base = {k: v for k, v in base.items() if k not in _DATA_KEYS or k in keep}
         return make_spec({**base, **cfg}, default_name=name)
     if name is not None and "text_template" not in cfg:
         near = difflib.get_close_matches(str(name), list(builtins), n=1)
@@ -66,7 +68,7 @@ def list_tasks() -> list[dict]:
             else:
                 where = f"{origin}, fetched at first use ({pkg.download or 'once'})"
         elif spec.source == "hf":
-            notes = ["online only"]
+            notes = ["online, or from the local HF cache"]
             if importlib.util.find_spec("datasets") is None:
                 notes.append("needs `pip install 'zotune[hub]'`")
             if spec.offline_alternative:

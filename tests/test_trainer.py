@@ -230,3 +230,28 @@ def test_test_every_records_test_metrics_and_evaluation_time(tiny_model_dir, rev
     evals = [m["eval_s"] for m in metrics]
     assert evals == sorted(evals) and evals[0] == 0 and evals[-1] > 0
     assert all(m["eval_s"] <= m["wall_s"] for m in metrics) and summary["steps"] == 6
+
+
+def test_first_order_dropout_is_the_models_own_when_asked(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    """train.dropout=model_default: first-order steps run in training mode (LoRA dropout 0.5 live),
+    evaluation does not; the masks come from the seeded torch RNG (a second run is identical) and
+    change the trajectory against the default (off)."""
+    from zotune.train.scoring import ChoiceScorer
+
+    modes: list[bool] = []
+    loss = ChoiceScorer.loss
+    monkeypatch.setattr(ChoiceScorer, "loss", lambda self, model, batch: modes.append(model.training) or loss(self, model, batch))
+    runs = {}
+    for name, dropout in (("a", "model_default"), ("b", "model_default"), ("off", "off")):
+        modes.clear()
+        cfg = config(tiny_model_dir, reviews_csv, "optimizer.name=AdamW", "optimizer.lr=1e-2", "tuning.scheme=lora",
+                     "tuning.lora.dropout=0.5", f"train.dropout={dropout}")
+        run_train(cfg, tmp_path / name, log=lambda *_: None)
+        runs[name] = [m["loss"] for m in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in m]
+        assert modes == [dropout == "model_default"] * 6  # the 6 steps' losses; evaluation scores by predict
+    assert runs["a"] == runs["b"] and runs["a"] != runs["off"]
+
+
+def test_zo_refuses_model_dropout(tiny_model_dir, reviews_csv):
+    with pytest.raises(ConfigError, match="train.dropout.*must be 'off' for the zeroth-order optimizer ZOSGD"):
+        config(tiny_model_dir, reviews_csv, "train.dropout=model_default")

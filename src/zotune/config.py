@@ -33,6 +33,7 @@ CONFIG_VERSION = 3
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
 VERSIONS = (1, 2, 3)
 DEFAULT_NOISE_TABLE_MB = 64.0
+DROPOUT = ("off", "model_default")  # train.dropout
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
 PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_MODES
 
@@ -125,6 +126,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "linear" | "cosine" (to 0 at the last step)
     warmup_steps: int = 0  # the lr rises linearly over these first steps
     keep_best: bool = False  # with eval_every: the final weights are the best on dev (MeZO's protocol)
+    dropout: str = "off"  # first-order steps: "off" | "model_default" (the model's own dropout, as MeZO's FT); ZO: off
 
 
 @dataclass
@@ -372,6 +374,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
+        if value is False:  # YAML 1.1 reads an unquoted `off` as false (train.dropout: off)
+            return "off"
     raise ConfigError(f"config key {key!r} must be {_type_name(typ)}, got {value!r}")
 
 
@@ -442,6 +446,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be >= 0 and below train.steps", t.warmup_steps)
     _require(not t.keep_best or t.eval_every > 0, "train.keep_best",
              "needs train.eval_every > 0 (the dev evaluations it picks from)", t.keep_best)
+    _require(t.dropout in DROPOUT, "train.dropout", f"must be one of {', '.join(DROPOUT)}", t.dropout)
+    _require(t.dropout == "off" or not is_zeroth_order(o.name) or cfg.tuning.hybrid.zo_layers is not None,
+             "train.dropout", f"must be 'off' for the zeroth-order optimizer {o.name} (its probes run with dropout "
+             "off, as in MeZO; model_default is for first-order steps)", t.dropout)
     _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
     _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
              f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "

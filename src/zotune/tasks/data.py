@@ -5,6 +5,8 @@
   same test set for every run seed.
 * Train: ``k_shot`` examples per class from the rest, drawn with the run seed.
 * Dev: ``n_dev`` (default ``k_shot``) further examples per class, disjoint from train.
+* Or, with ``split: random`` (MeZO's OPT protocol: 1,000 / 500 / 1,000): ``n_train`` and ``n_dev``
+  (default 500) examples in all, drawn at random from the rest whatever their class.
 
 Rows pass through the task's row transform (``rows``) whatever their source, so a hub task reads
 the same from the hub, the local Hugging Face cache, or local files in the hub's layout. Splits use
@@ -80,8 +82,22 @@ def _classes(spec: TaskSpec, pool: list[Example]) -> dict[str, list[Example]]:
     return by_label
 
 
+def _random_split(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """n_train train + n_dev dev examples drawn at random from the pool, disjoint; a short pool warns."""
+    n_dev = 500 if spec.n_dev is None else spec.n_dev
+    items = pool[:]
+    random.Random(seed).shuffle(items)
+    if spec.n_train + n_dev > len(items):
+        print(f"zotune: warning: task {spec.name!r} asks for {spec.n_train} train + {n_dev} dev examples but has only "
+              f"{len(items)} outside the test set; using what there is (train first)", file=sys.stderr)
+    return items[: spec.n_train], items[spec.n_train : spec.n_train + n_dev]
+
+
 def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
-    """k_shot train + n_dev dev examples per class, disjoint; a short class warns once."""
+    """k_shot train + n_dev dev examples per class, disjoint; a short class warns once
+    (``split: random``: :func:`_random_split`)."""
+    if spec.split == "random":
+        return _random_split(spec, pool, seed)
     by_label = _classes(spec, pool)
     rng = random.Random(seed)
     train: list[Example] = []

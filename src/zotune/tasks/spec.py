@@ -30,6 +30,7 @@ METRICS = {  # metrics each task type can report (the first is the default)
     "generation": ("f1", "exact_match"),
 }
 SOURCES = ("file", "hf", "package")
+SPLITS = ("per_class", "random")  # task.split: how train and dev are drawn
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,10 @@ class TaskSpec:
     rows: str | None = None  # a row transform of transforms.ROW_TRANSFORMS, applied whatever the source
     package: str | None = None  # key of a fetcher in fetch.PACKAGES (source=package)
     eval_fraction: float = 0.2  # share of a single file held out as the test pool
+    split: str = "per_class"  # "per_class": k_shot / n_dev per class (LM-BFF); "random": n_train / n_dev in all (MeZO OPT)
     k_shot: int | None = 16  # train examples per class (None: all non-test data minus dev)
-    n_dev: int | None = None  # dev examples per class (None: k_shot, or a tenth if k_shot is None)
+    n_train: int = 1000  # split=random: train examples, drawn at random
+    n_dev: int | None = None  # dev examples per class (None: k_shot, or a tenth if k_shot is None); random: in all (None: 500)
     n_test: int = 1000  # test examples (or all of the held-out pool, if fewer)
     seed: int | None = None  # few-shot sampling seed (None: the run seed)
     offline_alternative: str | None = None  # a task to suggest when this one's data is unreachable
@@ -218,6 +221,9 @@ def make_spec(raw: dict, default_name: str = "custom") -> TaskSpec:
     frac = raw.get("eval_fraction", 0.2)
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise ConfigError(f"task.eval_fraction must be between 0 and 1 (exclusive), got {frac!r}")
+    if raw.get("split", "per_class") not in SPLITS:
+        raise ConfigError(f"task.split must be one of {', '.join(SPLITS)}, got {raw['split']!r}")
+    _check_int(raw, "n_train", 1, nullable=False)
     _check_int(raw, "k_shot", 1, nullable=True)
     _check_int(raw, "n_dev", 0, nullable=True)
     _check_int(raw, "n_test", 1, nullable=False)

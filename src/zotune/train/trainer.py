@@ -107,11 +107,11 @@ class Session:
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         torch.manual_seed(cfg.seed)  # adapters and heads initialise from the run seed: replayable
         model, trainable = apply_scheme(model, cfg.tuning)
-        if is_zeroth_order(cfg.optimizer.name):
-            # ZO probes are deterministic functions of the weights, as in MeZO's zo_forward: dropout
-            # off (peft adds its LoRA dropout in training mode), so the + and - probes of a query
-            # differ only by the direction, and a replay sees what training saw
-            model.eval()
+        # Dropout off (peft leaves a LoRA model in training mode). ZO probes are then deterministic
+        # functions of the weights, as in MeZO's zo_forward: the + and - probes of a query differ only
+        # by the direction, and a replay sees what training saw. First-order steps switch to training
+        # mode themselves under train.dropout=model_default.
+        model.eval()
         scorer = make_scorer(tokenizer, spec, cfg.train.max_length, model)
         trainable += scorer.parameters()  # align: false -> the linear head, tuned alongside
         return cls(cfg, data, model, tokenizer, scorer, trainable, world)
@@ -289,6 +289,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         log(f"zero-shot {metric}: {progress.zero_shot[metric]:.4f}")
 
     zo = is_zeroth_order(cfg.optimizer.name)
+    dropout = tcfg.dropout == "model_default"  # first-order steps in training mode (ZO probes: dropout off)
     lr, eps = run_hparams(cfg)
     log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}"
         + (f" on {world.size} processes ({tcfg.parallel} parallel)" if world.distributed else ""))
@@ -337,10 +338,11 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
                     if trajectory is not None:
                         trajectory.append(opt.last_record)
                     if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
-                        _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params)
+                        _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params, dropout=dropout)
                         progress.forwards += 1
                 else:
-                    loss = _first_order_step(opt, train_model, scorer, batch, reduce=exchange.reduce if exchange else None)
+                    loss = _first_order_step(opt, train_model, scorer, batch, reduce=exchange.reduce if exchange else None,
+                                             dropout=dropout)
                     progress.forwards += 1
             steps_here += 1
             non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
@@ -499,14 +501,18 @@ def _out_of_memory_reported(batch) -> Iterator[None]:
 
 def _first_order_step(
     opt: torch.optim.Optimizer, model, scorer: Scorer, batch, frozen: list[torch.nn.Parameter] = (),
-    reduce: Callable[[list[float]], list[float]] | None = None,
+    reduce: Callable[[list[float]], list[float]] | None = None, dropout: bool = False,
 ) -> float:
     """Forward, backward, step. ``frozen`` parameters (hybrid ZO-FO's ZO part) do not require
     grad meanwhile, so autograd keeps no activations below the first FO layer. ``reduce``
     (several processes, ``model`` under DDP): the global batch's loss, so that every rank takes
-    the same decision to skip a non-finite step before DDP's backward."""
+    the same decision to skip a non-finite step before DDP's backward. ``dropout``: the model in
+    training mode for this step (its own dropout, drawn from the checkpointed torch RNG), evaluation
+    mode again after it."""
     for p in frozen:
         p.requires_grad_(False)
+    if dropout:
+        model.train()
     try:
         opt.zero_grad(set_to_none=True)
         loss = scorer.loss(model, batch)
@@ -519,5 +525,6 @@ def _first_order_step(
         opt.step()
         return value
     finally:
+        model.eval()
         for p in frozen:
             p.requires_grad_(True)

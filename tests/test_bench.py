@@ -193,6 +193,19 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     assert "equal forward-pass budget of 8" in report and failed in report.split("## Failed cells")[1]
     for png in ("accuracy_vs_forward_passes.png", "accuracy_vs_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+    assert "Peak GPU memory" not in report and "peak_cuda_allocated_mb" not in header
+
+    # cells run on CUDA carry the GPU's peaks (summary.json), which the CSV and the report show
+    from zotune.bench.report import write_report
+
+    for s in summaries.values():
+        s.update(peak_cuda_allocated_mb=1234.5, peak_cuda_reserved_mb=2000.0)
+    for name, s in summaries.items():
+        (out / "cells" / name / "summary.json").write_text(json.dumps(s))
+    write_report(load_grid(grid_path), BenchDir(out))
+    row = next(r for r in read_csv(out / "results.csv") if r["status"] == "ok")
+    assert (row["peak_cuda_allocated_mb"], row["peak_cuda_reserved_mb"]) == ("1234.5", "2000.0")
+    assert table_row((out / "report.md").read_text(), "Peak GPU memory", "ZOSGD")[0].strip("*") == "1,234"
 
     # the same command again: finished cells are skipped, the failed one runs again; an
     # unfinished cell (summary.json gone) is resumed or, if train cannot, started over

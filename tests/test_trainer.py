@@ -255,3 +255,15 @@ def test_first_order_dropout_is_the_models_own_when_asked(tiny_model_dir, review
 def test_zo_refuses_model_dropout(tiny_model_dir, reviews_csv):
     with pytest.raises(ConfigError, match="train.dropout.*must be 'off' for the zeroth-order optimizer ZOSGD"):
         config(tiny_model_dir, reviews_csv, "train.dropout=model_default")
+
+
+def test_summaries_carry_the_gpus_peak_memory_on_cuda(monkeypatch):
+    from zotune.train.trainer import peak_memory
+
+    assert set(peak_memory()) == {"peak_rss_mb"}  # CPU: host RSS only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 5 * 2**20)
+    figures = peak_memory()
+    assert (figures["peak_cuda_allocated_mb"], figures["peak_cuda_reserved_mb"]) == (3.0, 5.0) and figures["peak_rss_mb"] > 0

@@ -205,15 +205,19 @@ def csv_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+GPU_MEMORY = ("peak_cuda_allocated_mb", "peak_cuda_reserved_mb")  # summary.json keys of cells run on CUDA
+
+
 def write_csv(path: Path, grid: Grid, results: list[Result], root: Path) -> None:
     """CONTRACT.md's columns (axes, status, run_dir, eval.*, forward_passes, peak_rss_mb, wall_s,
-    error), then ``steps`` and ``eval_zero_shot.*``."""
+    error), then ``steps``, ``eval_zero_shot.*`` and, for cells run on CUDA, the GPU's peaks."""
     def metric_keys(section: str) -> list[str]:
         return list(dict.fromkeys(f"{section}.{m}" for r in results if r.ok for m in r.summary.get(section, {})))
 
     evals, zero_shot = metric_keys("eval"), metric_keys("eval_zero_shot")
+    gpu = [k for k in GPU_MEMORY if any(r.get(k) is not None for r in results)]
     columns = [*grid.axes, "status", "run_dir", *evals, "forward_passes", "peak_rss_mb", "wall_s", "error",
-               "steps", *zero_shot]
+               "steps", *zero_shot, *gpu]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -221,7 +225,7 @@ def write_csv(path: Path, grid: Grid, results: list[Result], root: Path) -> None
             row = {k: csv_value(v) for k, v in r.cell.axes.items()}
             row |= {"status": "ok" if r.ok else "failed", "run_dir": str(r.run_dir.relative_to(root)),
                     "error": "" if r.ok else r.outcome.error}
-            for key in [*evals, "forward_passes", "peak_rss_mb", "wall_s", "steps", *zero_shot]:
+            for key in [*evals, "forward_passes", "peak_rss_mb", "wall_s", "steps", *zero_shot, *gpu]:
                 row[key] = csv_value(r.get(key))
             writer.writerow([row.get(c, "") for c in columns])
 
@@ -255,6 +259,9 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
               *markdown_table(layout, score_format, "max", zero_shot_row(layout), headers), ""]
     if "task.align" in grid.axes:
         lines += alignment_lines(grid, results)
+    if any(r.get("peak_cuda_allocated_mb") is not None for r in results):
+        lines += ["## Peak GPU memory (MB: torch.cuda.max_memory_allocated; reserved in results.csv)", "",
+                  *markdown_table(layout, number_format("peak_cuda_allocated_mb"), "min"), ""]
     lines += ["## Peak memory (MB: peak resident set size of the cell's process)", "",
               *markdown_table(layout, number_format("peak_rss_mb"), "min"), "",
               "## Wall time (s: the whole cell, model load and evaluations included)", "",

@@ -57,6 +57,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_memory() -> dict[str, float]:
+    """The summary's memory figures: host ``peak_rss_mb``, and on CUDA what matters there,
+    ``peak_cuda_allocated_mb`` / ``peak_cuda_reserved_mb`` (torch's peak counters, this device)."""
+    out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return out
+
+
 @lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
     order = list(range(n))
@@ -240,7 +250,7 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
         "forward_passes": 0,
         "eval_forward_passes": result.forward_passes,
         "n_test": len(result.predictions),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **peak_memory(),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     run.write_json("summary.json", summary)
@@ -422,7 +432,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
         "n_test": len(test),
         "train_wall_s": round(train_wall, 2),
         "s_per_step": round(train_wall / tcfg.steps, 4),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **peak_memory(),
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     if exchange:

@@ -225,3 +225,36 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g2.yaml", changed)), BenchDir(out))[2:]]
     assert states == ["stale", "stale", "stale", "failed"]
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
+
+
+def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    """`zotune bench --grid G key=value`: applied to every cell last (an axis becomes one value);
+    `baselines:` adds `zotune eval` cells that are rows of the report beside the optimizers."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    grid["base"]["model"] = {"name": "facebook/opt-13b"}  # the paper's model; the tiny one by override
+    grid["axes"] = {"optimizer.name": ["ZOSGD", "AdamW"], "optimizer.lr": [1.0e-3, 1.0e-4], "seed": [0]}
+    grid["overrides"] = []
+    grid["baselines"] = ["zero_shot", "icl"]
+    path = write_grid(tmp_path / "grid.yaml", grid)
+    override = [f"model.name={tiny_model_dir}", "optimizer.name=ZOSGD", "eval.icl_shots=2"]
+    assert main(["bench", "--grid", str(path), "--out", str(tmp_path / "b"), "--dry-run", *override]) == 0
+    listing = capsys.readouterr().out
+    cells = [line.split()[0] for line in listing.splitlines()[2:]]
+    assert cells == ["optimizer=ZOSGD,lr=0.001,seed=0", "optimizer=ZOSGD,lr=0.0001,seed=0",
+                     "baseline=zero_shot,seed=0", "baseline=icl,seed=0"]  # lr is a training axis: not repeated
+    assert f"overrides: {' '.join(override)}" in listing and "eval (icl)" in listing
+    assert all(str(tiny_model_dir) in line and "custom" in line for line in listing.splitlines()[2:])
+
+    assert run_bench(path, tmp_path / "b", log=lambda *_: None, interactive=False, overrides=override) == 0
+    rows = {r["run_dir"]: r for r in read_csv(tmp_path / "b" / "results.csv")}
+    icl = json.loads((tmp_path / "b" / "cells" / "baseline=icl,seed=0" / "summary.json").read_text())
+    assert icl["baseline"] == "icl" and icl["steps"] == 0
+    assert float(rows["cells/baseline=icl,seed=0"]["eval.accuracy"]) == icl["eval"]["accuracy"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert table_row(report, "Test accuracy", "ICL, lr=-")[0].strip("*") == f"{icl['eval']['accuracy']:.3f}"
+    assert table_row(report, "Test accuracy", "zero-shot, lr=-") and "ZOSGD, lr=0.0001" in report
+
+    with pytest.raises(ConfigError, match="baselines must be a list of distinct values of zero_shot, icl, linear_probe"):
+        load_grid(write_grid(tmp_path / "bad.yaml", {**grid, "baselines": ["oracle"]}))
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_grid(path, ["model.name"])

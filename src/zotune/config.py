@@ -163,13 +163,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         raw = read_yaml(Path(path))
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key = key.strip()
-        # templates such as "{text} It was" would parse as YAML mappings: keep them verbatim
-        set_dotted(raw, key, value if key.endswith("template") else _parse_value(value))
+        set_dotted(raw, *parse_override(item))
     return from_dict(raw, default_version)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, the value read as YAML; a template kept verbatim)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key = key.strip()
+    # templates such as "{text} It was" would parse as YAML mappings: keep them verbatim
+    return key, value if key.endswith("template") else _parse_value(value)
 
 
 def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION) -> Config:

@@ -11,6 +11,7 @@ Format (CONTRACT.md, "Benchmark grid", extended by ``budget``, ``description``, 
       - when: {optimizer.name: [SGD, AdamW]}        # a value or a list of values (any of them)
         set: {optimizer.lr: 1.0e-4}
     budget: {forward_passes: 48}                    # or {steps: N}; optional
+    baselines: [zero_shot, icl, linear_probe]       # optional: `zotune eval` cells, rows of the report
     memory_csv: memory.csv                          # optional, relative to the grid file
 
 Each key of ``axes`` and ``set`` is a dotted config key and replaces that node (a mapping value
@@ -18,8 +19,12 @@ replaces the whole section); ``base`` may use nested or dotted keys. ``when`` is
 the cell's config after ``base`` and ``axes``, defaults included. ``budget.forward_passes: N``
 gives each cell ``N // forward passes per step`` steps (equal forward-pass budget);
 ``budget.steps: N`` gives every cell N steps; without a budget each cell keeps its
-``train.steps``. Every cell's config is validated before anything runs: a malformed grid is one
-:class:`~zotune.errors.ConfigError` line.
+``train.steps``. ``baselines`` adds, per baseline, one ``zotune eval`` cell for each value of the
+axes that are not the optimizer's or training's (``optimizer.*``, ``train.*``): its row in the report
+is the baseline (``ICL``), beside the optimizers. ``load_grid(path, overrides)`` applies
+``key=value`` overrides (``zotune bench --grid G model.name=...``) to every cell, last; an override
+of an axis leaves that axis one value. Every cell's config is validated before anything runs: a
+malformed grid is one :class:`~zotune.errors.ConfigError` line.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, read_yaml, set_dotted, from_dict
+from ..config import BASELINES, Config, from_dict, parse_override, read_yaml, set_dotted
 from ..errors import ConfigError
 from ..optim.factory import forwards_per_step
 
-GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "memory_csv")
+GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv")
+BASELINE_LABELS = {"zero_shot": "zero-shot", "icl": "ICL", "linear_probe": "LP"}  # their rows in the report
+TRAINING_AXES = ("optimizer.", "train.")  # axes a baseline (an evaluation) does not vary over
 BUDGET_KINDS = ("forward_passes", "steps")
 _MISSING = object()
 
@@ -82,6 +89,7 @@ class Cell:
     config: dict[str, Any]  # nested mapping, written as the cell's config file
     cfg: Config
     forwards_per_step: int | None  # None: block-wise (the blocks are the model's layers)
+    command: str = "train"  # "eval": a baseline cell (eval.baseline)
 
     @property
     def planned_forward_passes(self) -> int | None:
@@ -96,11 +104,13 @@ class Grid:
     budget: Budget
     cells: list[Cell]
     memory_csv: Path | None = None
+    overrides: tuple[str, ...] = ()  # key=value applied to every cell (the command line's)
 
 
 # -- loading -------------------------------------------------------------------------------
-def load_grid(path: str | Path) -> Grid:
-    """Read, validate and expand a grid file (ConfigError, one line, naming the problem)."""
+def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Grid:
+    """Read, validate and expand a grid file, ``key=value`` overrides applied to every cell last
+    (ConfigError, one line, naming the problem)."""
     path = Path(path)
     try:
         raw = read_yaml(path)
@@ -117,15 +127,20 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{where}: description must be a text, got {description!r}")
     base = _base(raw.get("base"), where)
     axes = _axes(raw.get("axes"), where)
-    overrides = _overrides(raw.get("overrides"), where)
+    final = dict(parse_override(item) for item in overrides)
+    axes = {k: [final[k]] if k in final else v for k, v in axes.items()}
+    rules = _overrides(raw.get("overrides"), where)
+    if final:
+        rules.append(Override({}, final))
     budget = _budget(raw.get("budget"), where)
-    _check_budget_keys(budget, axes, overrides, where)
-    cells = expand(base, axes, overrides, budget, where)
+    _check_budget_keys(budget, axes, rules, where)
+    cells = expand(base, axes, rules, budget, where)
+    cells += baseline_cells(_baselines(raw.get("baselines"), where), base, axes, rules, where)
     memory_csv = raw.get("memory_csv")
     if memory_csv is not None and not isinstance(memory_csv, str):
         raise ConfigError(f"{where}: memory_csv must be a file name, got {memory_csv!r}")
     return Grid(path, description.strip(), axes, budget, cells,
-                path.parent / memory_csv if memory_csv else None)
+                path.parent / memory_csv if memory_csv else None, tuple(overrides))
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
@@ -194,6 +209,14 @@ def _budget(value: Any, where: str) -> Budget:
     return Budget(kind, n)
 
 
+def _baselines(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or any(v not in BASELINES for v in value) or len(set(value)) < len(value):
+        raise ConfigError(f"{where}: baselines must be a list of distinct values of {', '.join(BASELINES)}, got {value!r}")
+    return value
+
+
 def _check_budget_keys(budget: Budget, axes: dict[str, list], overrides: list[Override], where: str) -> None:
     """A budget fixes train.steps: an axis or override that also sets it is a contradiction."""
     if budget.kind is None:
@@ -216,6 +239,28 @@ def expand(base: dict[str, Any], axes: dict[str, list[Any]], overrides: list[Ove
             cells.append(_cell(name, combo, _cell_config(base, combo, overrides), budget))
         except ConfigError as err:
             raise ConfigError(f"{where}: cell {name}: {err}") from None
+    return cells
+
+
+def baseline_cells(baselines: list[str], base: dict[str, Any], axes: dict[str, list[Any]], overrides: list[Override],
+                   where: str = "grid") -> list[Cell]:
+    """One ``zotune eval`` cell per baseline and value of the non-training axes; in the report its
+    ``optimizer.name`` is the baseline's label, its other training axes "-"."""
+    if not baselines:
+        return []
+    varied = {k: v for k, v in axes.items() if not k.startswith(TRAINING_AXES)}
+    combos = [dict(zip(varied, values)) for values in itertools.product(*varied.values())]
+    cells = []
+    for baseline in baselines:
+        names = [f"baseline={baseline}" + (f",{n}" if varied else "") for n in cell_names(combos)]
+        for name, combo in zip(names, combos):
+            shown = {k: BASELINE_LABELS[baseline] if k == "optimizer.name" else combo.get(k, "-") for k in axes}
+            config = _cell_config(base, combo, overrides)
+            set_dotted(config, "eval.baseline", baseline)
+            try:
+                cells.append(Cell(name, shown, config, from_dict(copy.deepcopy(config)), 0, command="eval"))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: cell {name}: {err}") from None
     return cells
 
 

@@ -178,8 +178,8 @@ def run_cell(cell: Cell, bench: BenchDir, launcher: Launcher) -> Outcome:
 
 
 def _train(cell: Cell, bench: BenchDir, flags: list[str], launcher: Launcher) -> tuple[int, str]:
-    """One ``zotune train`` process; (exit status, last line of its stderr)."""
-    cmd = [sys.executable, "-m", "zotune", "train", "--config", str(bench.config(cell)),
+    """One ``zotune train`` (a baseline cell: ``zotune eval``) process; (exit status, last line of its stderr)."""
+    cmd = [sys.executable, "-m", "zotune", cell.command, "--config", str(bench.config(cell)),
            "--out", str(bench.run_dir(cell)), *flags]
     with open(bench.log(cell, "out"), "w") as out, open(bench.log(cell, "err"), "w") as err:
         returncode = launcher.run(cmd, out, err)
@@ -303,29 +303,35 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
-    """The dry-run listing: every cell with its steps, forward passes and state."""
-    rows = [("cell", "steps", "fwd/step", "forward passes", "state")]
+    """The dry-run listing: every cell with its model, task, steps, forward passes and state."""
+    from ..tasks import task_spec
+
+    rows = [("cell", "model", "task", "steps", "fwd/step", "forward passes", "state")]
     for cell in grid.cells:
         per_step = cell.forwards_per_step
         planned = cell.planned_forward_passes
-        rows.append((cell.name, str(cell.cfg.train.steps), "block-wise" if per_step is None else str(per_step),
-                     "?" if planned is None else str(planned), bench.state(cell)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}"]
+        steps = f"eval ({cell.cfg.eval.baseline})" if cell.command == "eval" else str(cell.cfg.train.steps)
+        rows.append((cell.name, cell.cfg.model.name, task_spec(cell.cfg.task).name, steps,
+                     "block-wise" if per_step is None else str(per_step), "?" if planned is None else str(planned),
+                     bench.state(cell)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    given = f"; overrides: {' '.join(grid.overrides)}" if grid.overrides else ""
+    lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}{given}"]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
               for r in rows]
     return lines
 
 
 def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
-              log: Callable[[str], None] = say, interactive: bool | None = None) -> int:
+              log: Callable[[str], None] = say, interactive: bool | None = None,
+              overrides: tuple[str, ...] | list[str] = ()) -> int:
     """``zotune bench``: validate the grid, run the unfinished cells, write results.csv, report.md
     and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed."""
     from .report import write_report
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    grid = load_grid(grid_path)
+    grid = load_grid(grid_path, overrides)
     bench = BenchDir(out)
     if dry_run:
         for line in plan_lines(grid, bench):

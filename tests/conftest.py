@@ -43,6 +43,23 @@ def write_tiny_llama(path: Path) -> Path:
     return path
 
 
+def write_tiny_opt(path: Path) -> Path:
+    """A tiny random OPT (the papers' model family; seed 0) saved as an HF directory, with the
+    embedded model's tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from zotune.models import load_model
+
+    _, tokenizer = load_model()
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=16,
+                       vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dropout=0.1)
+    OPTForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_reviews_csv(path: Path) -> Path:
     """A small two-class CSV whose label is readable from the words (learnable)."""
     good = ["a wonderful film", "great acting and a moving story", "i loved every minute", "a delight"]
@@ -56,6 +73,12 @@ def write_reviews_csv(path: Path) -> Path:
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved as an HF directory, with the embedded model's tokenizer."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    """A tiny random OPT saved as an HF directory, with the embedded model's tokenizer."""
+    return write_tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
 
 
 @pytest.fixture

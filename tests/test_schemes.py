@@ -511,3 +511,28 @@ def test_top_scheme_run_reports_its_cache_and_a_gpt2_runs_uncached(tiny_model_di
                         tmp_path / "gpt2", log=lines.append)
     assert "activation_cache_mb" not in summary
     assert any("no activation cache for model type 'gpt2'" in line for line in lines)
+
+
+# -- OPT, the papers' model family ---------------------------------------------------------------
+@pytest.mark.parametrize("scheme", [*SCHEMES])
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "AdamW"])
+def test_a_tiny_opt_trains_under_every_scheme(tiny_opt_dir, reviews_csv, tmp_path, scheme, optimizer):
+    """OPT (learned positions, q/k/v/out_proj, dropout 0.1 in its config) through every scheme with a ZO and
+    an FO optimizer: the default LoRA targets, prefix (its past key/values), prompt, top; the trainable
+    parameters move, the frozen ones do not."""
+    cfg = run_config(tiny_opt_dir, reviews_csv, f"tuning.scheme={scheme}", f"optimizer.name={optimizer}",
+                     "optimizer.lr=1e-2", "train.steps=2")
+    model, _ = load_model(str(tiny_opt_dir))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["steps"] == 2 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    if scheme == "lora":
+        peft_model, trainable = apply_scheme(model, cfg.tuning)
+        names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        assert names and all(("q_proj" in n or "v_proj" in n) and "lora_" in n for n in names)
+    if scheme == "full":
+        from safetensors.torch import load_file
+
+        after = load_file(tmp_path / "run" / "weights.safetensors")
+        moved = [n for n, t in after.items() if n in before and not torch.equal(t, before[n])]
+        assert moved

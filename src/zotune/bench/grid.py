@@ -20,10 +20,10 @@ the cell's config after ``base`` and ``axes``, defaults included. ``budget.forwa
 gives each cell ``N // forward passes per step`` steps (equal forward-pass budget);
 ``budget.steps: N`` gives every cell N steps; without a budget each cell keeps its
 ``train.steps``. ``baselines`` adds, per baseline, one ``zotune eval`` cell for each value of the
-axes that are not the optimizer's or training's (``optimizer.*``, ``train.*``): its row in the report
+axes that are not the optimizer's, training's or tuning's (``optimizer.*``, ``train.*``, ``tuning.*``): its row in the report
 is the baseline (``ICL``), beside the optimizers. ``load_grid(path, overrides)`` applies
 ``key=value`` overrides (``zotune bench --grid G model.name=...``) to every cell, last; an override
-of an axis leaves that axis one value. Every cell's config is validated before anything runs: a
+of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. Every cell's config is validated before anything runs: a
 malformed grid is one :class:`~zotune.errors.ConfigError` line.
 """
 
@@ -45,7 +45,7 @@ from ..optim.factory import forwards_per_step
 
 GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv")
 BASELINE_LABELS = {"zero_shot": "zero-shot", "icl": "ICL", "linear_probe": "LP"}  # their rows in the report
-TRAINING_AXES = ("optimizer.", "train.")  # axes a baseline (an evaluation) does not vary over
+TRAINING_AXES = ("optimizer.", "train.", "tuning.")  # axes a baseline (an evaluation) does not vary over
 BUDGET_KINDS = ("forward_passes", "steps")
 _MISSING = object()
 
@@ -129,10 +129,12 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
     axes = _axes(raw.get("axes"), where)
     final = dict(parse_override(item) for item in overrides)
     axes = {k: [final[k]] if k in final else v for k, v in axes.items()}
+    budget = _budget(raw.get("budget"), where)
+    if "train.steps" in final:  # the command line's steps replace the grid's budget (a quick run of a paper grid)
+        budget = Budget()
     rules = _overrides(raw.get("overrides"), where)
     if final:
         rules.append(Override({}, final))
-    budget = _budget(raw.get("budget"), where)
     _check_budget_keys(budget, axes, rules, where)
     cells = expand(base, axes, rules, budget, where)
     cells += baseline_cells(_baselines(raw.get("baselines"), where), base, axes, rules, where)

@@ -60,6 +60,24 @@ def write_tiny_opt(path: Path) -> Path:
     return path
 
 
+def write_tiny_roberta(path: Path) -> Path:
+    """A tiny random RoBERTa saved as RobertaForMaskedLM (seed 0), with the embedded model's
+    tokenizer plus a mask token."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from zotune.models import load_model
+
+    _, tokenizer = load_model()
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    torch.manual_seed(0)
+    config = RobertaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           vocab_size=len(tokenizer), max_position_embeddings=300, pad_token_id=tokenizer.pad_token_id,
+                           type_vocab_size=1)
+    RobertaForMaskedLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_reviews_csv(path: Path) -> Path:
     """A small two-class CSV whose label is readable from the words (learnable)."""
     good = ["a wonderful film", "great acting and a moving story", "i loved every minute", "a delight"]
@@ -79,6 +97,12 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_opt_dir(tmp_path_factory):
     """A tiny random OPT saved as an HF directory, with the embedded model's tokenizer."""
     return write_tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory):
+    """A tiny random masked LM (RoBERTa) saved as an HF directory."""
+    return write_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from zotune.tuning import layer_blocks
 
 from .conftest import tiny_llama
 
-GRIDS = sorted((Path(__file__).parents[1] / "configs" / "bench").rglob("*.yaml"))
+GRIDS = sorted(p for p in (Path(__file__).parents[1] / "configs" / "bench").rglob("*.yaml")
+               if "paper" not in p.parts)  # the paper grids: tests/test_paper_grids.py
 
 
 def write_grid(path: Path, grid: dict) -> Path:

@@ -13,14 +13,15 @@ from zotune.cli import main
 from zotune.train.trainer import run_eval, run_train
 
 PAPER = sorted((Path(__file__).parents[1] / "configs" / "bench" / "paper").glob("*.yaml"))
-QUICK = ["model.dtype=float32", "tuning.trainable_dtype=null", "task.name=rotten_tomatoes", "task.k_shot=2",
+QUICK = ["seed=0", "model.dtype=float32", "tuning.trainable_dtype=null", "task.name=rotten_tomatoes", "task.k_shot=2",
          "task.n_train=4", "task.n_dev=2", "task.n_test=4", "train.steps=1", "train.eval_every=1",
          "train.batch_size=2", "train.max_length=48", "train.log_every=1", "eval.max_length=160", "eval.icl_shots=2",
          "eval.batch_size=4", "eval.zero_shot=false"]
 
 
 def test_there_are_paper_grids():
-    assert {p.stem for p in PAPER} >= {"zo-bench-sst2", "zo-bench-copa-winogrande", "mezo-opt13b", "jaguar-muon-sst2"}
+    assert {p.stem for p in PAPER} >= {"zo-bench-sst2", "zo-bench-copa-winogrande", "mezo-opt13b", "jaguar-muon-sst2",
+                                       "mezo-roberta-k16"}
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
@@ -37,11 +38,19 @@ def test_paper_grid_expands_with_its_models_and_states_its_gpu_hours(path, tmp_p
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
-def test_paper_grid_runs_its_tiny_version(path, tiny_model_dir, tiny_opt_dir, tmp_path):
-    """A tiny OPT stands in for a grid of OPT models, a tiny Llama for the others."""
-    opt = all(c.cfg.model.name.startswith("facebook/opt") for c in load_grid(path).cells)
-    tiny = tiny_opt_dir if opt else tiny_model_dir
-    grid = load_grid(path, [f"model.name={tiny}", *QUICK])
+def test_paper_grid_runs_its_tiny_version(path, tiny_model_dir, tiny_opt_dir, tiny_roberta_dir, tmp_path):
+    """A tiny OPT stands in for a grid of OPT models, a tiny RoBERTa (with LM-BFF's template on the
+    default task) for masked LMs, a tiny Llama for the others."""
+    models = {c.cfg.model.name for c in load_grid(path).cells}
+    extra = []
+    if all(m.startswith("facebook/opt") for m in models):
+        tiny = tiny_opt_dir
+    elif all("roberta" in m for m in models):
+        tiny = tiny_roberta_dir
+        extra = ["task={text_template: '{text} It was {mask} .', choices: {0: ' terrible', 1: ' great'}}"]
+    else:
+        tiny = tiny_model_dir
+    grid = load_grid(path, [f"model.name={tiny}", *extra, *QUICK])
     assert {c.cfg.model.name for c in grid.cells} == {str(tiny)}
     for cell in grid.cells:
         run = run_eval if cell.command == "eval" else run_train

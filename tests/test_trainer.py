@@ -149,9 +149,9 @@ def test_hybrid_zo_fo_trains_both_parts(tiny_model_dir, reviews_csv, tmp_path, m
     seen = {}
     original = trainer._first_order_step
 
-    def spy(opt, model, scorer, batch, frozen=()):
+    def spy(opt, model, scorer, batch, frozen=(), **kwargs):
         before = {id(p): p.detach().clone() for p in model.parameters()}
-        value = original(opt, model, scorer, batch, frozen)
+        value = original(opt, model, scorer, batch, frozen, **kwargs)
         seen["zo_grads"] = [p.grad for p in frozen]
         seen["fo_moved"] = any(not torch.equal(p, before[id(p)]) for g in opt.param_groups for p in g["params"])
         seen["zo_untouched"] = all(torch.equal(p, before[id(p)]) for p in frozen)

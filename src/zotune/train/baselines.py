@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..tasks import Example, TaskSpec
 from .evaluate import EvalResult
 from .metrics import label_metrics
-from .scoring import ChoiceScorer, last_hidden
+from .scoring import ChoiceScorer
 
 SEPARATOR = "\n\n"
 
@@ -40,11 +40,12 @@ def icl_prefix(spec: TaskSpec, train: list[Example], shots: int, seed: int) -> s
 
 @torch.no_grad()
 def features(model: torch.nn.Module, scorer: ChoiceScorer, examples: list[Example], batch_size: int) -> torch.Tensor:
-    """Final hidden state at each prompt's last token, (N, H) float32."""
+    """The scorer's features of each prompt (a causal LM: the last token's final hidden state; a masked
+    LM: the mask's), (N, H) float32."""
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        out.append(last_hidden(model, scorer.encode_prompts(chunk)).float())
+        out.append(scorer.features(model, scorer.encode_prompts(chunk)).float())
     return torch.cat(out)
 
 

@@ -7,6 +7,8 @@
   log-likelihood; evaluation decodes greedily and the metric is SQuAD F1 / exact match.
 * :class:`HeadScorer` (``task.align: false``, ZO-Bench's alignment ablation): no template,
   no verbalizer; a linear head on the last token's final hidden state, trained alongside.
+* :class:`MaskedChoiceScorer` (classification with a masked LM: RoBERTa, BERT; LM-BFF and MeZO's
+  k-shot experiments): the label words are scored at the mask token.
 
 Sequences are left-padded so every continuation ends at the last position: the LM head then
 runs only on the last ``K + 1`` positions (``logits_to_keep``), which saves the vocabulary
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from ..models.loader import forward_params, input_device
+from ..models.loader import forward_params, input_device, is_masked_lm
 from ..tasks import Example, TaskSpec
 from .decoding import greedy_decode
 from .metrics import answer_metrics, label_metrics
@@ -93,6 +95,10 @@ class ChoiceScorer(PromptScorer):
 
     def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
         super().__init__(tokenizer, spec, max_length, prefix)
+        if spec.after_mask.strip() and not isinstance(self, MaskedChoiceScorer):
+            raise DataError(f"task {spec.name!r}: its template goes on after {{mask}} ({spec.after_mask!r}), but a "
+                            "causal LM scores the continuation at the end of the prompt: use a masked LM "
+                            "(RoBERTa, BERT) or end the template at {mask}")
         self.fixed_ids = None
         if spec.type == "classification":
             self.fixed_ids = [self._tokens(c) for c in spec.continuations(Example({}, spec.labels[0]))]
@@ -136,6 +142,10 @@ class ChoiceScorer(PromptScorer):
         labels = torch.tensor([self.spec.target(ex) for ex in examples])
         return EncodedBatch(input_ids, attention, positions, zeros, zeros, torch.arange(n),
                             torch.full((n,), -1), labels, examples)
+
+    def features(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        """What a linear probe reads (:meth:`encode_prompts` rows): the last token's final hidden state."""
+        return last_hidden(model, batch)
 
     def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
         """Summed continuation log-likelihoods, shape (B, C), float32; -inf where an example
@@ -190,6 +200,70 @@ class HeadScorer(ChoiceScorer):
         return self.head(last_hidden(model, batch).float().to(self.head.weight.device))
 
 
+class MaskedChoiceScorer(ChoiceScorer):
+    """Classification with a masked LM (LM-BFF's prompt-based fine-tuning, as in MeZO's RoBERTa
+    experiments): the prompt carries the tokenizer's mask token where ``{mask}`` is in the template
+    (LM-BFF's SST-2: "{sentence} It was {mask} ."), or at its end where a causal LM's continuation
+    would go; each label word is one token, and its logit at the mask is the choice's score. Rows are
+    right-padded (encoders number positions from the left); the MLM head runs on every position,
+    which for a k-shot set of short sentences costs little."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
+        if spec.type != "classification":
+            raise DataError(f"task {spec.name!r} is {spec.type}: a masked LM scores label words at its mask token, "
+                            "so it takes classification tasks only")
+        if tokenizer.mask_token_id is None:
+            raise DataError("this model is a masked LM, but its tokenizer has no mask token")
+        super().__init__(tokenizer, spec, max_length, prefix)
+        for word, ids in zip(spec.continuations(Example({}, spec.labels[0])), self.fixed_ids):
+            if len(ids) != 1:
+                raise DataError(f"task {spec.name!r}: the label word {word!r} is {len(ids)} tokens for this masked LM, "
+                                "which scores one token at its mask: choose single-token label words")
+        self.word_ids = torch.tensor([ids[0] for ids in self.fixed_ids])
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        """[CLS] prompt-with-mask [SEP], cut on the left (after [CLS]) to ``max_length``."""
+        mask = self.tokenizer.mask_token
+        text = self.prefix + self.spec.render(ex.fields, mask=mask)
+        ids = self.tokenizer(text if "{mask}" in self.spec.text_template else text + mask)["input_ids"]
+        return ids if len(ids) <= self.max_length else ids[:1] + ids[len(ids) - self.max_length + 1:]
+
+    def encode(self, examples: list[Example]) -> EncodedBatch:
+        rows = [self.prompt_ids(ex) for ex in examples]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        at = torch.zeros((len(rows), 1), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+            at[i, 0] = row.index(self.tokenizer.mask_token_id)
+        n = len(rows)
+        labels = torch.tensor([self.spec.target(ex) for ex in examples])
+        return EncodedBatch(input_ids, attention, torch.zeros_like(input_ids), at, torch.ones_like(at), torch.arange(n),
+                            torch.full((n,), -1), labels, examples)
+
+    def encode_prompts(self, examples: list[Example]) -> EncodedBatch:
+        return self.encode(examples)  # one row per example already
+
+    def _at_mask(self, model: torch.nn.Module, batch: EncodedBatch, hidden: bool = False) -> torch.Tensor:
+        device = input_device(model)
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    output_hidden_states=hidden)
+        values = out.hidden_states[-1] if hidden else out.logits
+        rows = torch.arange(values.shape[0], device=values.device)
+        return values[rows, batch.targets[:, 0].to(values.device)]
+
+    def features(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        """The final hidden state at the mask token (what the MLM head reads)."""
+        return self._at_mask(model, batch, hidden=True)
+
+    def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        """The label words' log-probabilities at the mask, (B, C) float32 (``targets`` holds the mask's position)."""
+        at_mask = self._at_mask(model, batch).float().log_softmax(-1)
+        return at_mask[:, self.word_ids.to(at_mask.device)]
+
+
 class AnswerScorer(PromptScorer):
     """Generation: the answer (rendered by ``choice_template``) is the continuation."""
 
@@ -240,12 +314,17 @@ class AnswerScorer(PromptScorer):
         return -torch.tensor(scores["exact_match" if metric == "exact_match" else "f1"])
 
 
-Scorer = ChoiceScorer | AnswerScorer
+Scorer = ChoiceScorer | AnswerScorer  # MaskedChoiceScorer and HeadScorer are ChoiceScorers
 
 
 def make_scorer(tokenizer, spec: TaskSpec, max_length: int, model: torch.nn.Module | None = None,
                 prefix: str = "") -> Scorer:
-    """The scorer for a task type (and ``align: false``: a linear head sized for ``model``)."""
+    """The scorer for a task type (and ``align: false``: a linear head sized for ``model``; a masked
+    LM: label words at its mask)."""
+    if model is not None and is_masked_lm(model):
+        if not spec.align:
+            raise DataError("task.align: false (a linear head on the last token) needs a causal LM")
+        return MaskedChoiceScorer(tokenizer, spec, max_length, prefix)
     if spec.type == "generation":
         return AnswerScorer(tokenizer, spec, max_length, prefix)
     if not spec.align:

@@ -20,6 +20,9 @@ __all__ = ["LORA_TARGETS", "SCHEMES", "apply_scheme", "check_precision", "final_
            "lora_targets", "precision_report", "transformer_layers", "tuned_top"]
 
 
+MASKED_LM_SCHEMES = ("full", "lora")  # prefix / prompt / top assume a causal LM's cache, positions and layers
+
+
 def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """Prepare ``model`` for the scheme; return it (a peft model for the adapter schemes) and
     its trainable parameters, in ``tuning.trainable_dtype`` if set, else in the model's dtype."""
@@ -28,8 +31,11 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
     if cfg.trainable_dtype is not None and cfg.scheme in OWN_WEIGHTS_SCHEMES:
         raise ConfigError("config key 'tuning.trainable_dtype' applies to the adapter schemes (lora, prefix, "
                           f"prompt) only: {cfg.scheme} tunes the model's own weights (use model.dtype)")
-    from ..models.loader import resolve_dtype
+    from ..models.loader import is_masked_lm, resolve_dtype
 
+    if is_masked_lm(model) and cfg.scheme not in MASKED_LM_SCHEMES:
+        raise ConfigError(f"tuning.scheme {cfg.scheme!r} is for causal LMs; a masked LM (RoBERTa, BERT) tunes with "
+                          f"{' or '.join(MASKED_LM_SCHEMES)}")
     base_dtype = next(model.parameters()).dtype
     model = SCHEMES[cfg.scheme](model, cfg)
     if cfg.scheme not in OWN_WEIGHTS_SCHEMES:  # every adapter tensor, a frozen LoRA A included

@@ -50,7 +50,10 @@ def lora(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
 
     opts = cfg.lora
     targets = opts.target_modules or lora_targets(model)
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha,
+    from ..models.loader import is_masked_lm
+
+    task_type = None if is_masked_lm(model) else TaskType.CAUSAL_LM  # a masked LM: peft's plain wrapper
+    config = LoraConfig(task_type=task_type, r=opts.r, lora_alpha=opts.alpha,
                         lora_dropout=opts.dropout, target_modules=list(targets))
     try:
         return _peft(model, config)

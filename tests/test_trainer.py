@@ -267,3 +267,12 @@ def test_summaries_carry_the_gpus_peak_memory_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 5 * 2**20)
     figures = peak_memory()
     assert (figures["peak_cuda_allocated_mb"], figures["peak_cuda_reserved_mb"]) == (3.0, 5.0) and figures["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("dropout", ["off", "model_default"])
+def test_first_order_steps_on_the_top_layers_through_the_activation_cache(tiny_model_dir, reviews_csv, tmp_path, dropout):
+    """FO on tuning.scheme=top: the steps run through the frozen-prefix stand-in, whose mode follows the model."""
+    cfg = config(tiny_model_dir, reviews_csv, "optimizer.name=AdamW", "optimizer.lr=1e-2", "tuning.scheme=top",
+                 f"train.dropout={dropout}", "train.steps=2", "train.eval_every=0")
+    summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["steps"] == 2 and summary["activation_cache_mb"] > 0

@@ -57,6 +57,14 @@ class FrozenPrefix:
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.model.parameters()
 
+    def train(self, mode: bool = True) -> FrozenPrefix:
+        """The model's training mode (train.dropout=model_default for first-order steps)."""
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> FrozenPrefix:
+        return self.train(False)
+
     @property
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache.values())

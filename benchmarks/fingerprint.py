@@ -35,7 +35,7 @@ def sha256(path: Path) -> str:
 
 def fingerprints(root: Path) -> dict[str, dict[str, str]]:
     from zotune.config import SCHEMES, load_config
-    from zotune.optim.factory import is_zeroth_order, optimizer_names
+    from zotune.optim.registry import is_zeroth_order, optimizer_names
     from zotune.train.trainer import run_train
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' fixture builders

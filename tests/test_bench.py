@@ -17,7 +17,8 @@ from zotune.bench.runner import BenchDir, plan_lines
 from zotune.cli import main
 from zotune.config import OptimizerConfig, load_config
 from zotune.errors import ConfigError
-from zotune.optim.factory import build_optimizer, forwards_per_step, optimizer_names
+from zotune.optim.factory import build_optimizer, forwards_per_step
+from zotune.optim.registry import optimizer_names
 from zotune.tuning import layer_blocks
 
 from .conftest import tiny_llama

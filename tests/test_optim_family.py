@@ -345,3 +345,40 @@ def test_conservative_blockwise_counts_every_forward():
     opt = ZOSGDConservative([{"params": [a]}, {"params": [b]}], lr=1e-2, n_queries=2, blockwise=True)
     opt.step(closure)
     assert calls["n"] == opt.forwards_per_step == 2 * 2 * 2 + 3
+
+
+def test_an_optimizer_is_one_file(tiny_model_dir, reviews_csv, tmp_path):
+    """A new optimizer is a class: subclassing ZOOptimizer registers it under its name with the facts
+    it declares, and config, factory, trainer, replay and the precision guard take it from there."""
+    from safetensors.torch import load_file
+
+    from zotune.cli import main
+    from zotune.config import load_config
+    from zotune.estimators.spsa import SPSAEstimate
+    from zotune.optim import ZOOptimizer, registry
+    from zotune.optim.factory import run_hparams
+    from zotune.train.trainer import run_train
+
+    class ToyHalfStepZO(ZOOptimizer):
+        """ZO-SGD at half the lr: ``x <- x - lr / 2 * grad_hat``."""
+
+        elementwise = True
+        default_lr = {(3, "full"): 2e-3}
+
+        def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+            flat = p.view(-1)
+            estimate.apply(index, p.numel(), lambda a, b, w, z: flat[a:b].add_(z, alpha=-group["lr"] / 2 * w), p.device)
+
+    try:
+        assert registry.zo_class("ToyHalfStepZO") is ToyHalfStepZO and "ToyHalfStepZO" in registry.optimizer_names()
+        cfg = load_config(None, [f"model.name={tiny_model_dir}", f"task.path={reviews_csv}", "task.text_template={text} It was",
+                                 'task.choices={"0": " bad", "1": " good"}', "task.k_shot=4", "train.steps=3",
+                                 "train.batch_size=4", "eval.max_examples=4", "eval.zero_shot=false",
+                                 "optimizer.name=ToyHalfStepZO"])
+        assert run_hparams(cfg) == (2e-3, 1e-3)  # its own default lr, the family's eps
+        run_train(cfg, tmp_path / "run", log=lambda *_: None)
+        assert main(["replay", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "again")]) == 0
+        trained, again = load_file(tmp_path / "run" / "weights.safetensors"), load_file(tmp_path / "again" / "weights.safetensors")
+        assert all(torch.equal(trained[k], again[k]) for k in trained)
+    finally:
+        registry.ZEROTH_ORDER.pop("ToyHalfStepZO", None)

@@ -16,12 +16,11 @@ from zotune.errors import ConfigError
 from zotune.models import load_model
 from zotune.optim.factory import (
     DEFAULTS_BY_VERSION,
-    FO_OPTIMIZERS,
-    ZO_OPTIMIZERS,
     build_optimizer,
     resolved_hparams,
     run_hparams,
 )
+from zotune.optim.registry import is_zeroth_order, optimizer_names, zo_class
 from zotune.tasks import Example, make_spec
 from zotune.train import trainer
 from zotune.train.decoding import greedy_decode
@@ -237,12 +236,12 @@ def test_greedy_decoding_matches_transformers_generate(sharp_model_dir):
 
 # -- training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ADAPTERS)
-@pytest.mark.parametrize("name", [*ZO_OPTIMIZERS, *FO_OPTIMIZERS])
+@pytest.mark.parametrize("name", optimizer_names())
 def test_every_optimizer_trains_every_adapter_scheme(tiny_model_dir, scheme, name):
     """A few steps at the scheme's default hyperparameters: finite losses, the trainable
     parameters move, nothing else does."""
     model, tok, trainable = schemed(tiny_model_dir, scheme, jitter=0.1,
-                                    attn="eager" if getattr(ZO_OPTIMIZERS.get(name), "needs_forward_ad", False) else None)
+                                    attn="eager" if (zo_class(name) is not None and zo_class(name).needs_forward_ad) else None)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     start = [p.detach().clone() for p in trainable]
     options = {"coord_fraction": 0.5} if name == "JaguarSignSGD" else {}
@@ -250,7 +249,7 @@ def test_every_optimizer_trains_every_adapter_scheme(tiny_model_dir, scheme, nam
     scorer = ChoiceScorer(tok, make_spec(CHOICES))
     batch = scorer.encode([SHORT, LONG])
     for _ in range(3):
-        if name in ZO_OPTIMIZERS:
+        if is_zeroth_order(name):
             loss = float(opt.step(lambda: scorer.loss(model, batch)))
         else:
             opt.zero_grad()
@@ -334,7 +333,7 @@ def test_measured_defaults_for_new_runs():
     assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)  # given wins
     for version in DEFAULTS_BY_VERSION:  # every optimizer has a default for every scheme, in every version
         for scheme in [*SCHEMES, "lora-fa"]:
-            for name in [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]:
+            for name in optimizer_names():
                 assert resolved_hparams(OptimizerConfig(name=name), scheme, version)[0] > 0
 
 

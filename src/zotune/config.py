@@ -19,12 +19,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .optim.registry import FIRST_ORDER, is_zeroth_order, optimizer_names, zo_class
 
 DEFAULT_TASK = "rotten_tomatoes"
 SCHEMES = ("full", "lora", "prefix", "prompt", "top")  # kept in sync with zotune.tuning.SCHEMES (tested)
 OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters
 PRECISION_CHECKS = ("error", "warn", "ignore")
-FO_OPTIMIZERS = ("SGD", "AdamW")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
 # The defaults' generations: 3: learning rates measured on the default model (zotune.optim.factory);
@@ -204,9 +204,7 @@ def default_noise_table_mb(version: int, optimizer: OptimizerConfig) -> float:
     """``optimizer.noise_table_mb`` when the config gives none. Version 2 on: the noise table,
     the fast direction path, for zeroth-order optimizers that take one and have no direction
     cache. Version 1 (runs recorded before versions): z drawn per chunk."""
-    from .optim.factory import ZO_OPTIMIZERS
-
-    cls = ZO_OPTIMIZERS.get(optimizer.name)
+    cls = zo_class(optimizer.name)
     fast = version >= 2 and cls is not None and cls.takes_noise_table and not optimizer.direction_cache_mb
     return DEFAULT_NOISE_TABLE_MB if fast else 0.0
 
@@ -216,9 +214,7 @@ def default_freeze_a(version: int, optimizer: OptimizerConfig) -> bool:
     optimizers. With A frozen, delta W = B A is linear in the tuned B, so the curvature a ZO step
     meets does not grow as B does; plain LoRA at its best 100-step lr diverges after ~150 steps
     (docs/convergence.md)."""
-    from .optim.factory import ZO_OPTIMIZERS
-
-    return version >= 3 and optimizer.name in ZO_OPTIMIZERS
+    return version >= 3 and is_zeroth_order(optimizer.name)
 
 
 # (section, key, default(version, optimizer)): the keys whose default depends on the config version
@@ -392,7 +388,6 @@ def _type_name(typ: Any) -> str:
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone do not express."""
     from .models.loader import resolve_device, resolve_dtype
-    from .optim.factory import optimizer_names
 
     resolve_dtype(cfg.model.dtype)
     _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.model.device)), "model.device",
@@ -404,12 +399,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"
         )
-    from .optim.factory import FO_OPTIMIZERS, is_zeroth_order
-
     _validate_tuning(cfg.tuning)
     hybrid = cfg.tuning.hybrid
-    _require(hybrid.fo_optimizer in FO_OPTIMIZERS, "tuning.hybrid.fo_optimizer",
-             f"must be one of {', '.join(FO_OPTIMIZERS)}", hybrid.fo_optimizer)
+    _require(hybrid.fo_optimizer in FIRST_ORDER, "tuning.hybrid.fo_optimizer",
+             f"must be one of {', '.join(FIRST_ORDER)}", hybrid.fo_optimizer)
     _require(hybrid.fo_lr is None or hybrid.fo_lr >= 0, "tuning.hybrid.fo_lr", "must be >= 0", hybrid.fo_lr)
     if hybrid.zo_layers is not None:
         _require(hybrid.zo_layers >= 0, "tuning.hybrid.zo_layers", "must be >= 0", hybrid.zo_layers)

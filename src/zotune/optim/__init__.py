@@ -1,14 +1,16 @@
-"""``torch.optim``-style zeroth-order optimizers: an estimator plus an update rule."""
+"""``torch.optim``-style zeroth-order optimizers: an estimator plus an update rule.
 
-from .adam import ZOAdam
+Importing the package registers every optimizer (``zotune.optim.registry``), in this order."""
+
 from .base import StepRecord, ZOOptimizer
-from .conservative import ZOSGDConservative
-from .forward_grad import ForwardGrad
-from .jaguar import JaguarSignSGD
-from .momentum import ZOSGDMomentum
-from .muon import ZOMuon
-from .newton_schulz import newton_schulz
 from .sgd import ZOSGD
 from .sign import ZOSGDSign
+from .momentum import ZOSGDMomentum
+from .conservative import ZOSGDConservative
+from .adam import ZOAdam
+from .forward_grad import ForwardGrad
+from .jaguar import JaguarSignSGD
+from .muon import ZOMuon
+from .newton_schulz import newton_schulz
 
 __all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "newton_schulz"]

@@ -19,6 +19,9 @@ class ZOAdam(ZOOptimizer):
     ``adam_eps``.
     """
 
+    normalised_step = True  # each coordinate moves by about lr
+    default_lr = {(1, "full"): 1e-5, (2, "full"): 1e-5, (3, "full"): 1e-4}  # Adam's step: larger than SGD's on full
+
     elementwise = True
 
     def __init__(

@@ -32,6 +32,7 @@ import torch
 from ..estimators.directions import DISTRIBUTIONS, mix
 from ..estimators.reduce import LOCAL, LossReducer
 from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, query_seeds
+from .registry import register
 
 
 @dataclass
@@ -49,13 +50,27 @@ class StepRecord:
 
 
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: SPSA estimate, then ``update_param`` for every trainable parameter."""
+    """Base class: SPSA estimate, then ``update_param`` for every trainable parameter.
+
+    A subclass registers itself under its class name (``optimizer.name``) and declares its facts
+    as class attributes; the defaults below hold for the SPSA family."""
 
     forwards_per_query = 2
     takes_noise_table = True  # its directions can be windows of a noise table (see noise_table)
     # update_param touches only its own parameter and state, elementwise: parameters may be
     # updated concurrently (rules with matrix maths, e.g. Newton-Schulz, set False)
     elementwise = False
+    # each coordinate moves by about lr whatever the estimate (sign rules, Adam, Newton-Schulz): the
+    # half-precision guard (tuning/precision.py) sizes an update by lr instead of lr x estimate
+    normalised_step = False
+    needs_forward_ad = False  # estimates by forward-mode AD: the trainer switches HF models to eager attention
+    # (config version, defaults row) -> lr where this optimizer's default differs from the ZO family's
+    # (zotune.optim.factory's tables); e.g. ZOAdam's larger lr on full fine-tuning
+    default_lr: dict[tuple[int, str], float] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register(cls)
 
     def __init__(
         self,

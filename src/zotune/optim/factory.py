@@ -31,30 +31,15 @@ import torch
 
 from ..config import CONFIG_VERSION, Config, OptimizerConfig, TuningConfig
 from ..errors import ConfigError
-from .adam import ZOAdam
-from .base import ZOOptimizer
-from .conservative import ZOSGDConservative
-from .forward_grad import ForwardGrad
-from .jaguar import JaguarSignSGD
-from .momentum import ZOSGDMomentum
-from .muon import ZOMuon
-from .sgd import ZOSGD
-from .sign import ZOSGDSign
-
-ZO_OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    cls.__name__: cls for cls in (ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon)
-}
-FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
-
+from .registry import FIRST_ORDER, is_zeroth_order, zo_class
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """One generation of default hyperparameters: ZO ``(lr, eps)`` by scheme, with per-optimizer
-    lr exceptions; FO lr by optimizer and scheme."""
+    """One generation of default hyperparameters: ZO ``(lr, eps)`` by scheme (an optimizer's own
+    exceptions are its class's ``default_lr``); FO lr by optimizer and scheme."""
 
     zo: dict[str, tuple[float, float]]
-    zo_lr: dict[tuple[str, str], float]
     fo: dict[str, dict[str, float]]
 
 
@@ -62,7 +47,6 @@ class Defaults:
 MEZO = Defaults(
     zo={"full": (1e-6, 1e-3), "lora": (5e-5, 1e-2), "lora-fa": (5e-5, 1e-2), "prefix": (1e-2, 1e-1),
         "prompt": (1e-3, 1e-2), "top": (1e-6, 1e-3)},  # top K layers: full fine-tuning's
-    zo_lr={("ZOAdam", "full"): 1e-5},
     fo={"SGD": {"full": 1e-4, "lora": 1e-3, "lora-fa": 1e-3, "prefix": 1e-2, "prompt": 1e-3, "top": 1e-4},
         "AdamW": {"full": 1e-5, "lora": 1e-4, "lora-fa": 1e-4, "prefix": 1e-2, "prompt": 1e-3, "top": 1e-5}},
 )
@@ -70,18 +54,9 @@ MEZO = Defaults(
 # best lr at 100 steps but diverges after ~150 (docs/convergence.md), 1e-3 is the grid's next.
 MEASURED = Defaults(
     zo={**MEZO.zo, "full": (1e-4, 1e-3), "lora": (1e-3, 1e-2), "lora-fa": (3e-2, 1e-2), "top": (1e-3, 1e-3)},
-    zo_lr={("ZOAdam", "full"): 1e-4},  # its sweep's pick, though at 100 steps nothing in it moves much
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
 DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED}  # config version -> defaults
-
-
-def optimizer_names() -> list[str]:
-    return [*ZO_OPTIMIZERS, *FO_OPTIMIZERS]
-
-
-def is_zeroth_order(name: str) -> bool:
-    return name in ZO_OPTIMIZERS
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -101,7 +76,7 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
     defaults = DEFAULTS_BY_VERSION[version]
     if is_zeroth_order(cfg.name):
         lr, eps = defaults.zo[scheme]
-        lr = defaults.zo_lr.get((cfg.name, scheme), lr)
+        lr = zo_class(cfg.name).default_lr.get((version, scheme), lr)
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
     return (cfg.lr if cfg.lr is not None else defaults.fo[cfg.name][scheme], None)
 
@@ -114,7 +89,7 @@ def build_optimizer(
     lr, eps = resolved_hparams(cfg, scheme, version)
     try:
         if is_zeroth_order(cfg.name):
-            opt = ZO_OPTIMIZERS[cfg.name](
+            opt = zo_class(cfg.name)(
                 params,
                 lr=lr,
                 eps=eps,
@@ -129,7 +104,7 @@ def build_optimizer(
         for knob in ("blockwise", "direction_cache_mb", "noise_table_mb"):
             if getattr(cfg, knob):
                 raise ConfigError(f"optimizer.{knob} applies to zeroth-order optimizers only")
-        return FO_OPTIMIZERS[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
+        return FIRST_ORDER[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None
 

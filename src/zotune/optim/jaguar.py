@@ -22,6 +22,8 @@ class JaguarSignSGD(ZOOptimizer):
     ``state_dict``; the blocks are a function of (seed, step), so they replay exactly.
     """
 
+    normalised_step = True  # each coordinate moves by about lr
+
     takes_noise_table = False  # its directions are coordinate masks, not values
 
     def __init__(

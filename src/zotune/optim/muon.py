@@ -26,6 +26,8 @@ class ZOMuon(ZOSGDMomentum):
     AdamW at its own lr); otherwise ``lr``.
     """
 
+    normalised_step = True  # each coordinate moves by about lr
+
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 
     def __init__(

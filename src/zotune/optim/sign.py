@@ -15,6 +15,8 @@ class ZOSGDSign(ZOOptimizer):
     smaller than for ZOSGD (ZO-Bench uses ~1e-7 for full fine-tuning of OPT).
     """
 
+    normalised_step = True  # each coordinate moves by about lr
+
     elementwise = True
 
     def update_param(

@@ -207,7 +207,7 @@ def cell_config(cfg: Config, cell: Cell) -> Config:
 def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
     """Build, measure the baseline, run the steps, return the breakdown (bytes). Meant for a
     fresh process: the peak it reports is this process's."""
-    from ..optim.factory import is_zeroth_order
+    from ..optim.registry import is_zeroth_order
     from ..train.trainer import Session, _first_order_step
 
     t0 = time.perf_counter()
@@ -355,7 +355,7 @@ def run_memory(
     """``zotune memory``: measure every cell; write ``memory.csv``, ``memory.md`` and
     ``memory_vs_length.png`` into ``out`` (an earlier ``memory.csv`` there: only with
     ``overwrite``); return the rows."""
-    from ..optim.factory import optimizer_names
+    from ..optim.registry import optimizer_names
 
     names = parse_names(optimizers, optimizer_names(), "optimizers")
     scheme_names = parse_names(schemes, SCHEMES, "schemes")

@@ -31,7 +31,8 @@ from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.base import ZOOptimizer
-from ..optim.factory import ZO_OPTIMIZERS, build_optimizer, defaults_row, is_zeroth_order, run_hparams
+from ..optim.factory import build_optimizer, defaults_row, run_hparams
+from ..optim.registry import is_zeroth_order, zo_class
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import TrajectoryWriter, weights_sha256
@@ -113,7 +114,7 @@ class Session:
         for key, length in (("train.max_length", cfg.train.max_length), ("eval.max_length", cfg.eval.max_length)):
             if limit is not None and length is not None and length > limit:
                 raise ConfigError(f"{key} is {length}, but {cfg.model.name} reads at most {limit} positions")
-        if getattr(ZO_OPTIMIZERS.get(cfg.optimizer.name), "needs_forward_ad", False):
+        if (zo := zo_class(cfg.optimizer.name)) is not None and zo.needs_forward_ad:
             model.set_attn_implementation("eager")  # SDPA's CPU kernel has no forward-AD rule
         torch.manual_seed(cfg.seed)  # adapters and heads initialise from the run seed: replayable
         model, trainable = apply_scheme(model, cfg.tuning)
@@ -173,7 +174,7 @@ class Session:
         if cfg.optimizer.blockwise:
             params = layer_blocks(model, params)
         if is_zeroth_order(cfg.optimizer.name):
-            params = ZO_OPTIMIZERS[cfg.optimizer.name].param_groups_for(model, params)
+            params = zo_class(cfg.optimizer.name).param_groups_for(model, params)
         opt = build_optimizer(cfg.optimizer, params, defaults_row(cfg.tuning), cfg.seed, cfg.version)
         fo_opt = None
         if fo_params:

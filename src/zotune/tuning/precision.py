@@ -29,12 +29,12 @@ import torch
 
 from ..config import OWN_WEIGHTS_SCHEMES, Config
 from ..errors import ConfigError
+from ..optim.factory import run_hparams
+from ..optim.registry import zo_class
 
 HALF = (torch.float16, torch.bfloat16)
 THRESHOLD = 0.5  # the share of coordinates that may not move before training is called collapsed
 SAMPLES = 4096  # coordinates sampled per tensor
-# per-coordinate step ~ lr, whatever the projected gradient: sign rules, Adam, Newton-Schulz
-NORMALISED_STEP = frozenset({"ZOSGDSign", "JaguarSignSGD", "ZOAdam", "ZOMuon"})
 _SEED = 0x5EED
 
 
@@ -103,17 +103,15 @@ def check_precision(cfg: Config, params: list[torch.Tensor], closure: Callable[[
     more than ``THRESHOLD`` of the trainable half-precision coordinates would not move.
     ``closure`` (the loss on a training batch) measures the typical projected gradient; None
     skips the update part. Nothing to do for float32 weights or first-order optimizers."""
-    from ..optim.factory import ZO_OPTIMIZERS, run_hparams
-
-    mode, name = cfg.tuning.precision_check, cfg.optimizer.name
-    if mode == "ignore" or name not in ZO_OPTIMIZERS or not any(p.dtype in HALF for p in params):
+    mode, cls = cfg.tuning.precision_check, zo_class(cfg.optimizer.name)
+    if mode == "ignore" or cls is None or not any(p.dtype in HALF for p in params):
         return None
     lr, eps = run_hparams(cfg)
-    probe_eps = None if getattr(ZO_OPTIMIZERS[name], "needs_forward_ad", False) else eps  # a JVP has no probe
+    probe_eps = None if cls.needs_forward_ad else eps  # a JVP has no probe
     dist = cfg.optimizer.distribution
     report = precision_report(params, probe_eps, None, dist)
     if report.probe_lost <= THRESHOLD and lr > 0:
-        step = lr if name in NORMALISED_STEP else None
+        step = lr if cls.normalised_step else None
         if step is None and closure is not None:
             g = typical_projected_grad(closure, params, eps, dist)
             step = None if g is None else lr * g

@@ -80,6 +80,10 @@ def _fill_rademacher(out: torch.Tensor, gen: torch.Generator) -> None:
 
 
 ChunkFn = Callable[[int, int, torch.Tensor], None]
+# A shaped direction (an optimizer's own: masked, scaled, low-rank): ``shape(start, stop, device, draw, out)``
+# returns chunk [start, stop) of the direction, float32, written into ``out`` (this thread's scratch) or
+# any tensor it owns; ``draw()`` gives the plain chunk (the sampler's values for the key) when wanted.
+Shape = Callable[[int, int, torch.device, Callable[[], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class DirectionSampler:
@@ -115,6 +119,9 @@ class DirectionSampler:
         self._cache_lock = threading.Lock()
         self.table_numel = 0  # values in the noise table (0: none, every chunk drawn); see use_table
         self._tables: dict[torch.device, torch.Tensor] = {}
+        # key -> Shape: a step's directions that are not plain draws (set by the optimizer for the step's
+        # keys, forgotten with the cache at its end); probes, updates and replays all read them here
+        self.shapes: dict[int, Shape] = {}
 
     def use_table(self, numel: int) -> None:
         """Take every chunk of z as a window of one table of ``numel`` values drawn once (OpenAI
@@ -153,6 +160,7 @@ class DirectionSampler:
                 self._spare.setdefault((length, device), []).append(buf)
             self._cache.clear()
             self._cached = 0
+            self.shapes.clear()
             if release:
                 self._spare.clear()
 
@@ -161,7 +169,16 @@ class DirectionSampler:
 
         On an accelerator z comes from that device's generator: the same key gives the same z
         on every run of that device type, not the same values as on the CPU. The result is
-        read-only (it may be a cached chunk, or a window of the noise table)."""
+        read-only (it may be a cached chunk, or a window of the noise table, or a shaped chunk)."""
+        shape = self.shapes.get(key)
+        if shape is not None:
+            start = index * self.chunk_size
+            return shape(start, start + length, device, lambda: self._plain(key, index, length, device),
+                         self._scratch("shaped", length, device))
+        return self._plain(key, index, length, device)
+
+    def _plain(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
+        """Chunk ``index`` of the plain z(key): drawn, cached or a table window."""
         if self.table_numel:
             offset = mix(key, index) % (self.table_numel - self.chunk_size + 1)
             return self._table(device)[offset : offset + length]

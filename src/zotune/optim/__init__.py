@@ -11,6 +11,7 @@ from .adam import ZOAdam
 from .forward_grad import ForwardGrad
 from .jaguar import JaguarSignSGD
 from .muon import ZOMuon
+from .sparse import SparseMeZO
 from .newton_schulz import newton_schulz
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "newton_schulz"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "newton_schulz"]

@@ -23,6 +23,7 @@ collective), so every process forms the same estimate and applies the same updat
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,8 @@ import torch
 
 from ..estimators.directions import DISTRIBUTIONS, mix
 from ..estimators.reduce import LOCAL, LossReducer
-from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, query_seeds
-from .registry import register
+from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, direction_key, query_seeds
+from .registry import register as _register
 
 
 @dataclass
@@ -68,9 +69,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     # (zotune.optim.factory's tables); e.g. ZOAdam's larger lr on full fine-tuning
     default_lr: dict[tuple[int, str], float] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        """Register the class under its name; ``class Variant(ZOSGD, register=False)`` keeps a
+        helper subclass (e.g. a test's preset) out of ``optimizer.name``."""
         super().__init_subclass__(**kwargs)
-        register(cls)
+        if register:
+            _register(cls)
 
     def __init__(
         self,
@@ -171,6 +175,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         indices = [i for i, _, _ in trainable]
         blocks = {"blocks": self.blocks()} if self.blockwise else {}
         try:
+            self.shape_directions(query_seeds(step_seed, self.n_queries * len(self.blocks())), trainable)
             estimate = self.estimator.estimate(closure, params, indices, step_seed, reducer=self.loss_reducer, **blocks)
             skipped = not estimate.finite
             extra: dict[str, Any] = {}
@@ -215,11 +220,28 @@ class ZOOptimizer(torch.optim.Optimizer):
             estimate = SPSAEstimate(query_seeds(record.seed, len(record.projected_grads)), list(record.projected_grads),
                                     record.loss, [], self.estimator.sampler, coverage)
             try:
+                self.shape_directions(estimate.seeds, trainable)
                 self.replay_update(estimate, trainable, record.extra)
             finally:
                 self.estimator.sampler.clear_cache()
         self.last_record = record
         self.steps_done += 1
+
+    def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor] | None:
+        """This step's shape of parameter ``p``'s directions, or None for plain z (the default).
+        A shape is ``shape(key, start, stop, device, draw, out)`` (see ``directions.Shape``; ``key``
+        names the direction): masked (SparseMeZO), scaled (HiZOO), low-rank (LOZO). It is read before
+        the step's probes and while its update runs, so it depends only on what the step starts from."""
+        return None
+
+    def shape_directions(self, seeds: list[int], trainable: list[tuple[int, torch.Tensor, dict]]) -> None:
+        """Register this step's shaped directions (``direction_shape``) with the sampler, for every query."""
+        for index, p, _ in trainable:
+            shape = self.direction_shape(index, p, self.state[p])
+            if shape is not None:
+                for seed in seeds:
+                    key = direction_key(seed, index)
+                    self.estimator.sampler.shapes[key] = functools.partial(shape, key)
 
     def replay_update(
         self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]

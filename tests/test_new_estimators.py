@@ -1,0 +1,62 @@
+"""The newer estimators (issue 24), each by its defining property on a small problem; the family
+guarantees (lr 0, determinism, state_dict, dtypes, direction cache) are in test_optim_family.py and
+test_direction_cache.py, replay through `zotune replay` below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.cli import main
+from zotune.config import load_config
+from zotune.errors import ConfigError
+from zotune.optim import SparseMeZO
+from zotune.train.trainer import run_train
+
+
+def run_config(model_dir, csv, *extra):
+    return load_config(None, [
+        f"model.name={model_dir}", f"task.path={csv}", "task.text_template={text} It was",
+        'task.choices={"0": " bad", "1": " good"}', "task.k_shot=4", "train.steps=4", "train.batch_size=4",
+        "train.eval_every=0", "eval.max_examples=4", "eval.zero_shot=false", *extra,
+    ])
+
+
+# -- Sparse-MeZO ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_queries", [1, 3])
+def test_sparse_mezo_leaves_the_large_weights_bit_identical(dtype, n_queries):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 200).to(dtype)
+    x = torch.randn(16, 300, dtype=dtype)
+    opt = SparseMeZO(layer.parameters(), lr=1e-2, eps=1e-2, seed=3, n_queries=n_queries, sparsity=0.75)
+    for _ in range(3):
+        before = [p.detach().clone() for p in layer.parameters()]
+        thresholds = [opt.threshold(i, p) for i, p in enumerate(layer.parameters())]
+        opt.step(lambda: layer(x).float().pow(2).mean())
+        for p, b, t in zip(layer.parameters(), before, thresholds):
+            large, moved = b.abs() > t, p.detach() != b
+            assert not (moved & large).any()  # every large weight: the same bits
+            assert moved[~large].float().mean() > 0.5  # the small ones move (bfloat16 rounds some updates away)
+            assert 0.6 < large.float().mean() < 0.9  # about 75% left out (a sampled threshold)
+
+
+def test_sparse_mezo_refuses_what_would_write_the_left_out_weights():
+    with pytest.raises(ValueError, match="does not take weight_decay"):
+        SparseMeZO([torch.nn.Parameter(torch.ones(4))], lr=1e-3, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        SparseMeZO([torch.nn.Parameter(torch.ones(4))], lr=1e-3, sparsity=1.0)
+
+
+# -- every new method through the trainer and `zotune replay` ---------------------------------------
+@pytest.mark.parametrize("extra", [
+    ["optimizer.name=SparseMeZO", "optimizer.options={sparsity: 0.8}", "optimizer.n_queries=2"],
+    ["optimizer.name=SparseMeZO", "tuning.scheme=lora"],
+], ids=["sparse-full", "sparse-lora"])
+def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
+    run = tmp_path / "run"
+    run_train(run_config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", *extra), run, log=lambda *_: None)
+    assert main(["replay", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    trained, again = load_file(run / "weights.safetensors"), load_file(tmp_path / "again" / "weights.safetensors")
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)

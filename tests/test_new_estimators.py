@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from zotune.cli import main
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import SparseMeZO
+from zotune.optim import FZOO, SparseMeZO
 from zotune.train.trainer import run_train
 
 
@@ -49,11 +49,47 @@ def test_sparse_mezo_refuses_what_would_write_the_left_out_weights():
         SparseMeZO([torch.nn.Parameter(torch.ones(4))], lr=1e-3, sparsity=1.0)
 
 
+# -- FZOO ---------------------------------------------------------------------------------------
+def test_fzoo_normalises_its_step_by_the_spread_of_the_losses():
+    """N + 1 forwards; the step does not depend on the loss's scale; each coordinate moves by about
+    lr / sqrt(N) (Rademacher probes of a 4,000-dimensional linear loss)."""
+    a = torch.randn(4000, generator=torch.Generator().manual_seed(1))
+    moves = {}
+    for scale in (1.0, 1000.0):
+        x = torch.nn.Parameter(torch.zeros(4000))
+        calls = []
+        opt = FZOO([x], lr=1e-3, eps=1e-3, seed=5, n_queries=8)
+        opt.step(lambda: calls.append(1) or scale * (a @ x))
+        assert len(calls) == 9 == opt.forwards_per_step
+        moves[scale] = x.detach().clone()
+    assert torch.allclose(moves[1.0], moves[1000.0], rtol=1e-3, atol=1e-9)  # scale-free
+    rms = float(moves[1.0].pow(2).mean().sqrt()) / 1e-3
+    assert 0.25 < rms < 0.5, rms  # 1 / sqrt(8) = 0.35
+    assert set(moves[1.0].abs().unique().tolist()) != {0.0}
+
+
+def test_fzoo_lowers_a_loss_and_refuses_a_single_probe():
+    torch.manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(50))
+    opt = FZOO([x], lr=2e-2, eps=1e-3, seed=0, n_queries=4)
+    start = float((x ** 2).sum())
+    for _ in range(200):
+        opt.step(lambda: (x ** 2).sum())
+    assert float((x ** 2).sum()) < 0.2 * start
+    with pytest.raises(ValueError, match="FZOO needs n_queries >= 2"):
+        FZOO([x], lr=1e-3, n_queries=1)
+    cfg = load_config(None, ["optimizer.name=FZOO"]).optimizer
+    assert (cfg.n_queries, cfg.distribution) == (8, "rademacher")  # its own defaults
+    assert load_config(None, ["optimizer.name=ZOSGD"]).optimizer.n_queries == 1
+
+
 # -- every new method through the trainer and `zotune replay` ---------------------------------------
 @pytest.mark.parametrize("extra", [
     ["optimizer.name=SparseMeZO", "optimizer.options={sparsity: 0.8}", "optimizer.n_queries=2"],
     ["optimizer.name=SparseMeZO", "tuning.scheme=lora"],
-], ids=["sparse-full", "sparse-lora"])
+    ["optimizer.name=FZOO", "optimizer.n_queries=3"],
+    ["optimizer.name=FZOO", "tuning.scheme=lora"],
+], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora"])
 def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
     run = tmp_path / "run"
     run_train(run_config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", *extra), run, log=lambda *_: None)

@@ -100,8 +100,8 @@ class OptimizerConfig:
     name: str = "ZOSGD"
     lr: float | None = None  # None: the default for this optimizer and scheme
     eps: float | None = None
-    n_queries: int = 1
-    distribution: str = "gaussian"
+    n_queries: int | None = None  # None: the optimizer's own (1; FZOO: a batch of probes)
+    distribution: str | None = None  # gaussian | rademacher; None: the optimizer's own (gaussian; FZOO: rademacher)
     weight_decay: float = 0.0
     blockwise: bool = False  # ZO-Bench block-wise ZO: one query set per transformer layer / the rest
     direction_cache_mb: float = 0.0  # z kept from a step's first probe for the rest of the step (speed for memory)
@@ -218,9 +218,26 @@ def default_freeze_a(version: int, optimizer: OptimizerConfig) -> bool:
 
 
 # (section, key, default(version, optimizer)): the keys whose default depends on the config version
+def default_n_queries(version: int, optimizer: OptimizerConfig) -> int:
+    """``optimizer.n_queries`` when the config gives none: the optimizer class's ``default_n_queries``
+    (1, as MeZO; FZOO's step needs a batch of probes); 1 for first-order optimizers."""
+    cls = zo_class(optimizer.name)
+    return cls.default_n_queries if cls is not None else 1
+
+
+def default_distribution(version: int, optimizer: OptimizerConfig) -> str:
+    """``optimizer.distribution`` when the config gives none: the class's ``default_distribution``."""
+    cls = zo_class(optimizer.name)
+    return cls.default_distribution if cls is not None else "gaussian"
+
+
+# (section, key, default(version, optimizer)): the keys whose default depends on the config version
+# or the optimizer; a resolved config (config.yaml of a run) holds them all
 VERSIONED_DEFAULTS = (
     ("optimizer", "noise_table_mb", default_noise_table_mb),
     ("tuning.lora", "freeze_a", default_freeze_a),
+    ("optimizer", "n_queries", default_n_queries),
+    ("optimizer", "distribution", default_distribution),
 )
 
 

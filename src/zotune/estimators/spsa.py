@@ -51,13 +51,15 @@ class SPSAEstimate:
     seeds: list[int]
     projected_grads: list[float]
     loss: float
-    losses: list[tuple[float, float]] = field(default_factory=list)  # per query: (f+, f-), or (f, jvp)
+    losses: list[tuple[float, float]] = field(default_factory=list)  # per query: (f+, f-), (f+, f0) one-sided, or (f, jvp)
     sampler: DirectionSampler | None = None
     coverage: list[frozenset[int]] | None = None  # block-wise: the parameter indices each query perturbed
+    center: float | None = None  # f(x) unperturbed, when the estimator measured it
 
     @property
     def finite(self) -> bool:
-        return all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
+        center = self.center if self.center is not None else 0.0
+        return math.isfinite(center) and all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
 
     def negated(self) -> SPSAEstimate:
         """The estimate of the opposite direction (-grad_hat)."""
@@ -117,11 +119,18 @@ def block_coverage(blocks: list[list[int]], indices: list[int], n_queries: int) 
 
 
 class SPSA:
-    """Two-sided SPSA with ``n_queries`` directions, perturbing on the fly or in place (see perturb.py)."""
+    """SPSA with ``n_queries`` directions, perturbing on the fly or in place (see perturb.py).
 
-    def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian", sampler: DirectionSampler | None = None):
+    Two-sided by default, ``g_j = (f(x + eps z_j) - f(x - eps z_j)) / (2 eps)``. ``one_sided``:
+    ``g_j = (f(x + eps z_j) - f(x)) / eps`` (FZOO), ``q + 1`` forwards. ``center`` (two-sided): also
+    ``f(x)`` itself, one more forward (HiZOO's curvature). The step's loss is ``f(x)`` when measured."""
+
+    def __init__(self, eps: float, n_queries: int = 1, distribution: str = "gaussian", sampler: DirectionSampler | None = None,
+                 one_sided: bool = False, center: bool = False):
         self.eps = eps
         self.n_queries = n_queries
+        self.one_sided = one_sided
+        self.center = center or one_sided
         self.sampler = sampler if sampler is not None else DirectionSampler(distribution)
         self._pool = _BufferPool()
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
@@ -146,18 +155,26 @@ class SPSA:
         blocks = blocks if blocks is not None else [list(range(len(params)))]
         seeds = query_seeds(step_seed, self.n_queries * len(blocks))
         block_of_query = [b for b in blocks for _ in range(self.n_queries)]
-        mine = iter(reducer.mine(2 * len(seeds)))
+        scales = (self.eps,) if self.one_sided else (self.eps, -self.eps)
+        mine = iter(reducer.mine(len(scales) * len(seeds) + self.center))
         values: list[float] = []
+        if self.center:  # f(x): the closure on the weights as they are
+            values.append(loss_value(closure()) if next(mine) else 0.0)
         for seed, block in zip(seeds, block_of_query):
             chosen = set(block)
             keys = [direction_key(seed, i) for i in indices]
-            for scale in (self.eps, -self.eps):
+            for scale in scales:
                 values.append(self._probe(closure, params, keys, chosen, scale) if next(mine) else 0.0)
         values = reducer.reduce(values)
-        losses = list(zip(values[0::2], values[1::2]))
-        grads = [(plus - minus) / (2 * self.eps) for plus, minus in losses]
-        mean_loss = sum(a + b for a, b in losses) / (2 * len(losses))
-        return SPSAEstimate(seeds, grads, mean_loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries))
+        center = values.pop(0) if self.center else None
+        if self.one_sided:
+            losses = [(plus, center) for plus in values]
+            grads = [(plus - center) / self.eps for plus in values]
+        else:
+            losses = list(zip(values[0::2], values[1::2]))
+            grads = [(plus - minus) / (2 * self.eps) for plus, minus in losses]
+        loss = center if center is not None else sum(a + b for a, b in losses) / (2 * len(losses))
+        return SPSAEstimate(seeds, grads, loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries), center)
 
     def _probe(
         self, closure: Callable[[], object], params: list[torch.Tensor], keys: list[int], chosen: set[int], scale: float

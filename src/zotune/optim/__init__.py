@@ -12,6 +12,7 @@ from .forward_grad import ForwardGrad
 from .jaguar import JaguarSignSGD
 from .muon import ZOMuon
 from .sparse import SparseMeZO
+from .fzoo import FZOO
 from .newton_schulz import newton_schulz
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "newton_schulz"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "newton_schulz"]

@@ -68,6 +68,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     # (config version, defaults row) -> lr where this optimizer's default differs from the ZO family's
     # (zotune.optim.factory's tables); e.g. ZOAdam's larger lr on full fine-tuning
     default_lr: dict[tuple[int, str], float] = {}
+    default_n_queries = 1  # optimizer.n_queries when the config gives none
+    default_distribution = "gaussian"  # optimizer.distribution when the config gives none
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         """Register the class under its name; ``class Variant(ZOSGD, register=False)`` keeps a

@@ -1,0 +1,62 @@
+"""FZOO (Dang et al. 2025, "FZOO: fast zeroth-order optimizer for fine-tuning large language models
+towards Adam-scale speed"): a batch of one-sided Rademacher probes, the step normalised by the
+spread of their losses."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..estimators.spsa import SPSA, SPSAEstimate
+from .base import ZOOptimizer, _check
+
+
+class FZOO(ZOOptimizer):
+    """``N = n_queries`` one-sided probes ``f_j = f(x + eps u_j)`` with Rademacher ``u_j`` (+-1), and
+    ``f_0 = f(x)``: ``N + 1`` forwards. The step
+
+        x <- x - lr * (1/N) sum_j (f_j - f_0) / sigma * u_j        (plus weight decay)
+
+    with ``sigma`` the standard deviation of the ``f_j``: the losses' own spread sets the step size,
+    so each coordinate moves by about ``lr / sqrt(N)`` whatever the loss's scale (FZOO's adaptive,
+    Adam-like step). The record holds ``g_j = (f_j - f_0) / eps``; ``sigma = eps * std(g)``, so a
+    replay needs nothing more. A step whose probes all give the same loss does not move.
+
+    Args:
+        n_queries: ``N``, probes per step (at least 2: the step divides by their spread; 8 by default).
+        distribution: ``"rademacher"`` (FZOO's) or ``"gaussian"``.
+        (the others as :class:`~zotune.optim.ZOSGD`; block-wise ZO is not offered.)
+    """
+
+    forwards_per_query = 1
+    normalised_step = True
+    default_n_queries = 8
+    default_distribution = "rademacher"
+    elementwise = True
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 8,
+                 distribution: str = "rademacher", weight_decay: float = 0.0, **options):
+        _check(isinstance(n_queries, int) and n_queries >= 2,
+               f"FZOO needs n_queries >= 2 (its step divides by the spread of the probes' losses), got {n_queries!r}")
+        _check(not options.get("blockwise"), "FZOO does not offer block-wise ZO")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
+                         weight_decay=weight_decay, **options)
+        self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, one_sided=True)
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.n_queries + 1
+
+    def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+        spread = statistics.stdev(estimate.projected_grads)  # sigma / eps
+        if spread == 0:
+            return
+        self.decay(p, group)
+        flat, scale = p.view(-1), -group["lr"] / spread
+
+        def step(start: int, stop: int, weight: float, z: torch.Tensor) -> None:
+            if weight:
+                flat[start:stop].add_(z, alpha=scale * weight)
+
+        estimate.apply(index, p.numel(), step, p.device)

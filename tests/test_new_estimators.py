@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from zotune.cli import main
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import FZOO, SparseMeZO
+from zotune.optim import FZOO, HiZOO, SparseMeZO
 from zotune.train.trainer import run_train
 
 
@@ -83,13 +83,42 @@ def test_fzoo_lowers_a_loss_and_refuses_a_single_probe():
     assert load_config(None, ["optimizer.name=ZOSGD"]).optimizer.n_queries == 1
 
 
+# -- HiZOO --------------------------------------------------------------------------------------
+def test_hizoo_estimates_the_hessian_diagonal_of_a_quadratic():
+    """On f = 1/2 sum h_i x_i^2 (h from 0.5 to 4) the running estimate D approaches h, though every
+    step probes along D^-1/2 z, which D itself keeps changing."""
+    torch.manual_seed(0)
+    h = torch.linspace(0.5, 4.0, 20)
+    x = torch.nn.Parameter(torch.randn(20))
+    opt = HiZOO([x], lr=1e-9, eps=1e-2, seed=1, n_queries=4, alpha=1e-3)
+    for _ in range(6000):
+        opt.step(lambda: 0.5 * (h * x * x).sum())
+    d = opt.hessian(x)
+    assert float((d - h).abs().div(h).mean()) < 0.3
+    assert float(torch.corrcoef(torch.stack([d, h]))[0, 1]) > 0.8
+    assert opt.forwards_per_step == 9 and len(opt.last_record.extra["values"]) == 4
+
+
+def test_hizoo_preconditions_its_probes():
+    """The probes run along D^-1/2 z: with D = 4 everywhere, half as far as ZO-SGD's."""
+    x = torch.nn.Parameter(torch.zeros(1000))
+    opt = HiZOO([x], lr=1e-3, eps=1e-3, seed=2)
+    opt.hessian(x).fill_(4.0)
+    seen = []
+    opt.step(lambda: seen.append(x.detach().clone()) or x.sum())
+    probe = seen[1]  # f(x) first, then x + eps D^-1/2 z
+    assert abs(float(probe.std()) - 0.5e-3) < 0.05e-3
+
+
 # -- every new method through the trainer and `zotune replay` ---------------------------------------
 @pytest.mark.parametrize("extra", [
     ["optimizer.name=SparseMeZO", "optimizer.options={sparsity: 0.8}", "optimizer.n_queries=2"],
     ["optimizer.name=SparseMeZO", "tuning.scheme=lora"],
     ["optimizer.name=FZOO", "optimizer.n_queries=3"],
     ["optimizer.name=FZOO", "tuning.scheme=lora"],
-], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora"])
+    ["optimizer.name=HiZOO", "optimizer.n_queries=2", "optimizer.options={alpha: 0.1}"],
+    ["optimizer.name=HiZOO", "tuning.scheme=lora", "optimizer.options={alpha: 0.1}"],
+], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora"])
 def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
     run = tmp_path / "run"
     run_train(run_config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", *extra), run, log=lambda *_: None)

@@ -7,8 +7,9 @@ instead of gigabytes. ``trajectory.bin`` in a run directory holds exactly that:
 * ``MAGIC`` (8 bytes), a little-endian uint32 header length, then the header: UTF-8 JSON with
   the model identity, the SHA-256 of the initial trainable state (:func:`weights_sha256`),
   dtype, scheme, optimizer with its options, seed, and the record layout;
-* fixed-size records (``RECORD_HEAD`` then ``n_values`` projected gradients and ``n_groups``
-  learning rates, float64): step (uint32), step seed (uint64), flags (uint8: 1 = skipped),
+* fixed-size records (``RECORD_HEAD`` then ``n_values`` projected gradients, ``n_groups``
+  learning rates and, when the header has ``n_extra``, that many optimizer-specific values
+  (HiZOO's curvatures), float64): step (uint32), step seed (uint64), flags (uint8: 1 = skipped),
   accepted candidate (int8, ZO-SGD-Cons; 0 otherwise), loss (float64).
 
 Records are appended and flushed as the run goes, so a killed run leaves every finished step
@@ -36,8 +37,8 @@ RECORD_HEAD = struct.Struct("<IQBbd")  # step, seed, flags, accepted, loss
 FILENAME = "trajectory.bin"
 
 
-def record_size(n_values: int, n_groups: int) -> int:
-    return RECORD_HEAD.size + 8 * (n_values + n_groups)
+def record_size(n_values: int, n_groups: int, n_extra: int = 0) -> int:
+    return RECORD_HEAD.size + 8 * (n_values + n_groups + n_extra)
 
 
 def weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -56,10 +57,12 @@ class TrajectoryWriter:
     ``keep=N`` (a resumed run) reopens an existing file instead: its header must be the one
     given, its first N records stay, and appending continues after them."""
 
-    def __init__(self, path: Path, header: dict[str, Any], n_values: int, n_groups: int, keep: int | None = None):
-        self.n_values, self.n_groups = n_values, n_groups
-        size = record_size(n_values, n_groups)
-        header = {**header, "n_values": n_values, "n_groups": n_groups, "record_size": size}
+    def __init__(self, path: Path, header: dict[str, Any], n_values: int, n_groups: int, keep: int | None = None,
+                 n_extra: int = 0):
+        self.n_values, self.n_groups, self.n_extra = n_values, n_groups, n_extra
+        size = record_size(n_values, n_groups, n_extra)
+        header = {**header, "n_values": n_values, "n_groups": n_groups, "record_size": size,
+                  **({"n_extra": n_extra} if n_extra else {})}
         blob = json.dumps(header, sort_keys=True).encode()
         head = MAGIC + struct.pack("<I", len(blob)) + blob
         self.records = 0 if keep is None else keep
@@ -85,8 +88,12 @@ class TrajectoryWriter:
             raise ValueError(f"step {record.step}: {len(record.projected_grads)} projected gradients and "
                              f"{len(record.lrs)} lrs, the header says {self.n_values} and {self.n_groups}")
         accepted = int(record.extra.get("accepted", 0))
+        extra = list(record.extra.get("values", [0.0] * self.n_extra))  # a skipped step has none
+        if len(extra) != self.n_extra:
+            raise ValueError(f"step {record.step}: {len(extra)} extra values, the header says {self.n_extra}")
         self._file.write(RECORD_HEAD.pack(record.step, record.seed, int(record.skipped), accepted, record.loss)
-                         + struct.pack(f"<{self.n_values + self.n_groups}d", *record.projected_grads, *record.lrs))
+                         + struct.pack(f"<{self.n_values + self.n_groups + self.n_extra}d", *record.projected_grads,
+                                       *record.lrs, *extra))
         self._file.flush()
         self.records += 1
 
@@ -111,17 +118,20 @@ def read_trajectory(path: Path) -> tuple[dict[str, Any], list[StepRecord]]:
     (length,) = struct.unpack_from("<I", data, 8)
     try:
         header = json.loads(data[12 : 12 + length].decode())
-        n_values, n_groups = int(header["n_values"]), int(header["n_groups"])
+        n_values, n_groups, n_extra = int(header["n_values"]), int(header["n_groups"]), int(header.get("n_extra", 0))
     except (ValueError, KeyError, UnicodeDecodeError):
         raise DataError(f"{path}: unreadable trajectory header") from None
-    size = record_size(n_values, n_groups)
+    size = record_size(n_values, n_groups, n_extra)
     body = data[12 + length :]
-    values = struct.Struct(f"<{n_values + n_groups}d")
+    values = struct.Struct(f"<{n_values + n_groups + n_extra}d")
     records = []
     for offset in range(0, len(body) - size + 1, size):
         step, seed, flags, accepted, loss = RECORD_HEAD.unpack_from(body, offset)
         floats = values.unpack_from(body, offset + RECORD_HEAD.size)
+        extra: dict[str, Any] = {"accepted": accepted}
+        if n_extra:
+            extra["values"] = list(floats[n_values + n_groups :])
         records.append(StepRecord(step=step, seed=seed, query_seeds=[], projected_grads=list(floats[:n_values]),
-                                  lrs=list(floats[n_values:]), loss=loss, skipped=bool(flags & 1),
-                                  extra={"accepted": accepted}))
+                                  lrs=list(floats[n_values : n_values + n_groups]), loss=loss, skipped=bool(flags & 1),
+                                  extra=extra))
     return header, records

@@ -173,12 +173,13 @@ class DirectionSampler:
         shape = self.shapes.get(key)
         if shape is not None:
             start = index * self.chunk_size
-            return shape(start, start + length, device, lambda: self._plain(key, index, length, device),
+            return shape(start, start + length, device, lambda: self.plain(key, index, length, device),
                          self._scratch("shaped", length, device))
-        return self._plain(key, index, length, device)
+        return self.plain(key, index, length, device)
 
-    def _plain(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
-        """Chunk ``index`` of the plain z(key): drawn, cached or a table window."""
+    def plain(self, key: int, index: int, length: int, device: torch.device = _CPU) -> torch.Tensor:
+        """Chunk ``index`` of the plain z(key), whatever shape the key has this step: drawn, cached or a
+        table window (read-only; this thread's scratch may be reused by the next call)."""
         if self.table_numel:
             offset = mix(key, index) % (self.table_numel - self.chunk_size + 1)
             return self._table(device)[offset : offset + length]

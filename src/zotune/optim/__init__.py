@@ -13,6 +13,7 @@ from .jaguar import JaguarSignSGD
 from .muon import ZOMuon
 from .sparse import SparseMeZO
 from .fzoo import FZOO
+from .hizoo import HiZOO
 from .newton_schulz import newton_schulz
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "newton_schulz"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "HiZOO", "newton_schulz"]

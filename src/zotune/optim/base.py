@@ -146,6 +146,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     def forwards_per_step(self) -> int:
         return self.forwards_per_query * self.n_queries * len(self.blocks())
 
+    @property
+    def extra_values_per_step(self) -> int:
+        """Optimizer-specific floats a step records (``StepRecord.extra["values"]``, in the trajectory)
+        for its replay: none but for rules that need more than the projected gradients (HiZOO)."""
+        return 0
+
     def blocks(self) -> list[list[int]]:
         """Block-wise: positions (in ``trainable()`` order) of each param group's trainable
         parameters; otherwise one block holding everything."""

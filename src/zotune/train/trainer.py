@@ -308,7 +308,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     if zo and run is not None:
         trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
                                       opt.n_queries * len(opt.blocks()), len(opt.param_groups),
-                                      keep=resumed.trajectory_records if resumed else None)
+                                      keep=resumed.trajectory_records if resumed else None,
+                                      n_extra=opt.extra_values_per_step)
     if resumed:  # after the trajectory header hashed the initial weights
         resumed.restore(session.named_trainable(), optimizers)
         log(f"resuming at step {progress.step} from {resumed.path}")

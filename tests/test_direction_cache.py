@@ -9,12 +9,12 @@ from zotune.config import load_config
 from zotune.errors import ConfigError
 from zotune.estimators.directions import DirectionSampler
 from zotune.estimators.perturb import Perturbation
-from zotune.optim import FZOO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
+from zotune.optim import FZOO, LOZO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zotune.optim.factory import build_optimizer
 
 from .conftest import counting_draws, tiny_llama
 
-FAMILY = [ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon, SparseMeZO, FZOO, HiZOO]
+FAMILY = [ZOSGD, ZOSGDSign, ZOSGDMomentum, ZOSGDConservative, ZOAdam, ForwardGrad, JaguarSignSGD, ZOMuon, SparseMeZO, FZOO, HiZOO, LOZO]
 
 
 def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from zotune.cli import main
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import FZOO, HiZOO, SparseMeZO
+from zotune.optim import FZOO, LOZO, HiZOO, SparseMeZO
 from zotune.train.trainer import run_train
 
 
@@ -110,6 +110,29 @@ def test_hizoo_preconditions_its_probes():
     assert abs(float(probe.std()) - 0.5e-3) < 0.05e-3
 
 
+# -- LOZO ---------------------------------------------------------------------------------------
+def test_lozo_perturbs_matrices_with_rank_r_within_a_lazily_refreshed_row_space():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 30)
+    x = torch.randn(8, 40)
+    opt = LOZO(layer.parameters(), lr=1e-3, eps=1e-3, seed=0, rank=3, refresh=2)
+    w0, directions = layer.weight.detach().clone(), []
+    for _ in range(4):
+        w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+        seen = []
+        opt.step(lambda: seen.append((layer.weight.detach().clone(), layer.bias.detach().clone())) or layer(x).pow(2).mean())
+        z = (seen[0][0] - w) / 1e-3
+        assert torch.linalg.matrix_rank(z, atol=1e-3 * float(z.abs().max())) == 3  # U V^T, rank 3
+        assert torch.linalg.matrix_rank((seen[0][1] - b).unsqueeze(0)) == 1 and (seen[0][1] != b).all()  # bias: dense z
+        directions.append(z)
+    def row_space(z):
+        return torch.linalg.svd(z, full_matrices=False).Vh[:3]
+    same = lambda a, b: float(torch.linalg.matrix_norm(row_space(a) @ row_space(b).T)) ** 2  # 3 when equal
+    assert abs(same(directions[0], directions[1]) - 3) < 1e-3 and abs(same(directions[2], directions[3]) - 3) < 1e-3
+    assert same(directions[1], directions[2]) < 2.5  # V redrawn after `refresh` steps
+    assert torch.linalg.matrix_rank(layer.weight.detach() - w0, atol=1e-6) <= 6  # two periods: within 2 x rank
+
+
 # -- every new method through the trainer and `zotune replay` ---------------------------------------
 @pytest.mark.parametrize("extra", [
     ["optimizer.name=SparseMeZO", "optimizer.options={sparsity: 0.8}", "optimizer.n_queries=2"],
@@ -118,7 +141,9 @@ def test_hizoo_preconditions_its_probes():
     ["optimizer.name=FZOO", "tuning.scheme=lora"],
     ["optimizer.name=HiZOO", "optimizer.n_queries=2", "optimizer.options={alpha: 0.1}"],
     ["optimizer.name=HiZOO", "tuning.scheme=lora", "optimizer.options={alpha: 0.1}"],
-], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora"])
+    ["optimizer.name=LOZO", "optimizer.n_queries=2", "optimizer.options={rank: 2, refresh: 2}"],
+    ["optimizer.name=LOZO", "tuning.scheme=lora"],
+], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora", "lozo-full", "lozo-lora"])
 def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
     run = tmp_path / "run"
     run_train(run_config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", *extra), run, log=lambda *_: None)

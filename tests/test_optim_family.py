@@ -9,7 +9,7 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import (FZOO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum,
+from zotune.optim import (FZOO, LOZO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum,
                           ZOSGDSign, newton_schulz)
 from zotune.optim.factory import build_optimizer
 
@@ -32,7 +32,7 @@ class Sparse20(SparseMeZO, register=False):
 
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
 FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ForwardGrad, 2e-3), (Jaguar30, 1e-2), (ZOMuon, 2e-2),
-          (Sparse20, 2e-3), (FZOO, 3e-3), (HiZOO, 2e-3)]
+          (Sparse20, 2e-3), (FZOO, 3e-3), (HiZOO, 2e-3), (LOZO, 2e-3)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
 
 
@@ -123,7 +123,7 @@ def test_adam_validation():
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
     for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon",
-                 "SparseMeZO", "FZOO", "HiZOO", "SGD", "AdamW"):
+                 "SparseMeZO", "FZOO", "HiZOO", "LOZO", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer

@@ -14,6 +14,7 @@ from .muon import ZOMuon
 from .sparse import SparseMeZO
 from .fzoo import FZOO
 from .hizoo import HiZOO
+from .lozo import LOZO
 from .newton_schulz import newton_schulz
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "HiZOO", "newton_schulz"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "HiZOO", "LOZO", "newton_schulz"]

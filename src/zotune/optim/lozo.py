@@ -1,0 +1,68 @@
+"""LOZO (Chen et al. 2025, "Enhancing zeroth-order fine-tuning for language models with low-rank
+structures"): low-rank perturbations of the weight matrices, their row space refreshed lazily."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+
+from ..estimators.directions import mix
+from .base import _check
+from .sgd import ZOSGD
+
+
+class LOZO(ZOSGD):
+    """ZO-SGD whose direction for a weight matrix ``W`` (m x n) is ``Z = U V^T / sqrt(r)``, of rank
+    ``r``: ``U`` (m x r) new with every direction, ``V`` (n x r) drawn once every ``refresh``
+    steps (LOZO's lazy sampling: the steps of a period move ``W`` within one row space). Entries
+    of ``Z`` have unit variance, as MeZO's ``z``, so the learning rates compare. Other parameters
+    (vectors: norms, biases) take MeZO's dense ``z``.
+
+        x <- x - lr * (1/q) sum_j g_j Z_j                             (plus weight decay)
+
+    ``U`` comes from the direction's key and ``V`` from (seed, parameter, period), so a replay
+    rebuilds both; nothing is stored but the two factors of the step's directions while it runs.
+    The update is ZO-SGD's, along these directions.
+
+    Args:
+        rank: ``r`` (LOZO: 2 to 8).
+        refresh: ``nu``, steps between two draws of ``V`` (LOZO: 50 to 100).
+        (the others as :class:`~zotune.optim.ZOSGD`.)
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
+                 distribution: str = "gaussian", weight_decay: float = 0.0, rank: int = 2, refresh: int = 50,
+                 **options):
+        _check(isinstance(rank, int) and rank >= 1, f"rank must be an int >= 1, got {rank!r}")
+        _check(isinstance(refresh, int) and refresh >= 1, f"refresh must be an int >= 1, got {refresh!r}")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
+                         weight_decay=weight_decay, **options)
+        self.rank, self.refresh = rank, refresh
+
+    def factor(self, key: int, rows: int, device: torch.device) -> torch.Tensor:
+        """A ``rows x rank`` Gaussian factor named by ``key`` (float32)."""
+        gen = torch.Generator().manual_seed(mix(key, 0x4C4F5A4F))
+        return torch.randn(rows, self.rank, generator=gen).to(device)
+
+    def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor] | None:
+        if p.dim() != 2 or min(p.shape) <= self.rank:
+            return None  # a vector (or a matrix no larger than the rank): dense z
+        m, n = p.shape
+        v = self.factor(mix(self.seed, index, self.steps_done // self.refresh), n, p.device) / math.sqrt(self.rank)
+        factors: dict[int, torch.Tensor] = {}
+        lock = threading.Lock()
+
+        def low_rank(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
+                     out: torch.Tensor) -> torch.Tensor:
+            with lock:
+                if key not in factors:
+                    factors[key] = self.factor(key, m, device)
+            u = factors[key]
+            first, last = start // n, (stop - 1) // n
+            block = (u[first : last + 1] @ v.T).view(-1)  # the rows the chunk overlaps
+            return out.copy_(block[start - first * n : stop - first * n])
+
+        return low_rank

@@ -4,6 +4,8 @@ test_direction_cache.py, replay through `zotune replay` below."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -150,3 +152,30 @@ def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_cs
     assert main(["replay", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
     trained, again = load_file(run / "weights.safetensors"), load_file(tmp_path / "again" / "weights.safetensors")
     assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+@pytest.mark.parametrize("extra", [
+    ("optimizer.name=HiZOO", "optimizer.options={alpha: 0.1}"),  # D: state to checkpoint
+    ("optimizer.name=LOZO", "optimizer.options={rank: 2, refresh: 3}"),  # V: a function of the step
+    ("optimizer.name=FZOO", "optimizer.n_queries=2"),
+    ("optimizer.name=SparseMeZO",),
+], ids=["hizoo", "lozo", "fzoo", "sparse"])
+def test_an_interrupted_run_resumes_bit_identically(tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, monkeypatch,
+                                                   extra):
+    from .test_resume import argv, assert_same_run, interrupt_in_process, reference
+
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    args = argv(tiny_model_dir, reviews_csv, tmp_path / "run", *extra)
+    interrupt_in_process(args, 7, monkeypatch, signal.SIGTERM)
+    assert main(args) == 0
+    assert_same_run(tmp_path / "run", ref)
+
+
+@pytest.mark.parametrize("name", ["FZOO", "HiZOO"])
+def test_block_wise_is_refused_in_one_line(name):
+    from zotune.optim.factory import forwards_per_step
+
+    cfg = load_config(None, [f"optimizer.name={name}", "optimizer.blockwise=true"]).optimizer
+    with pytest.raises(ConfigError, match=f"{name} does not offer block-wise ZO") as info:
+        forwards_per_step(cfg, 3)
+    assert "\n" not in str(info.value)

@@ -144,20 +144,20 @@ def test_blockwise_training_counts_forwards_per_block(tiny_model_dir, reviews_cs
 
 def test_hybrid_zo_fo_trains_both_parts(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
     """First layer + embeddings by ZOSGD, the rest by AdamW; backward never reaches the ZO part."""
-    from zotune.train import trainer
+    from zotune.train import stepper
 
     seen = {}
-    original = trainer._first_order_step
+    original = stepper.first_order_step
 
-    def spy(opt, model, scorer, batch, frozen=(), **kwargs):
+    def spy(opt, model, loss, batch, frozen=(), *args, **kwargs):
         before = {id(p): p.detach().clone() for p in model.parameters()}
-        value = original(opt, model, scorer, batch, frozen, **kwargs)
+        value = original(opt, model, loss, batch, frozen, *args, **kwargs)
         seen["zo_grads"] = [p.grad for p in frozen]
         seen["fo_moved"] = any(not torch.equal(p, before[id(p)]) for g in opt.param_groups for p in g["params"])
         seen["zo_untouched"] = all(torch.equal(p, before[id(p)]) for p in frozen)
         return value
 
-    monkeypatch.setattr(trainer, "_first_order_step", spy)
+    monkeypatch.setattr(stepper, "first_order_step", spy)
     cfg = config(tiny_model_dir, reviews_csv, "tuning.hybrid.zo_layers=1", "tuning.hybrid.fo_lr=1e-2",
                  "optimizer.lr=1e-3", "train.steps=2", "train.eval_every=0", "eval.zero_shot=false")
     summary = run_train(cfg, tmp_path / "run", log=lambda *_: None)

@@ -208,7 +208,8 @@ def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
     """Build, measure the baseline, run the steps, return the breakdown (bytes). Meant for a
     fresh process: the peak it reports is this process's."""
     from ..optim.registry import is_zeroth_order
-    from ..train.trainer import Session, _first_order_step
+    from ..train.stepper import make_step
+    from ..train.trainer import Session
 
     t0 = time.perf_counter()
     session = Session.build(cell_config(cfg, cell), log=lambda *_: None, with_data=False)
@@ -220,6 +221,8 @@ def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
     if cell.optimizer != INFERENCE:
         opt, fo_opt, zo_params = session.optimizers(log=lambda *_: None)
         optimizers = [o for o in (opt, fo_opt) if o is not None]
+        take_step = make_step(opt, fo_opt, zo_params, model=model, loss=LMLoss.loss,
+                              zeroth_order=is_zeroth_order(cell.optimizer))  # the trainer's steps
 
     meter = CudaMeter() if cell.device.startswith("cuda") else RssMeter()
     make_resident(model)
@@ -230,12 +233,8 @@ def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
         if cell.optimizer == INFERENCE:
             with torch.no_grad():
                 LMLoss.loss(model, batch)
-        elif is_zeroth_order(cell.optimizer):
-            opt.step(lambda: LMLoss.loss(model, batch))
-            if fo_opt is not None:  # hybrid ZO-FO, as in the trainer
-                _first_order_step(fo_opt, model, LMLoss, batch, frozen=zo_params)
         else:
-            _first_order_step(opt, model, LMLoss, batch)
+            take_step(batch)
     peak = meter.peak()
 
     params = optimizer_params(optimizers)

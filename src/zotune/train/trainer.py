@@ -45,6 +45,7 @@ from .plots import plot_training
 from .rundir import RunDir
 from .schedule import Schedule
 from .scoring import Scorer, make_scorer
+from .stepper import make_step
 from .weights import FILENAME as WEIGHTS
 from .weights import load_weights, named_trainable, save_weights
 
@@ -326,6 +327,9 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     train_model = data_parallel(model, ddp_bytes) if exchange and not zo else probe  # FO: torch's DDP
     if exchange and zo:
         opt.loss_reducer = exchange
+    take_step = make_step(opt, fo_opt, zo_params, model=model, loss=scorer.loss, zeroth_order=zo, probe=probe,
+                          objective=objective, fo_model=train_model, record=trajectory.append if trajectory is not None else None,
+                          reduce=exchange.reduce if exchange else None, dropout=dropout)
     steps_here = 0
     progress.start_clock()
     interactive = sys.stderr.isatty() and world.is_main
@@ -344,18 +348,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
             batch = scorer.encode([train[i] for i in indices])
             schedule.set(step)
             with _out_of_memory_reported(batch):
-                if zo:
-                    loss = float(opt.step(lambda: objective(probe, batch)))
-                    progress.forwards += opt.forwards_per_step
-                    if trajectory is not None:
-                        trajectory.append(opt.last_record)
-                    if fo_opt is not None:  # hybrid: then the upper part by backward, the ZO part frozen
-                        _first_order_step(fo_opt, model, scorer, batch, frozen=zo_params, dropout=dropout)
-                        progress.forwards += 1
-                else:
-                    loss = _first_order_step(opt, train_model, scorer, batch, reduce=exchange.reduce if exchange else None,
-                                             dropout=dropout)
-                    progress.forwards += 1
+                loss, forwards = take_step(batch)
+                progress.forwards += forwards
             steps_here += 1
             non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
             if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
@@ -509,34 +503,3 @@ def _out_of_memory_reported(batch) -> Iterator[None]:
         n, length = batch.input_ids.shape
         raise TrainingError(f"out of memory on a batch of {n} sequences x {length} tokens: lower train.batch_size "
                             "or train.max_length") from None
-
-
-def _first_order_step(
-    opt: torch.optim.Optimizer, model, scorer: Scorer, batch, frozen: list[torch.nn.Parameter] = (),
-    reduce: Callable[[list[float]], list[float]] | None = None, dropout: bool = False,
-) -> float:
-    """Forward, backward, step. ``frozen`` parameters (hybrid ZO-FO's ZO part) do not require
-    grad meanwhile, so autograd keeps no activations below the first FO layer. ``reduce``
-    (several processes, ``model`` under DDP): the global batch's loss, so that every rank takes
-    the same decision to skip a non-finite step before DDP's backward. ``dropout``: the model in
-    training mode for this step (its own dropout, drawn from the checkpointed torch RNG), evaluation
-    mode again after it."""
-    for p in frozen:
-        p.requires_grad_(False)
-    if dropout:
-        model.train()
-    try:
-        opt.zero_grad(set_to_none=True)
-        loss = scorer.loss(model, batch)
-        value = float(loss.detach())
-        if reduce is not None:
-            value = reduce([value])[0]
-        if not math.isfinite(value):  # skip, as the ZO optimizers do
-            return value
-        loss.backward()
-        opt.step()
-        return value
-    finally:
-        model.eval()
-        for p in frozen:
-            p.requires_grad_(True)

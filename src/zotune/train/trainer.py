@@ -278,178 +278,210 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     with world.main_first(), _muted(not world.is_main):
         run = RunDir(out, overwrite, cfg.to_dict()) if world.is_main else None
         session = Session.build(cfg, log, world=world)
-        opt, fo_opt, zo_params = session.optimizers(log)  # first: a bad precision setup fails before any eval
-        _check_optimizer_world(cfg, world, opt, session)
+        optimizers = session.optimizers(log)  # first: a bad precision setup fails before any eval
+        _check_optimizer_world(cfg, world, optimizers[0], session)
         if run is not None:
             run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
-    model, scorer, tcfg = session.model, session.scorer, cfg.train
-    metric = session.data.spec.metric
-    test = session.test_examples()
-    optimizers = {"optimizer": opt, "fo_optimizer": fo_opt}
-    schedule = Schedule([o for o in (opt, fo_opt) if o is not None], tcfg.lr_schedule, tcfg.steps, tcfg.warmup_steps)
-    checkpoints = Checkpoints(Path(out) / "checkpoints", tcfg.checkpoint_every, log)
-    resumed = _resume_point(world, run, checkpoints)
-    progress = resumed.progress if resumed else Progress()
-    if run is not None:
-        run.keep_records("metrics.jsonl", progress.step)
-    if cfg.eval.zero_shot and progress.zero_shot is None:
-        before = session.evaluate(test, "zero-shot eval")
+    training = Training(cfg, session, run, Path(out), world, log, *optimizers)
+    training.start()
+    training.loop()
+    return training.finish(t_start)
+
+
+class Training:
+    """One run of :func:`run_train` after its set-up: ``start`` (resume point, zero-shot evaluation,
+    trajectory, the step), ``loop`` (steps, evaluations, logs, checkpoints), ``finish`` (weights,
+    best-on-dev, final evaluation, summary, plot)."""
+
+    def __init__(self, cfg: Config, session: Session, run: RunDir | None, out: Path, world: World, log,
+                 opt: torch.optim.Optimizer, fo_opt: torch.optim.Optimizer | None, zo_params: list):
+        self.cfg, self.session, self.run, self.out, self.world, self.log = cfg, session, run, out, world, log
+        self.opt, self.fo_opt, self.zo_params = opt, fo_opt, zo_params
+        self.tcfg, self.metric = cfg.train, session.data.spec.metric
+        self.zo = is_zeroth_order(cfg.optimizer.name)
+        self.test = session.test_examples()
+        self.optimizers = {"optimizer": opt, "fo_optimizer": fo_opt}
+        self.schedule = Schedule([o for o in (opt, fo_opt) if o is not None], self.tcfg.lr_schedule, self.tcfg.steps,
+                                 self.tcfg.warmup_steps)
+        self.checkpoints = Checkpoints(out / "checkpoints", self.tcfg.checkpoint_every, log)
+        self.trajectory: TrajectoryWriter | None = None
+        self.exchange = LossExchange(world, self.tcfg.parallel) if world.distributed else None
+        self.ddp_bytes = {"bytes": 0}
+        self.steps_here = 0
+
+    def start(self) -> None:
+        """The resume point or a fresh start (zero-shot evaluation), the trajectory, the step."""
+        cfg, session, run, tcfg, opt = self.cfg, self.session, self.run, self.tcfg, self.opt
+        resumed = _resume_point(self.world, run, self.checkpoints)
+        self.progress = progress = resumed.progress if resumed else Progress()
         if run is not None:
-            before.write_predictions(run.file("predictions_zero_shot.jsonl"))
-        progress.zero_shot = before.metrics
-    if progress.zero_shot:
-        log(f"zero-shot {metric}: {progress.zero_shot[metric]:.4f}")
+            run.keep_records("metrics.jsonl", progress.step)
+        if cfg.eval.zero_shot and progress.zero_shot is None:
+            before = session.evaluate(self.test, "zero-shot eval")
+            if run is not None:
+                before.write_predictions(run.file("predictions_zero_shot.jsonl"))
+            progress.zero_shot = before.metrics
+        if progress.zero_shot:
+            self.log(f"zero-shot {self.metric}: {progress.zero_shot[self.metric]:.4f}")
+        lr, eps = self.hparams = run_hparams(cfg)
+        self.log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if self.zo else "")
+                 + f", {tcfg.steps} steps of batch {tcfg.batch_size}"
+                 + (f" on {self.world.size} processes ({tcfg.parallel} parallel)" if self.world.distributed else ""))
+        if self.zo and run is not None:
+            self.trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
+                                               opt.n_queries * len(opt.blocks()), len(opt.param_groups),
+                                               keep=resumed.trajectory_records if resumed else None,
+                                               n_extra=opt.extra_values_per_step)
+        if resumed:  # after the trajectory header hashed the initial weights
+            resumed.restore(session.named_trainable(), self.optimizers)
+            self.log(f"resuming at step {progress.step} from {resumed.path}")
+        session.compare_params(f"at step {progress.step}")  # several processes: the same start everywhere
+        self.probe = session.probe_model(self.log)
+        exchange = self.exchange
+        if exchange and self.zo:
+            opt.loss_reducer = exchange
+        objective = session.scorer.loss
+        if tcfg.objective != "loss":  # MeZO 3.4: minus the batch metric, a non-differentiable objective
+            objective = lambda model, batch: session.scorer.objective(model, batch, tcfg.objective)  # noqa: E731
+        fo_model = data_parallel(session.model, self.ddp_bytes) if exchange and not self.zo else self.probe  # FO: DDP
+        self.take_step = make_step(opt, self.fo_opt, self.zo_params, model=session.model, loss=session.scorer.loss,
+                                   zeroth_order=self.zo, probe=self.probe, objective=objective, fo_model=fo_model,
+                                   record=self.trajectory.append if self.trajectory is not None else None,
+                                   reduce=exchange.reduce if exchange else None,
+                                   dropout=tcfg.dropout == "model_default")  # first-order steps in training mode
 
-    zo = is_zeroth_order(cfg.optimizer.name)
-    dropout = tcfg.dropout == "model_default"  # first-order steps in training mode (ZO probes: dropout off)
-    lr, eps = run_hparams(cfg)
-    log(f"training {cfg.optimizer.name} ({cfg.tuning.scheme}): lr={lr:g}" + (f" eps={eps:g}" if zo else "") + f", {tcfg.steps} steps of batch {tcfg.batch_size}"
-        + (f" on {world.size} processes ({tcfg.parallel} parallel)" if world.distributed else ""))
-    trajectory = None
-    if zo and run is not None:
-        trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
-                                      opt.n_queries * len(opt.blocks()), len(opt.param_groups),
-                                      keep=resumed.trajectory_records if resumed else None,
-                                      n_extra=opt.extra_values_per_step)
-    if resumed:  # after the trajectory header hashed the initial weights
-        resumed.restore(session.named_trainable(), optimizers)
-        log(f"resuming at step {progress.step} from {resumed.path}")
-    session.compare_params(f"at step {progress.step}")  # several processes: the same start everywhere
-
-    train = session.data.train
-    if tcfg.objective == "loss":
-        objective = scorer.loss
-    else:  # MeZO 3.4: minus the batch metric, a non-differentiable objective
-        objective = lambda model, batch: scorer.objective(model, batch, tcfg.objective)  # noqa: E731
-    exchange = LossExchange(world, tcfg.parallel) if world.distributed else None
-    ddp_bytes = {"bytes": 0}
-    probe = session.probe_model(log)
-    train_model = data_parallel(model, ddp_bytes) if exchange and not zo else probe  # FO: torch's DDP
-    if exchange and zo:
-        opt.loss_reducer = exchange
-    take_step = make_step(opt, fo_opt, zo_params, model=model, loss=scorer.loss, zeroth_order=zo, probe=probe,
-                          objective=objective, fo_model=train_model, record=trajectory.append if trajectory is not None else None,
-                          reduce=exchange.reduce if exchange else None, dropout=dropout)
-    steps_here = 0
-    progress.start_clock()
-    interactive = sys.stderr.isatty() and world.is_main
-    bar = tqdm(range(progress.step, tcfg.steps), desc="train", unit="step", disable=not interactive,
-               initial=progress.step, total=tcfg.steps)
-    every = max(1, tcfg.steps // 10)  # without a terminal: a plain progress line per tenth
-    with stop_on_signal() as stop:
-        if exchange:  # every exchange also carries the stop request: all ranks stop after the same step
-            exchange.stop = lambda: stop.signal is not None
-        for step in bar:
-            indices = batch_indices(step, tcfg.batch_size, len(train), cfg.seed)
-            if exchange:
-                if tcfg.parallel == "data":  # this rank's shard of the global batch
-                    indices = world.shard(indices)
-                exchange.begin(step + 1, len(indices))
-            batch = scorer.encode([train[i] for i in indices])
-            schedule.set(step)
-            with _out_of_memory_reported(batch):
-                loss, forwards = take_step(batch)
+    def loop(self) -> None:
+        """Every step from the resume point; a signal stops it after a step, with a checkpoint."""
+        tcfg, progress, exchange = self.tcfg, self.progress, self.exchange
+        train = self.session.data.train
+        progress.start_clock()
+        self.interactive = sys.stderr.isatty() and self.world.is_main
+        bar = tqdm(range(progress.step, tcfg.steps), desc="train", unit="step", disable=not self.interactive,
+                   initial=progress.step, total=tcfg.steps)
+        with stop_on_signal() as stop:
+            if exchange:  # every exchange also carries the stop request: all ranks stop after the same step
+                exchange.stop = lambda: stop.signal is not None
+            for step in bar:
+                indices = batch_indices(step, tcfg.batch_size, len(train), self.cfg.seed)
+                if exchange:
+                    if tcfg.parallel == "data":  # this rank's shard of the global batch
+                        indices = self.world.shard(indices)
+                    exchange.begin(step + 1, len(indices))
+                batch = self.session.scorer.encode([train[i] for i in indices])
+                self.schedule.set(step)
+                with _out_of_memory_reported(batch):
+                    loss, forwards = self.take_step(batch)
                 progress.forwards += forwards
-            steps_here += 1
-            non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
-            if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
-                raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {step + 2 - non_finite}"
-                                    f"-{step + 1}; each was skipped, the weights are those before them): lower "
-                                    "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
-            progress.step = step + 1
-            progress.losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
-            record: dict[str, Any] = {}
-            t_eval = time.perf_counter()
-            if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
-                dev = session.evaluate(session.data.dev, "dev eval")
-                session.compare_params(f"after step {step + 1}")
-                record["dev"] = dev.metrics
-                if tcfg.keep_best and run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
-                    save_weights(run.file(BEST_WEIGHTS), session.named_trainable())
-                progress.dev.append((step + 1, dev.metrics[metric]))
-            if tcfg.test_every and (step + 1) % tcfg.test_every == 0 and step + 1 < tcfg.steps:
-                record["test"] = session.evaluate(test, "test eval").metrics  # the final one follows the loop
-            progress.eval_s += time.perf_counter() - t_eval
-            if run is not None and (record or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
-                record = {
-                    "step": step + 1,
-                    "loss": loss,
-                    "forward_passes": progress.forwards,
-                    "wall_s": round(progress.elapsed(), 3),
-                    "eval_s": round(progress.eval_s, 3),
-                    "lr": opt.param_groups[0]["lr"],
-                    **({"projected_grad": opt.last_record.projected_grads, "skipped_steps": opt.skipped_steps} if zo else {}),
-                    **record,
-                }
-                run.append_jsonl("metrics.jsonl", record)
-            if not interactive and ((step + 1) % every == 0 or step + 1 == tcfg.steps):
-                dev_note = f", dev {metric} {progress.dev[-1][1]:.3f}" if progress.dev and progress.dev[-1][0] == step + 1 else ""
-                log(f"step {step + 1}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
-                    f"{progress.elapsed() / (step + 1):.2f} s/step{dev_note}")
-            stopping = exchange.stop_agreed if exchange else stop.signal is not None
-            if stopping or checkpoints.due(step + 1):
-                path = checkpoints.save(progress, session.named_trainable(), optimizers, trajectory) if run else None
-                world.barrier()  # the other ranks wait for rank 0's write here, not in the next exchange
-                if stopping:
-                    bar.close()
-                    raise RunInterrupted(f"interrupted ({stop.signal or 'by another process'}) at step {step + 1}; "
-                                         f"checkpoint written to {path}; run the same command again to resume")
-    bar.close()
-    train_wall = progress.elapsed()
-    if trajectory is not None:
-        trajectory.close()
-    if run is not None:
-        save_weights(run.file(WEIGHTS), session.named_trainable())
-        if hasattr(model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
-            model.save_pretrained(run.file("adapter"), safe_serialization=True)
+                self.steps_here += 1
+                self.after_step(step + 1, loss)
+                bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
+                stopping = exchange.stop_agreed if exchange else stop.signal is not None
+                if stopping or self.checkpoints.due(step + 1):
+                    path = (self.checkpoints.save(progress, self.session.named_trainable(), self.optimizers, self.trajectory)
+                            if self.run else None)
+                    self.world.barrier()  # the other ranks wait for rank 0's write here, not in the next exchange
+                    if stopping:
+                        bar.close()
+                        raise RunInterrupted(f"interrupted ({stop.signal or 'by another process'}) at step {step + 1}; "
+                                             f"checkpoint written to {path}; run the same command again to resume")
+        bar.close()
+        self.train_wall = progress.elapsed()
 
-    best = None
-    if tcfg.keep_best and progress.dev:
-        best = max(progress.dev, key=lambda point: (point[1], -point[0]))  # the first of the best
-        load_weights(Path(out) / BEST_WEIGHTS, session.named_trainable())
-        log(f"best dev {metric}: {best[1]:.4f} at step {best[0]}; its weights are the final ones")
-    after = session.evaluate(test, "final eval")
-    digests = session.compare_params("at the end")
-    zero_shot = progress.zero_shot  # measured in this process or before a resume
-    summary = {
-        "eval": after.metrics,
-        **({"eval_zero_shot": zero_shot} if zero_shot else {}),
-        "steps": tcfg.steps,
-        "forward_passes": progress.forwards,
-        "skipped_steps": opt.skipped_steps if zo else 0,
-        "optimizer": cfg.optimizer.name,
-        "lr": lr,
-        **({"eps": eps} if zo else {}),
-        **({"best_step": best[0], f"best_dev_{metric}": best[1]} if best else {}),
-        **({"activation_cache_mb": round(probe.cache_bytes / 2**20, 3)} if isinstance(probe, FrozenPrefix) else {}),
-        "trainable_params": sum(p.numel() for _, p in session.named_trainable()),
-        "n_train": len(train),
-        "n_test": len(test),
-        "train_wall_s": round(train_wall, 2),
-        "s_per_step": round(train_wall / tcfg.steps, 4),
-        **peak_memory(),
-        "wall_s": round(time.perf_counter() - t_start, 2),
-    }
-    if exchange:
-        summary.update(world_size=world.size, parallel=tcfg.parallel, rank_param_sha256=digests,
-                       bytes_exchanged_per_step=round((exchange.bytes + ddp_bytes["bytes"]) / max(steps_here, 1), 1))
-    if run is None:
+    def after_step(self, done: int, loss: float) -> None:
+        """The step's bookkeeping: the NaN guard, dev and test evaluations, metrics.jsonl, a progress line."""
+        tcfg, progress, session, metric = self.tcfg, self.progress, self.session, self.metric
+        non_finite = progress.non_finite = 0 if math.isfinite(loss) else progress.non_finite + 1
+        if tcfg.max_skipped_in_a_row and non_finite >= tcfg.max_skipped_in_a_row:
+            raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {done + 1 - non_finite}"
+                                f"-{done}; each was skipped, the weights are those before them): lower "
+                                "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
+        progress.step = done
+        progress.losses.append(loss)
+        record: dict[str, Any] = {}
+        t_eval = time.perf_counter()
+        if tcfg.eval_every and done % tcfg.eval_every == 0:
+            dev = session.evaluate(session.data.dev, "dev eval")
+            session.compare_params(f"after step {done}")
+            record["dev"] = dev.metrics
+            if tcfg.keep_best and self.run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
+                save_weights(self.run.file(BEST_WEIGHTS), session.named_trainable())
+            progress.dev.append((done, dev.metrics[metric]))
+        if tcfg.test_every and done % tcfg.test_every == 0 and done < tcfg.steps:
+            record["test"] = session.evaluate(self.test, "test eval").metrics  # the final one follows the loop
+        progress.eval_s += time.perf_counter() - t_eval
+        if self.run is not None and (record or done % tcfg.log_every == 0 or done == tcfg.steps):
+            zo = {"projected_grad": self.opt.last_record.projected_grads, "skipped_steps": self.opt.skipped_steps} if self.zo else {}
+            self.run.append_jsonl("metrics.jsonl", {
+                "step": done, "loss": loss, "forward_passes": progress.forwards, "wall_s": round(progress.elapsed(), 3),
+                "eval_s": round(progress.eval_s, 3), "lr": self.opt.param_groups[0]["lr"], **zo, **record,
+            })
+        if not self.interactive and (done % max(1, tcfg.steps // 10) == 0 or done == tcfg.steps):  # a line per tenth
+            dev_note = f", dev {metric} {progress.dev[-1][1]:.3f}" if progress.dev and progress.dev[-1][0] == done else ""
+            self.log(f"step {done}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
+                     f"{progress.elapsed() / done:.2f} s/step{dev_note}")
+
+    def finish(self, t_start: float) -> dict[str, Any]:
+        """Final weights (the best on dev with keep_best), the final evaluation, summary.json and the plot."""
+        cfg, tcfg, session, run, progress, metric = self.cfg, self.tcfg, self.session, self.run, self.progress, self.metric
+        if self.trajectory is not None:
+            self.trajectory.close()
+        if run is not None:
+            save_weights(run.file(WEIGHTS), session.named_trainable())
+            if hasattr(session.model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
+                session.model.save_pretrained(run.file("adapter"), safe_serialization=True)
+        best = None
+        if tcfg.keep_best and progress.dev:
+            best = max(progress.dev, key=lambda point: (point[1], -point[0]))  # the first of the best
+            load_weights(self.out / BEST_WEIGHTS, session.named_trainable())
+            self.log(f"best dev {metric}: {best[1]:.4f} at step {best[0]}; its weights are the final ones")
+        after = session.evaluate(self.test, "final eval")
+        digests = session.compare_params("at the end")
+        zero_shot = progress.zero_shot  # measured in this process or before a resume
+        summary = self.summary(after, best, t_start)
+        if self.exchange:
+            summary.update(world_size=self.world.size, parallel=tcfg.parallel, rank_param_sha256=digests,
+                           bytes_exchanged_per_step=round((self.exchange.bytes + self.ddp_bytes["bytes"])
+                                                          / max(self.steps_here, 1), 1))
+        if run is None:
+            return summary
+        after.write_predictions(run.file("predictions.jsonl"))
+        run.write_json("summary.json", summary)
+        self.checkpoints.clear()  # finished: nothing left to resume
+        plot_training(
+            run.file("training.png"), list(range(1, tcfg.steps + 1)), progress.losses, progress.dev, metric,
+            zero_shot[metric] if zero_shot else None, after.metrics[metric],
+            f"{cfg.optimizer.name} on {session.data.spec.name} ({cfg.model.name}, {cfg.tuning.scheme})",
+        )
+        line = f"test {metric}: {after.metrics[metric]:.4f}"
+        if zero_shot:
+            line = f"test {metric}: zero-shot {zero_shot[metric]:.4f} -> after {cfg.optimizer.name} {after.metrics[metric]:.4f}"
+        self.log(line)
+        self.log(f"run directory: {run.path}")
         return summary
-    after.write_predictions(run.file("predictions.jsonl"))
-    run.write_json("summary.json", summary)
-    checkpoints.clear()  # finished: nothing left to resume
-    plot_training(
-        run.file("training.png"), list(range(1, tcfg.steps + 1)), progress.losses, progress.dev, metric,
-        zero_shot[metric] if zero_shot else None, after.metrics[metric],
-        f"{cfg.optimizer.name} on {session.data.spec.name} ({cfg.model.name}, {cfg.tuning.scheme})",
-    )
-    line = f"test {metric}: {after.metrics[metric]:.4f}"
-    if zero_shot:
-        line = f"test {metric}: zero-shot {zero_shot[metric]:.4f} -> after {cfg.optimizer.name} {after.metrics[metric]:.4f}"
-    log(line)
-    log(f"run directory: {run.path}")
-    return summary
+
+    def summary(self, after: EvalResult, best: tuple[int, float] | None, t_start: float) -> dict[str, Any]:
+        """summary.json's figures."""
+        cfg, tcfg, progress, metric = self.cfg, self.tcfg, self.progress, self.metric
+        lr, eps = self.hparams
+        return {
+            "eval": after.metrics,
+            **({"eval_zero_shot": progress.zero_shot} if progress.zero_shot else {}),
+            "steps": tcfg.steps,
+            "forward_passes": progress.forwards,
+            "skipped_steps": self.opt.skipped_steps if self.zo else 0,
+            "optimizer": cfg.optimizer.name,
+            "lr": lr,
+            **({"eps": eps} if self.zo else {}),
+            **({"best_step": best[0], f"best_dev_{metric}": best[1]} if best else {}),
+            **({"activation_cache_mb": round(self.probe.cache_bytes / 2**20, 3)} if isinstance(self.probe, FrozenPrefix) else {}),
+            "trainable_params": sum(p.numel() for _, p in self.session.named_trainable()),
+            "n_train": len(self.session.data.train),
+            "n_test": len(self.test),
+            "train_wall_s": round(self.train_wall, 2),
+            "s_per_step": round(self.train_wall / tcfg.steps, 4),
+            **peak_memory(),
+            "wall_s": round(time.perf_counter() - t_start, 2),
+        }
 
 
 def _quiet(*_: Any) -> None:

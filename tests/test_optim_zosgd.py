@@ -1,4 +1,4 @@
-"""Contract guarantees of ZOSGD (CONTRACT.md): exactness, determinism, state, faults, maths."""
+"""Contract guarantees of ZOSGD (docs/contract.md): exactness, determinism, state, faults, maths."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A benchmark grid: one YAML file -> validated cells, each an ordinary ``zotune train`` config.
 
-Format (CONTRACT.md, "Benchmark grid", extended by ``budget``, ``description``, ``memory_csv``)::
+Format (docs/contract.md, "Benchmark grid", extended by ``budget``, ``description``, ``memory_csv``)::
 
     description: one line for the report          # optional
     base: {task: {name: rotten_tomatoes}}           # a train config shared by every cell

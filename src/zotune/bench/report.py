@@ -209,7 +209,7 @@ GPU_MEMORY = ("peak_cuda_allocated_mb", "peak_cuda_reserved_mb")  # summary.json
 
 
 def write_csv(path: Path, grid: Grid, results: list[Result], root: Path) -> None:
-    """CONTRACT.md's columns (axes, status, run_dir, eval.*, forward_passes, peak_rss_mb, wall_s,
+    """The contract's columns (docs/contract.md: axes, status, run_dir, eval.*, forward_passes, peak_rss_mb, wall_s,
     error), then ``steps``, ``eval_zero_shot.*`` and, for cells run on CUDA, the GPU's peaks."""
     def metric_keys(section: str) -> list[str]:
         return list(dict.fromkeys(f"{section}.{m}" for r in results if r.ok for m in r.summary.get(section, {})))

@@ -4,7 +4,7 @@ Subclasses implement only :meth:`ZOOptimizer.update_param` (how one parameter mo
 the estimate); estimating, seeding, skipping non-finite steps, state_dict and the record of
 each step live here once.
 
-Guarantees (CONTRACT.md), in every dtype:
+Guarantees (the contract: docs/contract.md), in every dtype:
 
 * ``lr == 0``: parameters are not written at all, so they stay bit-identical;
 * the same seed, model and closures give bit-identical parameters (the step seed is

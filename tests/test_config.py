@@ -13,6 +13,7 @@ def test_defaults_without_a_file():
     expected = Config(version=CONFIG_VERSION)
     expected.optimizer.noise_table_mb = DEFAULT_NOISE_TABLE_MB  # the current version's fast path
     expected.tuning.lora.freeze_a = True  # and LoRA-FA under ZO
+    expected.optimizer.n_queries, expected.optimizer.distribution = 1, "gaussian"  # ZOSGD's own
     assert cfg == expected
     assert cfg.task == {"name": "rotten_tomatoes"}
     assert cfg.optimizer.name == "ZOSGD"

@@ -19,8 +19,10 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .estimators.directions import DEFAULT_CHUNK, TABLE_MIN_CHUNKS
 from .optim.registry import FIRST_ORDER, is_zeroth_order, optimizer_names, zo_class
 
+NOISE_TABLE_MIN_MB = TABLE_MIN_CHUNKS * DEFAULT_CHUNK * 4 / 2**20  # float32 values: 32 MB
 DEFAULT_TASK = "rotten_tomatoes"
 SCHEMES = ("full", "lora", "prefix", "prompt", "top")  # kept in sync with zotune.tuning.SCHEMES (tested)
 OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters
@@ -436,8 +438,9 @@ def validate(cfg: Config) -> None:
     _require(o.n_queries >= 1, "optimizer.n_queries", "must be >= 1", o.n_queries)
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", o.weight_decay)
     _require(o.direction_cache_mb >= 0, "optimizer.direction_cache_mb", "must be >= 0", o.direction_cache_mb)
-    _require(o.noise_table_mb == 0 or o.noise_table_mb >= 32, "optimizer.noise_table_mb",
-             "must be 0 (off) or >= 32 (8 chunks of 1M values)", o.noise_table_mb)
+    _require(o.noise_table_mb == 0 or o.noise_table_mb >= NOISE_TABLE_MIN_MB, "optimizer.noise_table_mb",
+             f"must be 0 (off) or >= {NOISE_TABLE_MIN_MB:g} ({TABLE_MIN_CHUNKS} chunks of {DEFAULT_CHUNK:,} values)",
+             o.noise_table_mb)
     _require(not (o.noise_table_mb and o.direction_cache_mb), "optimizer.noise_table_mb",
              "and optimizer.direction_cache_mb exclude each other (a table's windows need no cache)", o.noise_table_mb)
     _require(

@@ -69,3 +69,10 @@ def test_train_and_eval_from_the_command_line(tiny_model_dir, reviews_csv, tmp_p
     assert summary["steps"] == 2 and summary["forward_passes"] == 4
     again = zotune("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     assert_one_line_error(again, "already holds a run")
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`zotune tasks | head -1`: the reader stops early; zotune exits 0 without a traceback."""
+    proc = subprocess.run(f"{sys.executable} -m zotune tasks | head -1", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.startswith("task ") and "Traceback" not in proc.stderr and "Error" not in proc.stderr

@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _reports(err):
             print(f"zotune: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `zotune tasks | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 def _rank_prefix() -> str:
@@ -116,23 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"zotune {args.command} runs in one process: of the commands, only train runs under torchrun")
     if args.command == "tasks":
-        import textwrap
-
-        from .tasks import list_tasks
-
-        rows = list_tasks()
-        table = [("task", "type", "metric", "train / test", "source here")]
-        for r in rows:
-            sizes = f"{r['train']:,} / {r['test']:,}" if r["train"] is not None else "-"
-            table.append((r["name"], r["type"], r["metric"], sizes, r["source"]))
-        widths = [max(len(row[i]) for row in table) for i in range(4)]
-        for row in table:
-            print("  ".join(f"{c:>{w}}" if i == 3 and row is not table[0] else f"{c:<{w}}"
-                            for i, (c, w) in enumerate(zip(row[:4], widths))) + "  " + row[4])
-        print("\ntrain / test: example pools when the data is here (evaluation uses at most task.n_test = 1000 "
-              "of the test pool);\nuse one with task.name=NAME (any task.* key overrides it).\n")
-        for r in rows:
-            print(textwrap.fill(r["description"], width=100, initial_indent=f"{r['name']}: ", subsequent_indent="    "))
+        _print_tasks()
         return 0
 
     if args.command == "setup":
@@ -185,6 +172,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         run_eval(cfg, args.out, overwrite=args.overwrite, weights=args.weights)
     return 0
+
+
+def _print_tasks() -> None:
+    """``zotune tasks``: a table of the built-in tasks and where their data comes from here, then their descriptions."""
+    import textwrap
+
+    from .tasks import list_tasks
+
+    rows = list_tasks()
+    table = [("task", "type", "metric", "train / test", "source here")]
+    for r in rows:
+        sizes = f"{r['train']:,} / {r['test']:,}" if r["train"] is not None else "-"
+        table.append((r["name"], r["type"], r["metric"], sizes, r["source"]))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(f"{c:>{w}}" if i == 3 and row is not table[0] else f"{c:<{w}}"
+                        for i, (c, w) in enumerate(zip(row[:4], widths))) + "  " + row[4])
+    print("\ntrain / test: example pools when the data is here (evaluation uses at most task.n_test = 1000 "
+          "of the test pool);\nuse one with task.name=NAME (any task.* key overrides it).\n")
+    for r in rows:
+        print(textwrap.fill(r["description"], width=100, initial_indent=f"{r['name']}: ", subsequent_indent="    "))
 
 
 def _launch(args: argparse.Namespace, cfg) -> int:

@@ -405,20 +405,33 @@ def _type_name(typ: Any) -> str:
 
 # -- validation ----------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone do not express."""
-    from .models.loader import resolve_device, resolve_dtype
-
-    resolve_dtype(cfg.model.dtype)
-    _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.model.device)), "model.device",
-             "must be auto, cpu, mps, cuda or cuda:N", cfg.model.device)
-    _require(cfg.model.device_map is None or cfg.model.device == "auto", "model.device_map",
-             "places the model itself; leave model.device at auto", cfg.model.device_map)
-    resolve_device(cfg.model.device)  # cuda asked for, none seen: say so before loading anything
+    """Range and choice checks that types alone do not express, section by section."""
+    _validate_model(cfg.model)
     if cfg.tuning.scheme not in SCHEMES:
         raise ConfigError(
             f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"
         )
     _validate_tuning(cfg.tuning)
+    _validate_hybrid(cfg)
+    _validate_optimizer(cfg.optimizer)
+    _validate_train(cfg)
+    _validate_eval(cfg.eval)
+    if not cfg.task:
+        raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    from .models.loader import resolve_device, resolve_dtype
+
+    resolve_dtype(m.dtype)
+    _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", m.device)), "model.device",
+             "must be auto, cpu, mps, cuda or cuda:N", m.device)
+    _require(m.device_map is None or m.device == "auto", "model.device_map",
+             "places the model itself; leave model.device at auto", m.device_map)
+    resolve_device(m.device)  # cuda asked for, none seen: say so before loading anything
+
+
+def _validate_hybrid(cfg: Config) -> None:
     hybrid = cfg.tuning.hybrid
     _require(hybrid.fo_optimizer in FIRST_ORDER, "tuning.hybrid.fo_optimizer",
              f"must be one of {', '.join(FIRST_ORDER)}", hybrid.fo_optimizer)
@@ -427,12 +440,14 @@ def validate(cfg: Config) -> None:
         _require(hybrid.zo_layers >= 0, "tuning.hybrid.zo_layers", "must be >= 0", hybrid.zo_layers)
         _require(is_zeroth_order(cfg.optimizer.name), "optimizer.name",
                  "must be a zeroth-order optimizer with tuning.hybrid", cfg.optimizer.name)
+
+
+def _validate_optimizer(o: OptimizerConfig) -> None:
     names = optimizer_names()
-    if cfg.optimizer.name not in names:
-        near = difflib.get_close_matches(cfg.optimizer.name, names, n=1)
+    if o.name not in names:
+        near = difflib.get_close_matches(o.name, names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else f"; choose one of {', '.join(names)}"
-        raise ConfigError(f"unknown optimizer.name {cfg.optimizer.name!r}{hint}")
-    o, t, e = cfg.optimizer, cfg.train, cfg.eval
+        raise ConfigError(f"unknown optimizer.name {o.name!r}{hint}")
     _require(o.lr is None or o.lr >= 0, "optimizer.lr", "must be >= 0", o.lr)
     _require(o.eps is None or o.eps > 0, "optimizer.eps", "must be > 0", o.eps)
     _require(o.n_queries >= 1, "optimizer.n_queries", "must be >= 1", o.n_queries)
@@ -443,40 +458,44 @@ def validate(cfg: Config) -> None:
              o.noise_table_mb)
     _require(not (o.noise_table_mb and o.direction_cache_mb), "optimizer.noise_table_mb",
              "and optimizer.direction_cache_mb exclude each other (a table's windows need no cache)", o.noise_table_mb)
-    _require(
-        o.distribution in ("gaussian", "rademacher"),
-        "optimizer.distribution", "must be gaussian or rademacher", o.distribution,
-    )
+    _require(o.distribution in ("gaussian", "rademacher"), "optimizer.distribution", "must be gaussian or rademacher",
+             o.distribution)
+
+
+def _validate_train(cfg: Config) -> None:
+    t, name = cfg.train, cfg.optimizer.name
+    zo = is_zeroth_order(name)
     _require(t.steps >= 1, "train.steps", "must be >= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
     _require(t.test_every >= 0, "train.test_every", "must be >= 0", t.test_every)
     _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _require(t.max_length >= 8, "train.max_length", "must be >= 8", t.max_length)
-    _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)
-    _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _require(t.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row", "must be >= 0", t.max_skipped_in_a_row)
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
     _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}", t.parallel)
-    _require(t.parallel == "data" or is_zeroth_order(o.name), "train.parallel",
-             f"must be 'data' for the first-order optimizer {o.name} (it has no probes to share)", t.parallel)
+    _require(t.parallel == "data" or zo, "train.parallel",
+             f"must be 'data' for the first-order optimizer {name} (it has no probes to share)", t.parallel)
     _require(t.lr_schedule in SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(SCHEDULES)}", t.lr_schedule)
     _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be >= 0 and below train.steps", t.warmup_steps)
     _require(not t.keep_best or t.eval_every > 0, "train.keep_best",
              "needs train.eval_every > 0 (the dev evaluations it picks from)", t.keep_best)
     _require(t.dropout in DROPOUT, "train.dropout", f"must be one of {', '.join(DROPOUT)}", t.dropout)
-    _require(t.dropout == "off" or not is_zeroth_order(o.name) or cfg.tuning.hybrid.zo_layers is not None,
-             "train.dropout", f"must be 'off' for the zeroth-order optimizer {o.name} (its probes run with dropout "
+    _require(t.dropout == "off" or not zo or cfg.tuning.hybrid.zo_layers is not None,
+             "train.dropout", f"must be 'off' for the zeroth-order optimizer {name} (its probes run with dropout "
              "off, as in MeZO; model_default is for first-order steps)", t.dropout)
     _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}", t.objective)
-    _require(t.objective == "loss" or is_zeroth_order(o.name), "train.objective",
-             f"must be 'loss' for the first-order optimizer {o.name} (a metric has no gradient; "
+    _require(t.objective == "loss" or zo, "train.objective",
+             f"must be 'loss' for the first-order optimizer {name} (a metric has no gradient; "
              "use a zeroth-order optimizer)", t.objective)
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    _require(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be >= 1", e.max_examples)
+    _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _require(e.baseline in BASELINES, "eval.baseline", f"must be one of {', '.join(BASELINES)}", e.baseline)
     _require(e.icl_shots >= 1, "eval.icl_shots", "must be >= 1", e.icl_shots)
     _require(e.max_length is None or e.max_length >= 8, "eval.max_length", "must be >= 8", e.max_length)
-    if not cfg.task:
-        raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
 
 
 def _validate_tuning(tc: TuningConfig) -> None:

@@ -144,7 +144,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @property
     def forwards_per_step(self) -> int:
-        return self.forwards_per_query * self.n_queries * len(self.blocks())
+        """The probes (``forwards_per_query`` per query and block), plus ``f(x)`` when the estimator measures it."""
+        return self.forwards_per_query * self.n_queries * len(self.blocks()) + int(getattr(self.estimator, "center", False))
 
     @property
     def extra_values_per_step(self) -> int:

@@ -35,18 +35,14 @@ class FZOO(ZOOptimizer):
     default_distribution = "rademacher"
     elementwise = True
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 8,
-                 distribution: str = "rademacher", weight_decay: float = 0.0, **options):
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = default_n_queries,
+                 distribution: str = default_distribution, weight_decay: float = 0.0, **options):
         _check(isinstance(n_queries, int) and n_queries >= 2,
                f"FZOO needs n_queries >= 2 (its step divides by the spread of the probes' losses), got {n_queries!r}")
         _check(not options.get("blockwise"), "FZOO does not offer block-wise ZO")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
                          weight_decay=weight_decay, **options)
         self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, one_sided=True)
-
-    @property
-    def forwards_per_step(self) -> int:
-        return self.n_queries + 1
 
     def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
         spread = statistics.stdev(estimate.projected_grads)  # sigma / eps

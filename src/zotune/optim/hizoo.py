@@ -49,10 +49,6 @@ class HiZOO(ZOOptimizer):
         self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, center=True)
 
     @property
-    def forwards_per_step(self) -> int:
-        return 2 * self.n_queries + 1
-
-    @property
     def extra_values_per_step(self) -> int:
         return self.n_queries
 

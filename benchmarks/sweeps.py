@@ -32,9 +32,12 @@ class Cell:
     dev: list[tuple[int, float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     summary: dict | None = None
+    marked_diverged: bool = False  # a row kept from the document, marked diverged there
 
     @property
     def diverged(self) -> bool:
+        if self.marked_diverged:
+            return True
         finite = [x for x in self.losses if math.isfinite(x)]
         return len(finite) < len(self.losses) or (bool(finite) and max(finite) > 10 * finite[0])
 
@@ -75,11 +78,33 @@ def _order(name: str) -> list:
     return key
 
 
-def table(sweep: Path) -> str:
+def kept_cells(section: str) -> list[Cell]:
+    """The cells of a table this script wrote (a ``### name`` section of the document), read back from
+    its rows: what a sweep's earlier cells, run on another machine, contribute to its table now."""
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    if not lines or "dev at steps" not in lines[0]:
+        return []
+    steps = [int(x) for x in lines[0].split("|")[2].replace("dev at steps", "").split("/")]
+    cells = []
+    for line in lines[1:]:
+        name, dev, _, test, loss, status = (part.strip() for part in line.strip().strip("|").split("|"))
+        cell = Cell(name, marked_diverged="diverged" in status)
+        cell.dev = [(step, float(v)) for step, v in zip(steps, dev.split(" / ")) if v.strip() != "-"]
+        cell.losses = [float(loss)] if loss != "-" else []
+        if "unfinished" not in status:
+            cell.summary = {"eval": {"accuracy": float(test)}} if test != "-" else {}
+        cells.append(cell)
+    return cells
+
+
+def table(sweep: Path, kept: list[Cell] = ()) -> str:
+    """The sweep's table: its cells under ``sweep/cells``, and the ``kept`` cells (from the document)
+    that have no directory here."""
     if not (sweep / "cells").is_dir():
         return f"### {sweep.name}\n\n(not run yet)\n"
-    paths = sorted((p for p in (sweep / "cells").iterdir() if p.is_dir()), key=lambda p: _order(p.name))
-    cells = [read_cell(p) for p in paths]
+    cells = [read_cell(p) for p in (sweep / "cells").iterdir() if p.is_dir()]
+    cells += [c for c in kept if c.name not in {local.name for local in cells}]
+    cells.sort(key=lambda c: _order(c.name))
     if not cells:
         return f"### {sweep.name}\n\n(no cells yet)\n"
     description = ""
@@ -115,15 +140,26 @@ def main() -> None:
                              "keeping the tables there of sweeps that have no directory here")
     args = parser.parse_args()
     root_names = sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir()) if args.root.is_dir() else []
-    tables = {n: table(args.root / n) for n in (args.sweeps or root_names)}
+    old = args.markdown.read_text() if args.markdown and args.markdown.is_file() else ""
+    sections = read_sections(old)
+    tables = {n: table(args.root / n, kept_cells(sections.get(n, ""))) for n in (args.sweeps or root_names)}
     print("\n".join(tables.values()))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        old = args.markdown.read_text() if args.markdown.is_file() else ""
         args.markdown.write_text(merge_tables(old, {n: t for n, t in tables.items() if n in root_names}))
 
 
 BEGIN, END = "<!-- sweep tables: benchmarks/sweeps.py --markdown -->", "<!-- end of sweep tables -->"
+
+
+def read_sections(document: str) -> dict[str, str]:
+    """The document's sweep tables (between BEGIN and END), by sweep name."""
+    body = document.partition(BEGIN)[2].partition(END)[0]
+    sections = {}
+    for chunk in body.split("\n### ")[1:]:
+        name = chunk.split(":", 1)[0].split("\n", 1)[0].strip()
+        sections[name] = "### " + chunk.strip() + "\n"
+    return sections
 
 
 def merge_tables(document: str, tables: dict[str, str]) -> str:
@@ -131,11 +167,8 @@ def merge_tables(document: str, tables: dict[str, str]) -> str:
     sweeps in ``tables`` replaced or added, the others kept as they were (run in an earlier session:
     run directories do not outlive a machine, the document does). Sections sorted by name."""
     head, found, rest = document.partition(BEGIN)
-    body, _, tail = rest.partition(END) if found else ("", "", "")
-    sections = {}
-    for chunk in body.split("\n### ")[1:]:
-        name = chunk.split(":", 1)[0].split("\n", 1)[0].strip()
-        sections[name] = "### " + chunk.strip() + "\n"
+    tail = rest.partition(END)[2] if found else ""
+    sections = read_sections(document)
     sections.update(tables)
     merged = "\n".join(sections[n] for n in sorted(sections))
     return f"{head.rstrip()}\n\n{BEGIN}\n\n{merged}\n{END}\n{tail.lstrip(chr(10)) if found else ''}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import DataError
 
@@ -28,22 +29,60 @@ def save_weights(path: Path, named: list[tuple[str, torch.Tensor]], metadata: di
     save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(path), metadata=metadata)
 
 
+# safetensors' dtype names (https://github.com/huggingface/safetensors: the format's header)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of ``path`` (name -> dtype, shape, data_offsets) and where its data starts."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read weights {path}: not a safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 @torch.no_grad()
 def load_weights(path: Path, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-    """Copy saved tensors into the named parameters; names, shapes and dtypes must match."""
-    try:
-        saved = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise DataError(f"cannot read weights {path}: {err}") from None
+    """Copy saved tensors into the named parameters; names, shapes and dtypes must match.
+
+    Each tensor's bytes are read straight into its parameter (through a one-tensor buffer for one
+    that is not a contiguous CPU tensor), so loading needs no second copy of the weights: a run with
+    ``train.keep_best`` ends by loading its best weights, at the memory of the model alone."""
+    header, start = read_header(path)
     params = dict(named)
-    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    missing, unexpected = sorted(params.keys() - header.keys()), sorted(header.keys() - params.keys())
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise DataError(f"weights {path} do not fit this model and scheme ({what}; "
-                        f"{len(saved)} tensors saved, {len(params)} trainable)")
+                        f"{len(header)} tensors saved, {len(params)} trainable)")
     for name, p in params.items():
-        t = saved[name]
-        if t.shape != p.shape or t.dtype != p.dtype:
-            raise DataError(f"weights {path}: {name} is {t.dtype} {tuple(t.shape)}, the model has "
+        info = header[name]
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+            raise DataError(f"cannot read weights {path}: {name}'s header entry is malformed")
+        dtype, shape = SAFETENSORS_DTYPES.get(info["dtype"]), tuple(info["shape"])
+        if dtype != p.dtype or shape != tuple(p.shape):
+            raise DataError(f"weights {path}: {name} is {info['dtype']} {shape}, the model has "
                             f"{p.dtype} {tuple(p.shape)}")
-        p.copy_(t)
+    with open(path, "rb") as f:
+        for name, p in params.items():
+            begin, end = header[name]["data_offsets"]
+            direct = p.device.type == "cpu" and p.is_contiguous()
+            target = p if direct else torch.empty(p.shape, dtype=p.dtype)
+            view = target.detach().reshape(-1).view(torch.uint8).numpy()
+            f.seek(start + begin)
+            if end - begin != view.nbytes or f.readinto(view) != view.nbytes:
+                raise DataError(f"weights {path}: {name} is truncated or malformed")
+            if not direct:
+                p.copy_(target)

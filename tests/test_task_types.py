@@ -306,3 +306,34 @@ def test_a_run_that_fails_on_its_data_leaves_out_reusable(tiny_model_dir, review
         run_eval(cfg_for(tiny_model_dir, *task_overrides(tmp_path / "missing.csv", task)), tmp_path / "ev", **QUIET)
     assert not (tmp_path / "ev" / "config.yaml").exists()
     assert run_eval(cfg_for(tiny_model_dir, *task_overrides(reviews_csv, task)), tmp_path / "ev", **QUIET)["n_test"] == 8
+
+
+def test_a_new_task_type_is_one_class(tmp_path, tiny):
+    """A type registered by subclassing alone is accepted by make_spec, read by load_task, sampled
+    per class and scored and evaluated, with nothing else edited (zotune.tasks.types)."""
+    from zotune.tasks.types import TASK_TYPES, Classification
+    from zotune.train.evaluate import evaluate
+
+    class YesNo(Classification):  # a verbalizer of its own: no `choices` key needed
+        name = "yes_no_for_test"
+        required = ("text_template",)
+
+        def validate(self, raw: dict) -> None:
+            raw.setdefault("choices", {"no": " no", "yes": " yes"})
+            super().validate(raw)
+
+    try:
+        with pytest.raises(ConfigError, match="task.type must be one of"):
+            make_spec({"type": "yes_or_no", "text_template": "{q}?", "path": "x.jsonl"})
+        path = write_jsonl(tmp_path / "yn.jsonl", [{"q": f"Is {i} even", "label": "yes" if i % 2 == 0 else "no"}
+                                                    for i in range(30)])
+        spec = make_spec({"type": "yes_no_for_test", "text_template": "{q}?", "path": str(path), "k_shot": 4})
+        assert spec.kind is TASK_TYPES["yes_no_for_test"] and spec.labels == ["no", "yes"]
+        data = load_task(spec, seed=0)
+        assert sorted(e.label for e in data.train) == ["no"] * 4 + ["yes"] * 4
+        model, tok = tiny
+        result = evaluate(model, make_scorer(tok, spec, 32, model), data.test, progress=False)
+        assert set(result.metrics) == {"accuracy", "macro_f1"}
+        assert {p["prediction"] for p in result.predictions} <= {"no", "yes"}
+    finally:
+        TASK_TYPES.pop("yes_no_for_test", None)

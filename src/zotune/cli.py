@@ -37,6 +37,7 @@ def _add_memory_parser(subs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``zotune`` argument parser: every subcommand and its options."""
     parser = argparse.ArgumentParser(
         prog="zotune",
         description="Fine-tune language models with zeroth-order (forward-pass-only) optimizers.",
@@ -80,6 +81,8 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``zotune`` command line ``argv`` (default: the process's) and return the exit status: a user error
+    prints one ``zotune: error:`` line (2), an interrupt one line (130); a closed stdout pipe exits 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -42,6 +42,9 @@ PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_
 
 @dataclass
 class ModelConfig:
+    """``model``: the model to load (``smollm2-135m``, a GGUF file, a local directory or a hub id), its dtype,
+    device and device map."""
+
     name: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "auto"  # auto (cuda when torch sees one, else cpu), cpu, cuda, cuda:N, mps
@@ -50,6 +53,9 @@ class ModelConfig:
 
 @dataclass
 class HybridConfig:
+    """``tuning.hybrid``: ZO-Bench's hybrid ZO-FO, the first ``zo_layers`` layers (and the embeddings) by the ZO
+    optimizer, the rest by ``fo_optimizer``."""
+
     zo_layers: int | None = None  # ZO-Bench hybrid: the first K layers (+ embeddings) by ZO, the rest by FO
     fo_optimizer: str = "AdamW"
     fo_lr: float | None = None  # None: the FO optimizer's default
@@ -57,6 +63,8 @@ class HybridConfig:
 
 @dataclass
 class LoraOptions:
+    """``tuning.lora``: LoRA's rank, alpha, dropout, target modules and whether A stays frozen (LoRA-FA)."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -68,18 +76,24 @@ class LoraOptions:
 
 @dataclass
 class PrefixOptions:
+    """``tuning.prefix``: prefix tuning's virtual tokens and how they are initialised."""
+
     num_virtual_tokens: int = 5
     init_from_real: bool = False  # MeZO: start from the keys/values of random real tokens
 
 
 @dataclass
 class PromptOptions:
+    """``tuning.prompt``: prompt tuning's virtual tokens and the text their embeddings start from."""
+
     num_virtual_tokens: int = 10
     init_text: str | None = None  # None: embeddings of random vocabulary tokens (ZO-Bench)
 
 
 @dataclass
 class TopOptions:
+    """``tuning.top``: how many top layers are tuned, whether the final norm is, and the frozen-prefix cache."""
+
     layers: int = 1  # the top K transformer layers are tuned (with the final norm)
     norm: bool = True  # the final norm too
     cache: bool = True  # training probes start from cached hidden states entering the lowest tuned layer
@@ -87,6 +101,9 @@ class TopOptions:
 
 @dataclass
 class TuningConfig:
+    """``tuning``: what is tuned (the scheme and each scheme's options), the adapters' dtype, the half-precision
+    check and hybrid ZO-FO."""
+
     scheme: str = "full"  # full | lora | prefix | prompt | top
     lora: LoraOptions = field(default_factory=LoraOptions)
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
@@ -99,6 +116,9 @@ class TuningConfig:
 
 @dataclass
 class OptimizerConfig:
+    """``optimizer``: the optimizer by name and its hyperparameters (None: the optimizer's or the config version's
+    default), class-specific ``options`` included."""
+
     name: str = "ZOSGD"
     lr: float | None = None  # None: the default for this optimizer and scheme
     eps: float | None = None
@@ -115,6 +135,9 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
+    """``train``: steps, batch size, evaluation, logging and checkpoint intervals, objective, lr schedule,
+    parallelism and dropout."""
+
     steps: int = 1000
     batch_size: int = 16
     eval_every: int = 0  # 0: evaluate on the dev set only at the end
@@ -133,6 +156,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """``eval``: the test evaluation (examples, batch size, zero-shot before training, length) and ``zotune eval``'s
+    baseline."""
+
     max_examples: int | None = None  # cap on test examples (None: all of the task's test set)
     batch_size: int = 16
     zero_shot: bool = True  # `zotune train` also evaluates before training
@@ -143,6 +169,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration: seed, the defaults' version, one section per part and a free-form ``task``."""
+
     seed: int = 0
     version: int | None = None  # the defaults' generation (CONFIG_VERSION); None: the current one
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +181,7 @@ class Config:
     task: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_TASK})
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain data (``dataclasses.asdict``)."""
         return dataclasses.asdict(self)
 
 
@@ -294,6 +323,8 @@ def _refining_default_task(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file (``{}`` for an empty one); a one-line ConfigError for a missing, non-UTF-8 or
+    malformed file, or one that holds no mapping."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -319,6 +350,8 @@ def _parse_value(text: str) -> Any:
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` of a nested mapping to ``value``, creating the sections on the way (ConfigError where one
+    is not a mapping)."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

@@ -83,10 +83,12 @@ class World:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether the run has several processes (collectives needed)."""
         return self.size > 1
 
     @contextlib.contextmanager
@@ -234,11 +236,14 @@ class LossExchange(LossReducer):
         self.step, self.weight = step, float(n_examples)
 
     def mine(self, n: int) -> list[bool]:
+        """``data``: every evaluation; ``queries``: evaluation ``k`` of ``n`` on rank ``k * size // n`` only."""
         if self.parallel == "data":
             return [True] * n
         return [k * self.world.size // n == self.world.rank for k in range(n)]
 
     def reduce(self, values: list[float]) -> list[float]:
+        """One float64 all_reduce of the values and the stop flag: the mean weighted by shard size (``data``) or the
+        sum (``queries``); updates ``stop_agreed``."""
         n = len(values)
         data = self.parallel == "data"
         payload = [self.weight * v for v in values] + [self.weight] if data else list(values)

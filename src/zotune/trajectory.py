@@ -38,6 +38,7 @@ FILENAME = "trajectory.bin"
 
 
 def record_size(n_values: int, n_groups: int, n_extra: int = 0) -> int:
+    """Bytes of one record: :data:`RECORD_HEAD` and 8 per float64 value."""
     return RECORD_HEAD.size + 8 * (n_values + n_groups + n_extra)
 
 
@@ -84,6 +85,7 @@ class TrajectoryWriter:
         self._file.seek(end)
 
     def append(self, record: StepRecord) -> None:
+        """Write one step's record and flush it; ValueError when its sizes differ from the header's."""
         if len(record.projected_grads) != self.n_values or len(record.lrs) != self.n_groups:
             raise ValueError(f"step {record.step}: {len(record.projected_grads)} projected gradients and "
                              f"{len(record.lrs)} lrs, the header says {self.n_values} and {self.n_groups}")
@@ -103,6 +105,7 @@ class TrajectoryWriter:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the file."""
         self._file.close()
 
 

@@ -59,6 +59,7 @@ class Budget:
     value: int | None = None
 
     def describe(self) -> str:
+        """The budget as a phrase of the report and the dry run (``Cells compare at ...``)."""
         if self.kind == "forward_passes":
             return (f"an equal forward-pass budget of {self.value} per cell (steps = {self.value} // forward "
                     "passes per step)")
@@ -67,16 +68,22 @@ class Budget:
         return "each cell's own train.steps (no budget given)"
 
     def short(self) -> str:
+        """The budget in a few words, for plot titles."""
         return {"forward_passes": f"{self.value} forward passes per cell", "steps": f"{self.value} steps per cell",
                 None: "steps as configured"}[self.kind]
 
 
 @dataclass(frozen=True)
 class Override:
+    """One rule of ``overrides``: ``set`` applies to a cell whose config has, at every key of ``when``, one of its
+    values."""
+
     when: dict[str, list[Any]]
     set: dict[str, Any]
 
     def matches(self, raw: dict[str, Any]) -> bool:
+        """Whether the config mapping ``raw`` (defaults filling the keys it lacks) has one of ``when``'s values at
+        each of its keys."""
         return all(lookup(raw, key) in values for key, values in self.when.items())
 
 
@@ -93,11 +100,16 @@ class Cell:
 
     @property
     def planned_forward_passes(self) -> int | None:
+        """Forward passes the cell should count: forward passes per step times ``train.steps`` (None:
+        block-wise)."""
         return None if self.forwards_per_step is None else self.forwards_per_step * self.cfg.train.steps
 
 
 @dataclass
 class Grid:
+    """A loaded grid: its file, description, axes and budget, the expanded cells (baseline cells last), the memory
+    CSV and the command line's overrides."""
+
     path: Path
     description: str
     axes: dict[str, list[Any]]

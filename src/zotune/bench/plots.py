@@ -89,6 +89,8 @@ def _legend(fig, ax) -> None:
 
 # -- the plots -----------------------------------------------------------------------------
 def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """Per column, the dev score (or the zero-shot and test scores) against forward passes above and the smoothed
+    training loss below, one line per row (seeds averaged); returns ``(file name, title)``."""
     layout = Layout.of(grid.axes, results)
     fig, axes = _panels(len(layout.col_keys), rows=2, height=3.6)
     for j, col in enumerate(layout.col_keys):
@@ -127,6 +129,8 @@ def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str,
 
 
 def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """The test score against peak RSS, one point per row and column (seeds averaged); returns ``(file name,
+    title)``."""
     layout = Layout.of(grid.axes, results)
     fig, axes = _panels(1)
     ax = axes[0][0]
@@ -146,6 +150,8 @@ def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[s
 
 
 def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """Per column, the test score (mean ± std over seeds) against the query budget ``optimizer.n_queries``, one line
+    per row; returns ``(file name, title)``."""
     layout = Layout.of(grid.axes, results, exclude=("optimizer.n_queries",))
     fig, axes = _panels(len(layout.col_keys))
     for j, col in enumerate(layout.col_keys):
@@ -172,6 +178,8 @@ def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[
 
 
 def alignment_gap(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """Per column, bars of the mean test score with and without task alignment (``task.align``) for each row;
+    returns ``(file name, title)``."""
     layout = Layout.of(grid.axes, results, exclude=("task.align",))
     fig, axes = _panels(len(layout.col_keys))
     width = 0.38

@@ -37,6 +37,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """Whether the cell finished (its summary was read)."""
         return self.summary is not None
 
     @cached_property
@@ -62,6 +63,7 @@ class Result:
 
     @property
     def score(self) -> float | None:
+        """The test score, ``eval.<metric>`` of the summary (None when the cell has none)."""
         return self.get(f"eval.{self.metric}")
 
     @cached_property
@@ -98,6 +100,8 @@ class Layout:
 
     @classmethod
     def of(cls, axes: dict[str, list], results: list[Result], exclude: tuple[str, ...] = ()) -> Layout:
+        """The layout of ``results`` over ``axes`` (the seed axis and ``exclude`` left out): the column axes among
+        ``COLUMN_AXES``, the others rows with the optimizer first, the results grouped by (row, column)."""
         keys = [k for k in axes if k != SEED_AXIS and k not in exclude]
         rows = sorted((k for k in keys if k not in COLUMN_AXES), key=lambda k: k != "optimizer.name")
         cols = [k for k in keys if k in COLUMN_AXES]
@@ -115,19 +119,25 @@ class Layout:
 
     @staticmethod
     def key(result: Result, axes: list[str]) -> tuple:
+        """A result's values on ``axes`` as JSON texts: its row or column key."""
         return tuple(json.dumps(result.cell.axes[k], sort_keys=True, default=str) for k in axes)
 
     def row_label(self, row: tuple) -> str:
+        """A row's label: the optimizer's name, then ``axis=value`` for the other row axes (``all cells`` when there
+        are none)."""
         parts = [value_label(json.loads(v)) if k == "optimizer.name" else f"{axis_label(k)}={value_label(json.loads(v))}"
                  for k, v in zip(self.rows, row)]
         return ", ".join(parts) or "all cells"
 
     def col_label(self, col: tuple) -> str:
+        """A column's label: its values joined by `` / ``, else the model, task and scheme every cell shares, else
+        ``all cells``."""
         return " / ".join(value_label(json.loads(v)) for v in col) or " / ".join(self.fixed.values()) or "all cells"
 
 
 # -- formatting ----------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean of ``values`` and their sample standard deviation (None for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -135,6 +145,8 @@ Format = Callable[[list[Result]], tuple[float | None, str]]  # a group -> (value
 
 
 def score_format(results: list[Result]) -> tuple[float | None, str]:
+    """A group's test scores as ``mean ± std`` (with ``k/n ok`` when some cells failed); compared by the mean,
+    rounded to 3 digits."""
     values = [r.score for r in results if r.score is not None]
     if not values:
         return None, "failed" if results else ""
@@ -146,6 +158,7 @@ def score_format(results: list[Result]) -> tuple[float | None, str]:
 
 
 def number_format(key: str, digits: int = 0) -> Format:
+    """A :data:`Format` of the summary number ``key``: the group's mean, rounded to ``digits``."""
     def fmt(results: list[Result]) -> tuple[float | None, str]:
         values = [v for r in results if (v := r.get(key)) is not None]
         if not values:
@@ -156,6 +169,8 @@ def number_format(key: str, digits: int = 0) -> Format:
 
 
 def forwards_format(results: list[Result]) -> tuple[float | None, str]:
+    """A group's forward passes and steps (the distinct values of its finished cells, ``/``-joined); never
+    compared."""
     ok = [r for r in results if r.ok]
     if not ok:
         return None, "failed" if results else ""
@@ -198,6 +213,7 @@ def zero_shot_row(layout: Layout) -> list[tuple[str, list[str]]]:
 
 # -- the files -----------------------------------------------------------------------------
 def csv_value(value: Any) -> str:
+    """A value as a CSV field: ``true``/``false`` for booleans, JSON for mappings and lists, empty for None."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
@@ -243,6 +259,8 @@ def write_report(grid: Grid, bench: BenchDir) -> Path:
 
 
 def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]) -> list[str]:
+    """The lines of ``report.md``: title, budget, the score table, the alignment gap, the memory, wall-time and
+    forward-pass tables, failed cells and plots."""
     layout = Layout.of(grid.axes, results)
     metrics = list(dict.fromkeys(r.metric for r in results))
     seeds = grid.axes.get(SEED_AXIS)

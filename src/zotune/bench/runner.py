@@ -64,12 +64,15 @@ class BenchDir:
         self.root = Path(root)
 
     def run_dir(self, cell: Cell) -> Path:
+        """The cell's run directory, ``cells/<cell>``."""
         return self.root / "cells" / cell.name
 
     def config(self, cell: Cell) -> Path:
+        """The cell's train config file, ``configs/<cell>.yaml``."""
         return self.root / "configs" / f"{cell.name}.yaml"
 
     def log(self, cell: Cell, suffix: str) -> Path:
+        """The cell's log file ``logs/<cell>.<suffix>`` (``out``, ``err`` or ``json``)."""
         return self.root / "logs" / f"{cell.name}.{suffix}"
 
     def outcome(self, cell: Cell) -> Outcome | None:
@@ -136,6 +139,8 @@ class Launcher:
         self.stopping = False
 
     def run(self, cmd: list[str], stdout: IO, stderr: IO) -> int:
+        """Run ``cmd`` in a session of its own and return its exit status; KeyboardInterrupt instead once the bench
+        is stopping."""
         with self.lock:
             if self.stopping:
                 raise KeyboardInterrupt
@@ -149,6 +154,7 @@ class Launcher:
                 self.running.discard(proc)
 
     def stop(self, log: Callable[[str], None]) -> None:
+        """Start no further process; send each running one SIGTERM and wait for it to exit."""
         with self.lock:
             self.stopping = True
             procs = list(self.running)
@@ -213,12 +219,15 @@ class Progress:
         self.bar = tqdm(total=total, desc="bench", unit="cell", dynamic_ncols=True) if interactive else None
 
     def started(self, cell: Cell) -> None:
+        """A cell starts: without a bar, one line ``[k/n] cell: N steps ...``."""
         with self.lock:
             self.begun += 1
             if self.bar is None:
                 self.log(f"[{self.begun}/{self.total}] {cell.name}: {cell.cfg.train.steps} steps ...")
 
     def finished(self, cell: Cell, outcome: Outcome, note: str = "") -> None:
+        """A cell ended: the bar moves on (a failure also gets a line), or one line with its outcome, the elapsed
+        time and an ETA."""
         with self.lock:
             self._finished(cell, outcome, note)
 
@@ -236,6 +245,7 @@ class Progress:
         self.log(f"[{self.done}/{self.total}] {cell.name}: {what} (elapsed {_duration(elapsed)}, ETA {_duration(eta)})")
 
     def close(self) -> None:
+        """Close the bar, if there is one."""
         if self.bar is not None:
             self.bar.close()
 

@@ -223,6 +223,8 @@ class DirectionSampler:
         return [(i, s, min(s + self.chunk_size, numel)) for i, s in enumerate(range(0, numel, self.chunk_size))]
 
     def chunks(self, numel: int, key: int, device: torch.device = _CPU) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, z)`` for every chunk of the ``numel``-element direction named ``key``, in order, on the
+        calling thread."""
         for index, start, stop in self._ranges(numel):
             yield start, stop, self._fill(key, index, stop - start, device)
 

@@ -373,6 +373,8 @@ class Tangents(Perturbation):
     in_place_numel = 0  # a dual's primal must stay the weight itself
 
     def materialize(self, p: torch.Tensor, terms: Terms) -> torch.Tensor:
+        """Forward-mode AD: the dual tensor ``(p, scale * z(key))`` of the single term (``p`` itself without
+        one)."""
         import torch.autograd.forward_ad as fwAD
 
         if not terms:

@@ -58,6 +58,7 @@ class SPSAEstimate:
 
     @property
     def finite(self) -> bool:
+        """Whether every probe's loss (and ``f(x)``, when measured) is finite."""
         center = self.center if self.center is not None else 0.0
         return math.isfinite(center) and all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
 

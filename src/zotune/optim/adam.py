@@ -44,6 +44,7 @@ class ZOAdam(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """ZO-Adam: the moments from ``grad_hat`` and the bias-corrected Adam step, chunk by chunk."""
         b1, b2 = group["betas"]
         m, v = self.buffer(state, "exp_avg", p).view(-1), self.buffer(state, "exp_avg_sq", p).view(-1)
         state["step"] = state.get("step", 0) + 1

@@ -140,6 +140,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @property
     def n_queries(self) -> int:
+        """Random directions per step (per block when block-wise)."""
         return self.estimator.n_queries
 
     @property
@@ -176,6 +177,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One ZO step: estimate the gradient from ``closure``'s losses, then update unless a loss is non-finite
+        (the step is skipped); sets ``last_record`` and returns the loss."""
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         step_seed = mix(self.seed, self.steps_done)
@@ -296,6 +299,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus ``zo``: the seed, the steps done and the steps skipped."""
         sd = super().state_dict()
         sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done, "skipped_steps": self.skipped_steps}
         return sd
@@ -321,6 +325,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 
 def no_closure() -> Any:
+    """The closure of a replayed step, which has none: raises RuntimeError."""
     raise RuntimeError("a replayed step has no closure: override replay_update to follow the record")
 
 

@@ -33,11 +33,14 @@ class ZOSGDConservative(ZOSGD):
 
     @property
     def forwards_per_step(self) -> int:
+        """ZO-SGD-Cons: the probes plus 3 (``x`` and both candidates)."""
         return super().forwards_per_step + 3  # the probes, then x and both candidates
 
     def update(
         self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> dict[str, Any]:
+        """ZO-SGD-Cons: the losses at ``x`` and both candidates, then the candidate with the lowest finite loss if
+        it beats ``x``; records ``accepted`` and the three losses."""
         candidates = {0: None, -1: estimate, 1: estimate.negated()}
         mine = self.loss_reducer.mine(len(candidates))
         values = [self._loss_at(closure, c, trainable) if m else 0.0 for c, m in zip(candidates.values(), mine)]

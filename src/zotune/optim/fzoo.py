@@ -45,6 +45,8 @@ class FZOO(ZOOptimizer):
         self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, one_sided=True)
 
     def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+        """FZOO: the step divided by the probes' spread (the standard deviation of the projected gradients); no move
+        when it is 0."""
         spread = statistics.stdev(estimate.projected_grads)  # sigma / eps
         if spread == 0:
             return

@@ -50,6 +50,7 @@ class HiZOO(ZOOptimizer):
 
     @property
     def extra_values_per_step(self) -> int:
+        """HiZOO: the q curvatures ``delta_j``."""
         return self.n_queries
 
     def hessian(self, p: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,7 @@ class HiZOO(ZOOptimizer):
         return state["hessian"]
 
     def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor]:
+        """HiZOO: ``z D^{-1/2}``, with the ``D`` the step starts from."""
         d = self.hessian(p)
 
         def preconditioned(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
@@ -69,11 +71,13 @@ class HiZOO(ZOOptimizer):
         return preconditioned
 
     def update(self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list) -> dict[str, Any]:
+        """HiZOO: the step and the Hessian update; the curvatures go into the record (``values``)."""
         curvatures = [plus + minus - 2 * estimate.center for plus, minus in estimate.losses]
         self._move(estimate, trainable, curvatures)
         return {"values": curvatures}
 
     def replay_update(self, estimate: SPSAEstimate, trainable: list, extra: dict[str, Any]) -> None:
+        """HiZOO: the same move, from the recorded curvatures."""
         self._move(estimate, trainable, list(extra["values"]))
 
     def _move(self, estimate: SPSAEstimate, trainable: list, curvatures: list[float]) -> None:

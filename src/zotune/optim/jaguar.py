@@ -60,6 +60,8 @@ class JaguarSignSGD(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """JAGUAR: ``sign(g) * tau`` into the memory at the step's coordinates, then the step along the whole memory
+        (its sign under ``variant="sign"``)."""
         memory = self.buffer(state, "memory", p).view(-1)
         for seed, g in estimate.terms(index):  # g / q: the sign is what counts
             value = math.copysign(self.eps, g) if g != 0 else 0.0  # sign(f+ - f-) * tau

@@ -48,6 +48,8 @@ class LOZO(ZOSGD):
         return torch.randn(rows, self.rank, generator=gen).to(device)
 
     def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor] | None:
+        """LOZO: ``U V^T / sqrt(r)`` (``V`` of the current period) for a matrix larger than the rank; None (dense z)
+        otherwise."""
         if p.dim() != 2 or min(p.shape) <= self.rank:
             return None  # a vector (or a matrix no larger than the rank): dense z
         m, n = p.shape

@@ -38,6 +38,7 @@ class ZOSGDMomentum(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """Heavy ball: ``m`` accumulated, then ``x <- x - lr * m``."""
         m = self.accumulate(p, index, estimate, group, state)
         self.decay(p, group)
         p.add_(m, alpha=-group["lr"])

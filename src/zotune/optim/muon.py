@@ -59,6 +59,8 @@ class ZOMuon(ZOSGDMomentum):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """ZO-Muon: ``lr * scale * NS(M)`` for a matrix of an orthogonalised group; the momentum step (at
+        ``plain_lr`` when given) for every other parameter."""
         m = self.accumulate(p, index, estimate, group, state)
         self.decay(p, group)
         if p.ndim != 2 or not group["orthogonalize"]:  # norms, biases, embeddings: momentum SGD

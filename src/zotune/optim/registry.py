@@ -29,6 +29,7 @@ def optimizer_names() -> list[str]:
 
 
 def is_zeroth_order(name: str) -> bool:
+    """Whether ``name`` is a registered zeroth-order optimizer."""
     return name in ZEROTH_ORDER
 
 

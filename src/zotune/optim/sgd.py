@@ -29,6 +29,7 @@ class ZOSGD(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """ZO-SGD: weight decay, then ``-lr * g_j * z_j`` for every direction, z streamed chunk by chunk."""
         lr = group["lr"]
         self.decay(p, group)
         flat = p.view(-1)

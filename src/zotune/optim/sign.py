@@ -22,6 +22,7 @@ class ZOSGDSign(ZOOptimizer):
     def update_param(
         self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
     ) -> None:
+        """ZO-SGD-Sign: weight decay, then ``-lr * sign(grad_hat)``, chunk by chunk."""
         flat = p.view(-1)
 
         def chunk(start: int, stop: int, g: torch.Tensor) -> None:

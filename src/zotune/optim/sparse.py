@@ -41,6 +41,7 @@ class SparseMeZO(ZOOptimizer):
         self.sparsity = float(sparsity)
 
     def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor]:
+        """Sparse-MeZO: ``z * mask``, the mask ``|x| <= threshold`` from the weights the step starts from."""
         flat, threshold = p.detach().view(-1), self.threshold(index, p)
 
         def masked(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
@@ -59,6 +60,7 @@ class SparseMeZO(ZOOptimizer):
         return float(torch.quantile(flat.abs().float(), 1.0 - self.sparsity))
 
     def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+        """Sparse-MeZO: ``-lr * grad_hat`` along the masked directions, chunk by chunk."""
         flat = p.view(-1)
 
         def chunk(start: int, stop: int, g: torch.Tensor) -> None:  # every direction summed, then one write

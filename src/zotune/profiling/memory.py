@@ -74,6 +74,7 @@ class Cell:
 
     @property
     def label(self) -> str:
+        """The cell's name in the log: ``inference`` or ``optimizer (scheme)``."""
         return INFERENCE if self.optimizer == INFERENCE else f"{self.optimizer} ({self.scheme})"
 
 
@@ -93,6 +94,7 @@ class RssMeter:
         return int(match.group(1)) * 1024 if match else None
 
     def current(self) -> int:
+        """The current resident set size, bytes (the peak where ``/proc`` is missing)."""
         rss = self._status("VmRSS")
         return rss if rss is not None else self._maxrss()
 
@@ -105,6 +107,7 @@ class RssMeter:
         return True
 
     def peak(self) -> int:
+        """The peak resident set size since the last reset, bytes."""
         hwm = self._status("VmHWM")
         return hwm if hwm is not None else self._maxrss()
 
@@ -122,15 +125,18 @@ class CudaMeter:
     name = "cuda"
 
     def current(self) -> int:
+        """Bytes torch has allocated on the device now."""
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
 
     def reset_peak(self) -> bool:
+        """Reset torch's peak allocation statistics; always True."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return True
 
     def peak(self) -> int:
+        """The most bytes torch has allocated on the device since the last reset."""
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
@@ -161,6 +167,7 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a shared tensor once)."""
     return tensor_bytes([*model.parameters(), *model.buffers()])
 
 
@@ -170,6 +177,7 @@ def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
 
 
 def optimizer_params(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """The distinct parameters that require grad in the optimizers' param groups."""
     unique = {id(p): p for opt in optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad}
     return list(unique.values())
 
@@ -180,6 +188,7 @@ class LMLoss:
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own loss on ``batch`` (the causal-LM loss of its ``labels``)."""
         return model(**batch).loss
 
 
@@ -191,6 +200,7 @@ def synthetic_batch(vocab_size: int, length: int, batch_size: int, device: str, 
 
 
 def check_length(length: int, limit: int | None, model_name: str) -> None:
+    """A ConfigError when ``length`` exceeds the model's ``limit`` positions (None: no limit known)."""
     if limit is not None and length > limit:
         raise ConfigError(f"sequence length {length} is beyond {model_name}'s {limit} positions")
 
@@ -313,6 +323,8 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def resolve_device(device: str) -> str:
+    """``--device``: ``auto`` is ``cuda`` when torch sees one, else ``cpu``; ``cuda`` must be available (ConfigError
+    otherwise)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -400,6 +412,7 @@ def _summary(row: dict[str, Any]) -> str:
 
 # -- outputs --------------------------------------------------------------------------------
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the rows to ``path`` under the :data:`COLUMNS` (a missing value empty)."""
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -68,20 +68,6 @@ def load_task(spec: TaskSpec, seed: int = 0, k_shot: int | None | EllipsisType =
     return TaskData(spec, train, dev, test[: spec.n_test])
 
 
-def _classes(spec: TaskSpec, pool: list[Example]) -> dict[str, list[Example]]:
-    """Examples by class: the label (classification), the gold position (multiple_choice with a
-    fixed number of candidates, as COPA), or one class holding everything (generation, and
-    multiple choice with varying candidates, as ReCoRD: ``k_shot`` examples in all)."""
-    if spec.type == "generation" or (spec.type == "multiple_choice" and len({len(e.candidates) for e in pool}) > 1):
-        return {"all": list(pool)}  # no classes (or ReCoRD-like varying candidates): k_shot in all
-    by_label: dict[str, list[Example]] = {label: [] for label in spec.labels}
-    for ex in pool:
-        by_label.setdefault(ex.label, []).append(ex)
-    if spec.type == "multiple_choice":
-        by_label = dict(sorted(by_label.items(), key=lambda kv: int(kv[0])))
-    return by_label
-
-
 def _random_split(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
     """n_train train + n_dev dev examples drawn at random from the pool, disjoint; a short pool warns."""
     n_dev = 500 if spec.n_dev is None else spec.n_dev
@@ -98,7 +84,7 @@ def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Exam
     (``split: random``: :func:`_random_split`)."""
     if spec.split == "random":
         return _random_split(spec, pool, seed)
-    by_label = _classes(spec, pool)
+    by_label = spec.kind.classes(spec, pool)
     rng = random.Random(seed)
     train: list[Example] = []
     dev: list[Example] = []
@@ -123,7 +109,7 @@ def _few_shot(spec: TaskSpec, pool: list[Example], seed: int) -> tuple[list[Exam
         train += items[:k]
         dev += items[k : k + n_dev]
     if short:
-        per = "per class " if spec.type != "generation" else ""
+        per = "per class " if len(by_label) > 1 else ""
         print(f"zotune: warning: task {spec.name!r} asks for {spec.k_shot} train + {k_dev} dev examples {per}"
               f"but has only {', '.join(short)}; using what there is (train first)", file=sys.stderr)
     rng.shuffle(train)
@@ -136,7 +122,7 @@ def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
     if not rows:
         raise DataError(f"task {spec.name!r}: {where} is empty (no data rows)")
     first = rows[0][1]
-    cand_cols = _candidate_columns(spec)
+    cand_cols = spec.kind.candidate_columns(spec)
     for col in (spec.label_column, *spec.columns, *cand_cols):
         if col not in first:
             kind = {spec.label_column: "label column"}.get(col, "candidates column" if col in cand_cols
@@ -150,57 +136,8 @@ def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
             raise DataError(f"task {spec.name!r}: {where} {loc}: no value for column {missing[0]!r}")
         fields = {str(k): "" if v is None else str(v) for k, v in row.items()
                   if k is not None and k != spec.label_column and k not in cand_cols}
-        value = row.get(spec.label_column)
-        at = f"task {spec.name!r}: {where} {loc}"
-        if spec.type == "classification":
-            label = value.strip() if isinstance(value, str) else str(value)
-            if label not in (spec.choices or {}):
-                raise DataError(f"{at}: label {label!r} is not in choices ({', '.join(map(repr, spec.labels))})")
-            out.append(Example(fields, label))
-        elif spec.type == "multiple_choice":
-            candidates = _candidates(row, cand_cols, at)
-            out.append(Example(fields, str(_gold_index(value, candidates, at)), candidates))
-        else:
-            answers = tuple(str(a) for a in (value if isinstance(value, list) else [value]) if a is not None)
-            if not answers or not all(a.strip() for a in answers):
-                raise DataError(f"{at}: no answer in column {spec.label_column!r}")
-            out.append(Example(fields, answers[0], answers=answers))
+        out.append(spec.kind.example(spec, fields, row, f"task {spec.name!r}: {where} {loc}"))
     return out
-
-
-def _candidate_columns(spec: TaskSpec) -> tuple[str, ...]:
-    if spec.type != "multiple_choice":
-        return ()
-    col = spec.candidates_column
-    return (col,) if isinstance(col, str) else tuple(col)
-
-
-def _candidates(row: dict, columns: tuple[str, ...], at: str) -> tuple[str, ...]:
-    """A multiple-choice example's candidates: one list-valued column, or one column each."""
-    if len(columns) == 1:
-        value = row.get(columns[0])
-        if not isinstance(value, list):
-            raise DataError(f"{at}: column {columns[0]!r} must hold a list of candidates "
-                            "(a JSON array; in CSV, name several columns in task.candidates_column)")
-        values = value
-    else:
-        values = [row.get(c) for c in columns]
-    candidates = tuple("" if v is None else str(v) for v in values)
-    if len(candidates) < 2 or not all(c.strip() for c in candidates):
-        raise DataError(f"{at}: needs at least two non-empty candidates, got {list(candidates)!r}")
-    return candidates
-
-
-def _gold_index(value, candidates: tuple[str, ...], at: str) -> int:
-    """The label as an index into the candidates: a 0-based index, or the gold candidate's text."""
-    text = str(value).strip() if value is not None else ""
-    if text in candidates:
-        return candidates.index(text)
-    if isinstance(value, int) and not isinstance(value, bool) or text.isdigit():
-        index = int(text)
-        if index < len(candidates):
-            return index
-    raise DataError(f"{at}: label {value!r} is neither a candidate nor an index below {len(candidates)}")
 
 
 def _read(spec: TaskSpec) -> tuple[Rows, str]:

@@ -24,11 +24,7 @@ SEPARATOR = "\n\n"
 
 def demonstration(spec: TaskSpec, ex: Example) -> str:
     """One solved example: its prompt followed by its gold continuation."""
-    if spec.type == "generation":
-        gold = spec.choice_template.format_map({**ex.fields, "choice": ex.label})
-    else:
-        gold = spec.continuations(ex)[spec.target(ex)]
-    return spec.render(ex.fields) + gold
+    return spec.render(ex.fields) + spec.continuations(ex)[spec.target(ex)]
 
 
 def icl_prefix(spec: TaskSpec, train: list[Example], shots: int, seed: int) -> str:
@@ -76,7 +72,7 @@ def linear_probe(model: torch.nn.Module, scorer: ChoiceScorer, train: list[Examp
                  batch_size: int) -> EvalResult:
     """Fit on ``train``'s features, predict ``test``; classification tasks only."""
     spec = scorer.spec
-    if spec.type != "classification":
+    if not spec.kind.fixed_choices:
         raise ConfigError(f"eval.baseline linear_probe needs a classification task; {spec.name!r} is {spec.type}")
     x_train = features(model, scorer, train, batch_size)
     y_train = torch.tensor([spec.target(ex) for ex in train])

@@ -118,12 +118,15 @@ class Progress:
     eval_s: float = 0.0  # the part of wall_s spent in evaluations during training (dev, test)
 
     def start_clock(self) -> None:
+        """Start the wall clock so that :meth:`elapsed` goes on from ``wall_s`` (a resumed run's time)."""
         self._t0 = time.perf_counter() - self.wall_s
 
     def elapsed(self) -> float:
+        """Training wall time so far in seconds, resumes included."""
         return time.perf_counter() - self._t0
 
     def to_json(self) -> dict[str, Any]:
+        """The progress as plain data, ``wall_s`` brought up to date while the clock runs."""
         if hasattr(self, "_t0"):
             self.wall_s = round(self.elapsed(), 3)
         return dataclasses.asdict(self)
@@ -175,6 +178,7 @@ class Checkpoints:
         self.root, self.every, self.log = Path(root), every, log
 
     def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` (every ``every`` steps; never when 0)."""
         return bool(self.every) and step % self.every == 0
 
     def save(self, progress: Progress, named: list[tuple[str, torch.nn.Parameter]], optimizers: Optimizers,
@@ -264,6 +268,7 @@ def _read(path: Path) -> Checkpoint:
 
 
 def rng_state() -> dict[str, Any]:
+    """torch's CPU RNG state, and every CUDA device's when CUDA is available."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -271,6 +276,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (the CUDA part only where CUDA is available)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -295,6 +301,8 @@ def _fsync(path: Path) -> None:
 # -- stopping on a signal ---------------------------------------------------------------------
 @dataclass
 class StopRequest:
+    """The signal :func:`stop_on_signal` received, if any: the loop stops after its step once one was."""
+
     signal: str | None = None  # the name of the signal received, once one was
 
 

@@ -16,11 +16,14 @@ from .scoring import Scorer
 
 @dataclass
 class EvalResult:
+    """An evaluation's metrics, one prediction row per example, and the forward passes it took."""
+
     metrics: dict[str, float]  # every metric of the task type (accuracy and macro_f1, or f1 and exact_match)
     predictions: list[dict]
     forward_passes: int  # model calls (a generation call counts once)
 
     def write_predictions(self, path: Path) -> None:
+        """Write the prediction rows to ``path`` as JSON lines."""
         with open(path, "w", encoding="utf-8") as f:
             for row in self.predictions:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -43,7 +46,7 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         for ex, pred in zip(chunk, scorer.predict(model, scorer.encode(chunk))):
-            gold = {"answers": list(ex.answers)} if spec.type == "generation" else {"label": ex.label}
+            gold = spec.kind.gold(ex)
             predictions.append({"input": ex.fields, "prompt": spec.render(ex.fields), **gold, **pred})
         forwards += 1
         bar.update(len(chunk))
@@ -54,6 +57,6 @@ def evaluate(
 def task_metrics(spec: TaskSpec, predictions: list[dict]) -> dict[str, float]:
     """The task's metrics over prediction rows (as :func:`evaluate` writes them)."""
     pred = [p["prediction"] for p in predictions]
-    if spec.type == "generation":
+    if spec.kind.decodes:
         return answer_metrics([p["answers"] for p in predictions], pred)
     return label_metrics([p["label"] for p in predictions], pred)

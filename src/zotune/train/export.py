@@ -22,6 +22,9 @@ from .weights import load_weights
 
 def run_export(run_dir: str | Path, out: str | Path, weights: str | Path | None = None, overwrite: bool = False,
                log=print) -> dict[str, Any]:
+    """``zotune export``: load the run's tuned weights into its model and write a Hugging Face directory to ``out``
+    (LoRA merged; prefix and prompt tuning as a peft adapter) with ``zotune_export.json``; returns the kind and
+    ``out``."""
     src = Path(run_dir)
     weights = Path(weights) if weights is not None else src / WEIGHTS
     if not weights.is_file():

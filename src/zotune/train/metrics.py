@@ -17,6 +17,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def accuracy(gold: Sequence[str], pred: Sequence[str]) -> float:
+    """The share of predictions equal to their gold label (0.0 for none)."""
     return sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1)
 
 
@@ -44,6 +45,7 @@ def answer_f1(prediction: str, answers: Sequence[str]) -> float:
 
 
 def answer_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals one of the normalised ``answers``, else 0.0."""
     norm = normalize_answer(prediction)
     return float(any(norm == normalize_answer(a) for a in answers))
 

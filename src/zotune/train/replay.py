@@ -35,6 +35,8 @@ MODEL = "model.safetensors"
 
 def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False,
                log=print) -> dict[str, Any]:
+    """``zotune replay``: rebuild a ZO run's weights after ``step`` steps (default: all) from its trajectory into
+    ``out`` (``model.safetensors``, ``weights.safetensors``, ``summary.json``); returns the summary."""
     src = Path(run_dir)
     cfg = run_config(src)
     if not (src / TRAJECTORY).is_file():

@@ -58,15 +58,19 @@ class RunDir:
             shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
     def file(self, name: str) -> Path:
+        """The path of ``name`` in the run directory."""
         return self.path / name
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> None:
+        """Write ``data`` as YAML to ``name``, atomically (a temporary file, then a rename)."""
         self._atomic_write(name, yaml.safe_dump(data, sort_keys=False))
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
+        """Write ``data`` as indented JSON to ``name``, atomically."""
         self._atomic_write(name, json.dumps(data, indent=2) + "\n")
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``name`` as one JSON line, flushed."""
         with open(self.path / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -45,6 +45,7 @@ class Schedule:
         self.base = [(opt, [group["lr"] for group in opt.param_groups]) for opt in optimizers]
 
     def set(self, step: int) -> None:
+        """Set every param group's lr to its base lr times the factor for 0-based ``step``."""
         factor = lr_factor(self.schedule, step, self.total, self.warmup)
         for opt, lrs in self.base:
             for group, lr in zip(opt.param_groups, lrs):

@@ -35,6 +35,9 @@ from .metrics import answer_metrics, label_metrics
 
 @dataclass
 class EncodedBatch:
+    """A batch of ``B`` examples as ``N`` model rows: token ids with their mask and positions, each row's
+    continuation targets, example and candidate, and each example's gold candidate."""
+
     input_ids: torch.Tensor  # (N, T), left-padded
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
@@ -87,6 +90,7 @@ class PromptScorer:
         return []
 
     def prompt_ids(self, ex: Example) -> list[int]:
+        """Token ids of ``prefix`` and the example's rendered prompt."""
         return self.tokenizer(self.prefix + self.spec.render(ex.fields))["input_ids"]
 
 
@@ -100,7 +104,7 @@ class ChoiceScorer(PromptScorer):
                             "causal LM scores the continuation at the end of the prompt: use a masked LM "
                             "(RoBERTa, BERT) or end the template at {mask}")
         self.fixed_ids = None
-        if spec.type == "classification":
+        if spec.kind.fixed_choices:
             self.fixed_ids = [self._tokens(c) for c in spec.continuations(Example({}, spec.labels[0]))]
         self.single_token = self.fixed_ids is not None and all(len(ids) == 1 for ids in self.fixed_ids)
 
@@ -116,6 +120,8 @@ class ChoiceScorer(PromptScorer):
         return prompt[-keep:] + cont
 
     def encode(self, examples: list[Example]) -> EncodedBatch:
+        """One row per example and candidate (the prompt, cut on the left, then the continuation); one row per
+        example, the prompt alone, when every choice is a single token."""
         if self.single_token:  # the last position's distribution scores every choice
             return self.encode_prompts(examples)
         rows, conts, owner, choice = [], [], [], []
@@ -161,16 +167,19 @@ class ChoiceScorer(PromptScorer):
         return F.cross_entropy(scores, batch.labels.to(scores.device))
 
     def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
+        """Per example, the best candidate as the task type names it (``prediction``) and every candidate's score
+        (``scores``)."""
         scores = self.scores(model, batch)
         out = []
         for ex, row in zip(batch.examples, scores.tolist()):
             names = self.spec.continuations(ex)
             best = max(range(len(names)), key=row.__getitem__)
-            label = self.spec.labels[best] if self.spec.type == "classification" else str(best)
+            label = self.spec.kind.prediction(self.spec, best)
             out.append({"prediction": label, "scores": dict(zip(names, row))})
         return out
 
     def objective(self, model: torch.nn.Module, batch: EncodedBatch, metric: str) -> torch.Tensor:
+        """Minus the batch's accuracy (or macro-F1 for ``metric`` f1) of the best candidates, a 0-d tensor."""
         pred = self.scores(model, batch).argmax(-1).tolist()
         gold = batch.labels.tolist()
         return -torch.tensor(label_metrics([str(g) for g in gold], [str(p) for p in pred])[_label_metric(metric)])
@@ -188,15 +197,19 @@ class HeadScorer(ChoiceScorer):
         torch.nn.init.zeros_(self.head.bias)
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The linear head's weight and bias."""
         return list(self.head.parameters())
 
     def prompt_ids(self, ex: Example) -> list[int]:
+        """The example's fields (``spec.columns``) joined by spaces, without template."""
         return self.tokenizer(" ".join(ex.fields[c] for c in self.spec.columns))["input_ids"]
 
     def encode(self, examples: list[Example]) -> EncodedBatch:
+        """One row per example, its fields alone (:meth:`encode_prompts`)."""
         return self.encode_prompts(examples)
 
     def scores(self, model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+        """The head's logits on the last token's final hidden state, (B, C) float32."""
         return self.head(last_hidden(model, batch).float().to(self.head.weight.device))
 
 
@@ -209,7 +222,7 @@ class MaskedChoiceScorer(ChoiceScorer):
     which for a k-shot set of short sentences costs little."""
 
     def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 128, prefix: str = ""):
-        if spec.type != "classification":
+        if not spec.kind.fixed_choices:
             raise DataError(f"task {spec.name!r} is {spec.type}: a masked LM scores label words at its mask token, "
                             "so it takes classification tasks only")
         if tokenizer.mask_token_id is None:
@@ -229,6 +242,7 @@ class MaskedChoiceScorer(ChoiceScorer):
         return ids if len(ids) <= self.max_length else ids[:1] + ids[len(ids) - self.max_length + 1:]
 
     def encode(self, examples: list[Example]) -> EncodedBatch:
+        """One right-padded row per example; ``targets`` holds the mask token's position."""
         rows = [self.prompt_ids(ex) for ex in examples]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -244,6 +258,7 @@ class MaskedChoiceScorer(ChoiceScorer):
                             torch.full((n,), -1), labels, examples)
 
     def encode_prompts(self, examples: list[Example]) -> EncodedBatch:
+        """As :meth:`encode` (one row per example already)."""
         return self.encode(examples)  # one row per example already
 
     def _at_mask(self, model: torch.nn.Module, batch: EncodedBatch, hidden: bool = False) -> torch.Tensor:
@@ -268,6 +283,8 @@ class AnswerScorer(PromptScorer):
     """Generation: the answer (rendered by ``choice_template``) is the continuation."""
 
     def encode(self, examples: list[Example]) -> EncodedBatch:
+        """One row per example: the prompt, cut on the left, then the rendered answer (at most ``max_length // 2``
+        tokens) as the continuation."""
         rows, conts = [], []
         for ex in examples:
             cont = self.tokenizer(self.spec.choice_template.format_map({**ex.fields, "choice": ex.label}),
@@ -306,9 +323,12 @@ class AnswerScorer(PromptScorer):
         return {int(i) for i in ids if i is not None}
 
     def predict(self, model: torch.nn.Module, batch: EncodedBatch) -> list[dict]:
+        """Per example, the greedy answer (``prediction``)."""
         return [{"prediction": text} for text in self.generate(model, batch.examples)]
 
     def objective(self, model: torch.nn.Module, batch: EncodedBatch, metric: str) -> torch.Tensor:
+        """Minus the batch's SQuAD F1 (exact match for ``metric`` exact_match) of the greedy answers, a 0-d
+        tensor."""
         texts = self.generate(model, batch.examples)
         scores = answer_metrics([ex.answers for ex in batch.examples], texts)
         return -torch.tensor(scores["exact_match" if metric == "exact_match" else "f1"])
@@ -325,7 +345,7 @@ def make_scorer(tokenizer, spec: TaskSpec, max_length: int, model: torch.nn.Modu
         if not spec.align:
             raise DataError("task.align: false (a linear head on the last token) needs a causal LM")
         return MaskedChoiceScorer(tokenizer, spec, max_length, prefix)
-    if spec.type == "generation":
+    if spec.kind.decodes:
         return AnswerScorer(tokenizer, spec, max_length, prefix)
     if not spec.align:
         if model is None:

@@ -101,6 +101,8 @@ class Session:
 
     @classmethod
     def build(cls, cfg: Config, log=print, with_data: bool = True, world: World = SINGLE) -> Session:
+        """Load the task's data (unless ``with_data`` is False), the model and its tokenizer, apply the tuning
+        scheme and make the scorer; a ConfigError when a max length exceeds the model's positions."""
         spec = task_spec(cfg.task)
         data = None
         if with_data:
@@ -157,6 +159,7 @@ class Session:
         return FrozenPrefix(self.model, len(transformer_layers(self.model)) - top.layers)
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of every trainable tensor, the linear head's included."""
         return named_trainable(self.model, getattr(self.scorer, "head", None), self.trainable)
 
     def optimizers(self, log=print) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None, list]:
@@ -202,6 +205,7 @@ class Session:
         }
 
     def test_examples(self) -> list[Example]:
+        """The task's test examples, the first ``eval.max_examples`` when set."""
         n = self.cfg.eval.max_examples
         return self.data.test if n is None else self.data.test[:n]
 

@@ -26,6 +26,7 @@ def named_trainable(model: torch.nn.Module, head: torch.nn.Module | None,
 
 
 def save_weights(path: Path, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write the named tensors to ``path`` as safetensors (with string ``metadata``)."""
     save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(path), metadata=metadata)
 
 

@@ -33,6 +33,8 @@ class _Captured(Exception):
 
 
 def supports_frozen_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can run from cached hidden states: a Llama, Mistral or Qwen2/3 decoder whose layers share
+    one attention type."""
     config = getattr(model, "config", None)
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
     return getattr(config, "model_type", None) in SUPPORTED and len(types) == 1 and hasattr(model, "get_decoder")
@@ -52,9 +54,11 @@ class FrozenPrefix:
         self.cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def get_input_embeddings(self) -> torch.nn.Module:
+        """The model's input embeddings."""
         return self.model.get_input_embeddings()
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The model's parameters."""
         return self.model.parameters()
 
     def train(self, mode: bool = True) -> FrozenPrefix:
@@ -63,14 +67,18 @@ class FrozenPrefix:
         return self
 
     def eval(self) -> FrozenPrefix:
+        """The model in evaluation mode; returns self."""
         return self.train(False)
 
     @property
     def cache_bytes(self) -> int:
+        """Bytes held by the cached hidden states."""
         return sum(t.numel() * t.element_size() for t in self.cache.values())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs):
+        """A training forward from the cached hidden states through the tuned layers, the final norm and the head
+        (an example's states computed when first seen); any other call goes to the model."""
         if kwargs or attention_mask is None or position_ids is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               logits_to_keep=logits_to_keep, **kwargs)

@@ -40,6 +40,9 @@ _SEED = 0x5EED
 
 @dataclass
 class PrecisionReport:
+    """What :func:`precision_report` measured: the half-precision dtypes and their coordinates, and the shares a
+    probe and an update leave unchanged."""
+
     dtypes: list[str]  # half-precision dtypes among the trainable weights
     numel: int  # their coordinates
     probe_lost: float  # share of coordinates where w + eps*z == w

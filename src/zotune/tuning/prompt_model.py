@@ -18,6 +18,8 @@ class PromptTunedCausalLM(PeftModelForCausalLM):
     """
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """The virtual tokens' embeddings before the tokens', at positions ``0..n-1`` and ``n + position_ids``
+        (labels padded with -100); peft's own forward without ``position_ids`` or with ``inputs_embeds``."""
         if position_ids is None or input_ids is None or kwargs.get("inputs_embeds") is not None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("task_ids", None)

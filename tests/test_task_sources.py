@@ -18,7 +18,9 @@ from zotune.errors import ConfigError, DataError
 from zotune.tasks import builtin_tasks, list_tasks, load_task, make_spec, task_spec
 from zotune.tasks import bigbench, fetch
 from zotune.tasks.data import MOVED, _examples, _transformed, parse_hf
-from zotune.tasks.bigbench import BIGBENCH_TASKS, BigBenchTask, bigbench_rows
+from zotune.tasks.bigbench import BigBenchTask, bigbench_rows, builtin_bigbench_tasks
+
+BIGBENCH_TASKS = builtin_bigbench_tasks()
 from zotune.tasks.transforms import ROW_TRANSFORMS
 
 TOP = "bigbench-1.0.0/"
@@ -34,7 +36,7 @@ def fake_task(name: str) -> dict:
     kind = BIGBENCH_TASKS[name].kind
     if kind == "generation":
         return {"examples": [{"input": f"What {i}?  \ncontext: It is {i} .", "target": f"{i}"} for i in range(3)]}
-    pattern = {"vitaminc_fact_verification": "T: evidence {i}\nClaim: claim {i}",
+    pattern = {"vitaminc": "T: evidence {i}\nClaim: claim {i}",
                "intent_recognition": "Utterance: play song {i}",
                "presuppositions_as_nli": "Sentence 1: p {i}. \nSentence 2: h {i}.\n\nThe answer is: "}
     text = pattern.get(name, "sentence {i}")
@@ -87,6 +89,8 @@ def fake_pypi(tmp_path, monkeypatch):
     members = {f"bigbench/benchmark_tasks/{t.path}/task.json": json.dumps(fake_task(name)).encode()
                for name, t in BIGBENCH_TASKS.items()}
     members.update({name: b"{}" for name in OTHERS})
+    members[OTHERS[0]] = json.dumps({"examples": [{"input": f"sentence {i}", "target_scores": {"a": i % 2, "b": 1 - i % 2}}
+                                                  for i in range(8)]}).encode()  # read by a task of the user's own
     sha = build_archive(root / "packages" / "bigbench-1.0.0.tar.gz", members)
     index = Index(root, sha)
     for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
@@ -115,6 +119,45 @@ def test_fetch_extracts_only_the_needed_members_in_one_download(fake_pypi, tmp_p
     bigbench.fetch_bigbench()  # cached: no second download
     assert fake_pypi.archive_requests() == 1
     assert bigbench.read_bigbench("disfl_qa")[0] == {"question": "What 0?", "context": "It is 0 .", "answers": ["0"]}
+
+
+def test_a_new_bigbench_task_is_a_yaml_file(fake_pypi, tmp_path):
+    """A BIG-bench task that is not built in: its YAML's ``bigbench:`` key names the JSON task and how
+    its inputs split into fields; loaded through the same one download (here: a member of the fake
+    archive that no built-in task reads)."""
+    from zotune.config import load_config
+
+    yaml_file = tmp_path / "entailment.yaml"
+    yaml_file.write_text(
+        "task:\n  name: analytic\n  bigbench: {task: analytic_entailment, pattern: '(?s)(?P<premise>.+)'}\n"
+        "  text_template: '{premise} True or false?'\n  choices: {'a': ' true', 'b': ' false'}\n"
+        "  k_shot: 1\n  n_dev: 0\n  eval_fraction: 0.5\n")
+    cfg = load_config(yaml_file)
+    spec = task_spec(cfg.task)
+    assert spec.source == "bigbench" and spec.bigbench_task == BigBenchTask("analytic_entailment", "classification",
+                                                                           "(?s)(?P<premise>.+)")
+    data = load_task(spec, seed=0)
+    assert sorted(e.label for e in data.train) == ["a", "b"] and len(data.test) == 4
+    assert all(e.fields["premise"].startswith("sentence ") for e in data.train + data.test)
+    assert fake_pypi.archive_requests() == 1
+    assert "analytic_entailment/task.json" in cached_files(tmp_path)
+
+
+@pytest.mark.parametrize("bigbench_key, message", [
+    ("[intent_recognition]", "must be a mapping with 'task'"),
+    ("{pattern: '(?P<x>.+)'}", "must be a mapping with 'task'"),
+    ("{task: x, pattern: '(unclosed'}", "is not a valid regex"),
+    ("{task: x, pattern: '.+'}", "named groups"),
+    ("{task: x, rotate: yes please}", "rotate must be true or false"),
+    ("{task: x, shuffle: true}", "unknown task.bigbench key 'shuffle'"),
+])
+def test_a_malformed_bigbench_key_is_one_config_error(bigbench_key, message):
+    import yaml
+
+    raw = {"bigbench": yaml.safe_load(bigbench_key), "text_template": "{input}", "choices": {"a": " a", "b": " b"}}
+    with pytest.raises(ConfigError, match=message) as info:
+        make_spec(raw)
+    assert "\n" not in str(info.value)
 
 
 def test_sha256_mismatch_is_refused_and_nothing_is_kept(fake_pypi, tmp_path, monkeypatch):
@@ -228,7 +271,9 @@ def test_builtin_yamls_are_valid_and_offline_alternatives_exist():
         if spec.source == "hf":
             assert spec.hf in HUB_ROWS, name
             if spec.offline_alternative:
-                assert builtins[spec.offline_alternative]["source"] == "package", name
+                assert builtins[spec.offline_alternative]["source"] in ("package", "bigbench"), name
+        elif spec.source == "bigbench":
+            assert name in builtin_bigbench_tasks() and spec.bigbench_task == builtin_bigbench_tasks()[name], name
         else:
             assert spec.package in fetch.PACKAGES, name
 

@@ -1,11 +1,14 @@
-"""Offline task data from BIG-bench: package keys ``bigbench-<task>`` (tasks ``cause_and_effect``,
-``winowhy``, ...). BIG-bench (Srivastava et al.
-2022, Apache-2.0) JSON tasks, from the sdist of PyPI ``bigbench==1.0.0`` (358 MB). ``pip
+"""Offline task data from BIG-bench (``source: bigbench``): a task YAML names a BIG-bench JSON task and
+how its examples become rows in its ``bigbench:`` key (:class:`BigBenchTask`), e.g.
+
+    bigbench: {task: intent_recognition, pattern: "(?s)Utterance: (?P<utterance>.+)"}
+
+BIG-bench (Srivastava et al. 2022, Apache-2.0) JSON tasks, from the sdist of PyPI ``bigbench==1.0.0`` (358 MB). ``pip
 download`` refuses that release (its metadata has a direct-URL dependency), so the archive is
 found on the package index's simple page (``$PIP_INDEX_URL``, else pypi.org; the pinned
 files.pythonhosted.org address as a fallback) and streamed: hashed (SHA-256, checked before
-anything is kept) and read in one pass, keeping only the ``task.json`` of every task in
-:data:`BIGBENCH_TASKS`. The archive itself never touches the disk. ``$ZOTUNE_BIGBENCH_URL``
+anything is kept) and read in one pass, keeping only the ``task.json`` of every built-in BIG-bench
+task (:func:`builtin_bigbench_tasks`) and of the task asked for. The archive itself never touches the disk. ``$ZOTUNE_BIGBENCH_URL``
 (a URL or a local path of that same archive) replaces the index, e.g. on a machine without
 network access.
 """
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import cache_dir
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .builtin import builtin_tasks
 
 
 BIGBENCH_VERSION = "1.0.0"
@@ -41,7 +45,8 @@ BIGBENCH_SOURCE = f"BIG-bench {BIGBENCH_VERSION} sdist (PyPI)"
 
 @dataclass(frozen=True)
 class BigBenchTask:
-    """One BIG-bench JSON task and how its examples become rows.
+    """One BIG-bench JSON task and how its examples become rows (a task YAML's ``bigbench:`` key,
+    with ``kind`` its ``type``).
 
     ``kind``: ``multiple_choice`` -> ``{..., "candidates": [target_scores keys, in file order],
     "label": index of the top score}``; ``classification`` -> ``{..., "label": top-scoring key}``
@@ -50,7 +55,8 @@ class BigBenchTask:
     whole ``input``) splits the input into template fields; without it the field is ``input``.
     ``rotate``: move the gold candidate to position ``row number % candidates`` (for files that
     always list it first), so that the few-shot sampler, which samples per gold position, sees
-    every position.
+    every position. Examples with a tie for the top score, no positive score or an empty target
+    are skipped.
     """
 
     path: str  # below bigbench/benchmark_tasks/, e.g. "cause_and_effect/one_sentence"
@@ -58,54 +64,72 @@ class BigBenchTask:
     pattern: str | None = None
     rotate: bool = False
 
-
-# Examples skipped by the reader (a tie for the top score, or no positive score; targets that
-# are empty), counted on bigbench 1.0.0: none in any of these tasks. Sizes are after skipping.
-BIGBENCH_TASKS: dict[str, BigBenchTask] = {
-    # 51 pairs "A because B." / "B because A."; the file lists the right one first, always
-    "cause_and_effect": BigBenchTask("cause_and_effect/one_sentence", "multiple_choice", rotate=True),
-    "disambiguation_qa": BigBenchTask("disambiguation_qa", "multiple_choice"),  # 258, 3-4 candidates
-    "winowhy": BigBenchTask("winowhy", "classification"),  # 2,865: correct 1,270 / incorrect 1,595
-    "strategyqa": BigBenchTask("strategyqa", "classification"),  # 2,290: Yes 1,071 / No 1,219
-    "vitaminc_fact_verification": BigBenchTask(  # 54,668: True 27,242 / False 20,169 / Neither 7,257
-        "vitaminc_fact_verification", "classification", r"(?s)(?P<evidence>.+)\nClaim: (?P<claim>.+)"),
-    # 57,466: negative 21,156 / positive 15,324 / neutral 14,101 / ambivalent 6,885
-    "multiemo": BigBenchTask("multiemo/all_sentence_en", "classification"),
-    "intent_recognition": BigBenchTask(  # 693, 7 intents of 80-122 each
-        "intent_recognition", "classification", r"(?s)Utterance: (?P<utterance>.+)"),
-    "presuppositions_as_nli": BigBenchTask(  # 735: neutral 307 / entailment 301 / contradiction 127
-        "presuppositions_as_nli", "classification",
-        r"(?s)Sentence 1: (?P<premise>.+?)\s*\nSentence 2: (?P<hypothesis>.+?)\s*\n\nThe answer is:\s*"),
-    "disfl_qa": BigBenchTask(  # 8,000 disfluent SQuAD 2.0 questions, one answer span each
-        "disfl_qa", "generation", r"(?s)(?P<question>.+?)\s*\ncontext: (?P<context>.+)"),
-}
-
-
-def bigbench_path(task: str) -> Path:
-    """Where a BIG-bench task's ``task.json`` lives in the cache (it may not be fetched yet)."""
-    return cache_dir("data", "bigbench").joinpath(*BIGBENCH_TASKS[task].path.split("/"), "task.json")
+    @classmethod
+    def from_spec(cls, mapping: object, kind: str) -> BigBenchTask:
+        """A task YAML's ``bigbench:`` mapping (``task``, optional ``pattern`` and ``rotate``); one
+        ConfigError line if it is malformed."""
+        if not isinstance(mapping, dict) or not isinstance(mapping.get("task"), str) or not mapping["task"].strip():
+            raise ConfigError(f"task.bigbench must be a mapping with 'task' (a folder below "
+                              f"bigbench/benchmark_tasks/, e.g. intent_recognition), got {mapping!r}")
+        unknown = sorted(set(map(str, mapping)) - {"task", "pattern", "rotate"})
+        if unknown:
+            raise ConfigError(f"unknown task.bigbench key {unknown[0]!r}; valid keys: task, pattern, rotate")
+        pattern, rotate = mapping.get("pattern"), mapping.get("rotate", False)
+        if pattern is not None:
+            try:
+                groups = re.compile(pattern).groupindex if isinstance(pattern, str) else None
+            except re.error as err:
+                raise ConfigError(f"task.bigbench.pattern {pattern!r} is not a valid regex: {err}") from None
+            if not groups:
+                raise ConfigError(f"task.bigbench.pattern must be a regex with named groups (the template's "
+                                  f"fields), got {pattern!r}")
+        if not isinstance(rotate, bool):
+            raise ConfigError(f"task.bigbench.rotate must be true or false, got {rotate!r}")
+        return cls(mapping["task"].strip("/"), kind, pattern, rotate)
 
 
-def fetch_bigbench() -> dict[str, Path]:
-    """Every task of :data:`BIGBENCH_TASKS` in the cache; the missing ones in one download."""
-    paths = {task: bigbench_path(task) for task in BIGBENCH_TASKS}
-    missing = {task: p for task, p in paths.items() if not p.is_file()}
+def builtin_bigbench_tasks() -> dict[str, BigBenchTask]:
+    """The built-in tasks that read BIG-bench, by task name (fetched together, in one download).
+    Sizes after skipping, on bigbench 1.0.0: cause_and_effect 51 pairs (the file lists the right
+    one first, always: rotated), disambiguation_qa 258, winowhy 2,865, strategyqa 2,290, vitaminc
+    54,668, multiemo 57,466, intent_recognition 693, presuppositions_as_nli 735, disfl_qa 8,000."""
+    return {name: BigBenchTask.from_spec(raw["bigbench"], raw.get("type", "classification"))
+            for name, raw in builtin_tasks().items() if "bigbench" in raw}
+
+
+def _task(task: str | BigBenchTask) -> BigBenchTask:
+    return task if isinstance(task, BigBenchTask) else builtin_bigbench_tasks()[task]
+
+
+def bigbench_path(task: str | BigBenchTask) -> Path:
+    """Where a BIG-bench task's ``task.json`` lives in the cache (it may not be fetched yet); ``task``:
+    a built-in task's name, or a :class:`BigBenchTask`."""
+    return cache_dir("data", "bigbench").joinpath(*_task(task).path.split("/"), "task.json")
+
+
+def fetch_bigbench(also: BigBenchTask | None = None) -> dict[str, Path]:
+    """Every built-in BIG-bench task (and ``also``) in the cache, the missing ones in one download;
+    their paths by task name (``also`` by its path)."""
+    tasks: dict[str, BigBenchTask] = {**builtin_bigbench_tasks(), **({also.path: also} if also else {})}
+    paths = {name: bigbench_path(t) for name, t in tasks.items()}
+    missing = {f"bigbench/benchmark_tasks/{tasks[name].path}/task.json": p for name, p in paths.items() if not p.is_file()}
     if missing:
-        _fetch_bigbench_members({f"bigbench/benchmark_tasks/{BIGBENCH_TASKS[t].path}/task.json": p
-                                 for t, p in missing.items()})
+        _fetch_bigbench_members(missing)
     return paths
 
 
-def read_bigbench(task: str) -> list[dict]:
-    """Rows of one BIG-bench task (see :class:`BigBenchTask`), fetching the data if needed."""
-    path = bigbench_path(task)
+def read_bigbench(task: str | BigBenchTask) -> list[dict]:
+    """Rows of one BIG-bench task (a built-in task's name, or a :class:`BigBenchTask`), fetching the
+    data if needed."""
+    spec = _task(task)
+    path = bigbench_path(spec)
     if not path.is_file():
-        path = fetch_bigbench()[task]
+        fetch_bigbench(spec)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path} is not valid JSON ({err}); delete it to fetch it again") from None
-    return bigbench_rows(data, BIGBENCH_TASKS[task], str(path))
+    return bigbench_rows(data, spec, str(path))
 
 
 def bigbench_rows(data: dict, spec: BigBenchTask, where: str = "task.json") -> list[dict]:

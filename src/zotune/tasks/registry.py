@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-from functools import cache
-from pathlib import Path
-
-import yaml
 
 from ..errors import ConfigError
+from .bigbench import BIGBENCH_SIZE, BIGBENCH_SOURCE, bigbench_path, read_bigbench
+from .builtin import builtin_tasks
 from .fetch import PACKAGES
 from .spec import TaskSpec, make_spec
 
-_BUILTIN = Path(__file__).parent / "builtin"
-_DATA_KEYS = ("source", "path", "test_path", "hf", "hf_split", "package")
-
-
-@cache
-def builtin_tasks() -> dict[str, dict]:
-    """Raw YAML mappings of the built-in tasks, by file name."""
-    return {p.stem: yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(_BUILTIN.glob("*.yaml"))}
+_DATA_KEYS = ("source", "path", "test_path", "hf", "hf_split", "package", "bigbench")
+_SOURCE_KEYS = {"path", "hf", "package", "bigbench"}
 
 
 def task_spec(cfg: dict) -> TaskSpec:
@@ -37,7 +29,7 @@ def task_spec(cfg: dict) -> TaskSpec:
     builtins = builtin_tasks()
     if isinstance(name, str) and name in builtins:
         base = builtins[name]
-        if {"path", "hf", "package"} & cfg.keys():  # another source; another copy of a hub dataset keeps its splits
+        if _SOURCE_KEYS & cfg.keys():  # another source; another copy of a hub dataset keeps its splits
             keep = ("hf_split",) if "hf" in cfg and base.get("source") == "hf" else ()
             base = {k: v for k, v in base.items() if k not in _DATA_KEYS or k in keep}
         return make_spec({**base, **cfg}, default_name=name)
@@ -57,16 +49,21 @@ def list_tasks() -> list[dict]:
     for name, raw in builtin_tasks().items():
         spec = make_spec(raw, default_name=name)
         train = test = None
-        if spec.source == "package":
-            pkg = PACKAGES[spec.package or ""]
-            origin = pkg.source or pkg.description
-            if pkg.path().is_file():
+        if spec.source in ("package", "bigbench"):
+            if spec.source == "package":
+                pkg = PACKAGES[spec.package or ""]
+                origin, path, read, download = pkg.source or pkg.description, pkg.path(), pkg.read, pkg.download or "once"
+            else:
+                task = spec.bigbench_task
+                origin, path, download = BIGBENCH_SOURCE, bigbench_path(task), f"{BIGBENCH_SIZE}, streamed; every BIG-bench task at once"
+                read = lambda task=task: read_bigbench(task)  # noqa: E731
+            if path.is_file():
                 where = f"{origin}, cached"
-                n = len(pkg.read())
+                n = len(read())
                 test = max(1, round(n * spec.eval_fraction))
                 train = n - test
             else:
-                where = f"{origin}, fetched at first use ({pkg.download or 'once'})"
+                where = f"{origin}, fetched at first use ({download})"
         elif spec.source == "hf":
             notes = ["online, or from the local HF cache"]
             if importlib.util.find_spec("datasets") is None:

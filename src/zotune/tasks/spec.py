@@ -14,13 +14,14 @@ import string
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError, DataError
+from .bigbench import BigBenchTask
 from .example import Example
 from .fetch import PACKAGES
 from .transforms import ROW_TRANSFORMS
 from .types import TASK_TYPES, TaskType
 
 TYPES = tuple(TASK_TYPES)
-SOURCES = ("file", "hf", "package")
+SOURCES = ("file", "hf", "package", "bigbench")
 MASK = "mask"  # text_template's {mask}: where a masked LM reads the answer (LM-BFF: "<S> It was {mask} .")
 SPLITS = ("per_class", "random")  # task.split: how train and dev are drawn
 
@@ -51,6 +52,7 @@ class TaskSpec:
     hf_split: str = "validation"  # the hub split used as the test pool (its train split: the rest)
     rows: str | None = None  # a row transform of transforms.ROW_TRANSFORMS, applied whatever the source
     package: str | None = None  # key of a fetcher in fetch.PACKAGES (source=package)
+    bigbench: dict | None = None  # source=bigbench: {task, pattern, rotate} (zotune.tasks.bigbench.BigBenchTask)
     eval_fraction: float = 0.2  # share of a single file held out as the test pool
     split: str = "per_class"  # "per_class": k_shot / n_dev per class (LM-BFF); "random": n_train / n_dev in all (MeZO OPT)
     k_shot: int | None = 16  # train examples per class (None: all non-test data minus dev)
@@ -69,6 +71,11 @@ class TaskSpec:
     def kind(self) -> TaskType:
         """The task type's behaviour (:mod:`zotune.tasks.types`)."""
         return TASK_TYPES[self.type]
+
+    @property
+    def bigbench_task(self) -> BigBenchTask:
+        """source=bigbench: the BIG-bench task and how its examples become rows."""
+        return BigBenchTask.from_spec(self.bigbench, self.type)
 
     @property
     def labels(self) -> list[str]:
@@ -132,11 +139,11 @@ def _check_source(raw: dict) -> None:
     """Where the data comes from: ``source`` (inferred when omitted) and the key it needs."""
     name = raw["name"]
     if "source" not in raw:
-        raw["source"] = "package" if raw.get("package") else "hf" if raw.get("hf") else "file"
+        raw["source"] = next((s for s in ("package", "hf", "bigbench") if raw.get(s)), "file")
     source = raw["source"]
     if source not in SOURCES:
         raise ConfigError(f"task.source must be one of {', '.join(SOURCES)}, got {source!r}")
-    needed = {"file": "path", "hf": "hf", "package": "package"}[source]
+    needed = {"file": "path", "hf": "hf", "package": "package", "bigbench": "bigbench"}[source]
     if not raw.get(needed):
         hint = " (a .csv, .jsonl or .parquet file)" if needed == "path" else ""
         raise ConfigError(f"task {name!r} with source {source!r} needs task.{needed}{hint}")
@@ -145,9 +152,10 @@ def _check_source(raw: dict) -> None:
     if raw.get("rows") is not None:
         if raw["rows"] not in ROW_TRANSFORMS:
             raise ConfigError(f"unknown task.rows {raw['rows']!r}; row transforms: {', '.join(ROW_TRANSFORMS)}")
-    if source == "package":
-        if raw["package"] not in PACKAGES:
-            raise ConfigError(f"unknown task.package {raw['package']!r}; known: {', '.join(PACKAGES)}")
+    if source == "package" and raw["package"] not in PACKAGES:
+        raise ConfigError(f"unknown task.package {raw['package']!r}; known: {', '.join(PACKAGES)}")
+    if source == "bigbench":
+        BigBenchTask.from_spec(raw["bigbench"], raw.get("type", "classification"))
 
 
 def _check_sampling(raw: dict) -> None:

@@ -23,8 +23,9 @@ builds them), at each batch shape, prints three tables:
      (``pip install --no-deps mezo==0.0.1``): in place too (``param.data.add_(eps * randn)``
      with one seeded generator, the update row by row for tensors over 100k elements);
      if it is missing or fails on this model, one line says why and the rest goes on;
-2. the step time of ZOSGDSign, ZOSGDMomentum, ZOAdam, ZOMuon and JaguarSignSGD relative to
-   ZOSGD's (target: within 1.15);
+2. every other zeroth-order optimizer's step (ForwardGrad aside: it needs eager attention), as
+   a ratio to two forwards, to its own forwards (``forwards_per_step`` x forward: FZOO takes 9,
+   HiZOO 3) and to ZOSGD's step (target for the one-query rules: within 1.15);
 3. the update alone of ZOSGD and the rules with state (momentum, moments, JAGUAR's memory,
    Newton-Schulz): the step's update redone from its record (``ZOOptimizer.replay``:
    regenerate z from the seeds, apply the rule; no forward, no probe), in seconds, and each
@@ -55,10 +56,12 @@ from types import ModuleType
 
 import torch
 
-from zotune.config import load_config
+from zotune.config import from_dict, load_config, unresolved_versioned_defaults
+from zotune.optim.registry import ZEROTH_ORDER
+from zotune.train.stepper import make_step
 from zotune.train.trainer import Session
 
-FAMILY = ("ZOSGDSign", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")
+FAMILY = tuple(name for name in ZEROTH_ORDER if name not in ("ZOSGD", "ForwardGrad"))
 UPDATES = ("ZOSGD", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")  # update math timed alone
 LR, EPS, SEED = 1e-12, 1e-3, 0
 TABLE_MB = 64  # the noise table of the ZOSGD-table column
@@ -159,10 +162,11 @@ def build(model_name: str, scheme: str) -> Session:
     return Session.build(cfg, log=lambda *_: None, with_data=False)
 
 
-def optimizer(session: Session, name: str, distribution: str = "gaussian") -> torch.optim.Optimizer:
-    """``name`` over the session's model, built as the trainer builds it."""
-    options = dataclasses.replace(session.cfg.optimizer, name=name, distribution=distribution)
-    cfg = dataclasses.replace(session.cfg, optimizer=options)
+def optimizer(session: Session, name: str, distribution: str | None = None) -> torch.optim.Optimizer:
+    """``name`` over the session's model, built as the trainer builds it, with its own defaults."""
+    raw = unresolved_versioned_defaults(session.cfg)  # its own defaults (n_queries, noise table, ...)
+    raw["optimizer"] |= {"name": name, **({"distribution": distribution} if distribution else {})}
+    cfg = from_dict(raw)
     return dataclasses.replace(session, cfg=cfg).optimizers(log=lambda *_: None)[0]
 
 
@@ -186,22 +190,25 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
         with torch.no_grad():
             closure()
 
+    def stepped(opt) -> Callable[[], object]:
+        """The trainer's step (``zotune.train.stepper``) with ``opt`` on this batch."""
+        step = make_step(opt, None, (), model=model, loss=lm_loss, zeroth_order=True)
+        return lambda: step(batch)
+
     opts = {name: optimizer(session, name) for name in dict.fromkeys(["ZOSGD", *family])}
     fns: dict[str, Callable[[], object]] = {"forward": forward}
-    fns |= {name: (lambda o=o: o.step(closure)) for name, o in opts.items()}
-    signs = optimizer(session, "ZOSGD", "rademacher")
-    fns["ZOSGD-rad"] = lambda: signs.step(closure)
-    cached = optimizer(session, "ZOSGD").cache_directions(4 * sum(p.numel() for p in session.trainable) / 2**20)
-    fns["ZOSGD-cache"] = lambda: cached.step(closure)
-    tabled = optimizer(session, "ZOSGD").noise_table(TABLE_MB)
-    fns["ZOSGD-table"] = lambda: tabled.step(closure)
+    fns |= {name: stepped(o) for name, o in opts.items()}
+    fns["ZOSGD-rad"] = stepped(optimizer(session, "ZOSGD", "rademacher"))
+    fns["ZOSGD-cache"] = stepped(optimizer(session, "ZOSGD").cache_directions(4 * sum(p.numel() for p in session.trainable) / 2**20))
+    fns["ZOSGD-table"] = stepped(optimizer(session, "ZOSGD").noise_table(TABLE_MB))
     if reference:
         fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
     if mezo is not None:
         fns["mezo"] = lambda: mezo.update(model, batch, lm_loss, EPS, LR, SEED)
     fns |= {f"update {name}": (lambda o=opts[name]: replay_last(o)) for name in UPDATES if name in opts}
     with weights_restored(session.trainable):
-        return interleaved_timings(fns, repeats, stat)
+        timings = interleaved_timings(fns, repeats, stat)
+    return timings | {f"forwards {name}": float(o.forwards_per_step) for name, o in opts.items()}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -220,10 +227,15 @@ def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: di
             row += f"{_fmt(step, '.3f'):>14}{_fmt(step and step / (2 * r['forward']), '.2f'):>9}"
         print(row)
     if family:
-        print("\nstep / ZOSGD's step (same scheme and batch; target <= 1.15)")
-        print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name:>15}" for name in family))
-        for (scheme, shape), r in results.items():
-            print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[name] / r['ZOSGD']:>15.2f}" for name in family))
+        print("\nevery ZO optimizer's step: / (2 x forward) | / (its forwards x forward) | / ZOSGD's step")
+        print(f"{'optimizer':<19}{'forwards':>9}" + "".join(f"{f'{scheme} {shape}':>22}" for scheme, shape in results))
+        for name in ["ZOSGD", *family]:
+            first = next(iter(results.values()))
+            row = f"{name:<19}{first[f'forwards {name}']:>9.0f}"
+            for r in results.values():
+                fwd = r["forward"]
+                row += f"{r[name] / (2 * fwd):>8.2f}{r[name] / (r[f'forwards {name}'] * fwd):>7.2f}{r[name] / r['ZOSGD']:>7.2f}"
+            print(row)
     timed = [name for name in UPDATES if name == "ZOSGD" or name in family]
     print("\nupdate alone (replayed from the step's record, no forward), s; extra: (update - ZOSGD's update) / ZOSGD's step")
     print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>17}" for name in timed)

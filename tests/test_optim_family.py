@@ -364,7 +364,7 @@ def test_an_optimizer_is_one_file(tiny_model_dir, reviews_csv, tmp_path):
     from safetensors.torch import load_file
 
     from zotune.cli import main
-    from zotune.config import load_config
+    from zotune.config import CONFIG_VERSION, load_config
     from zotune.estimators.spsa import SPSAEstimate
     from zotune.optim import ZOOptimizer, registry
     from zotune.optim.factory import run_hparams
@@ -374,7 +374,7 @@ def test_an_optimizer_is_one_file(tiny_model_dir, reviews_csv, tmp_path):
         """ZO-SGD at half the lr: ``x <- x - lr / 2 * grad_hat``."""
 
         elementwise = True
-        default_lr = {(3, "full"): 2e-3}
+        default_lr = {(CONFIG_VERSION, "full"): 2e-3}
 
         def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
             flat = p.view(-1)

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .estimators.directions import DEFAULT_CHUNK, TABLE_MIN_CHUNKS
+from .models.loader import resolve_device, resolve_dtype
 from .optim.registry import FIRST_ORDER, is_zeroth_order, optimizer_names, zo_class
 
 NOISE_TABLE_MIN_MB = TABLE_MIN_CHUNKS * DEFAULT_CHUNK * 4 / 2**20  # float32 values: 32 MB
@@ -29,11 +30,12 @@ OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own w
 PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
-# The defaults' generations: 3: learning rates measured on the default model (zotune.optim.factory);
-# 2: the noise table by default (DEFAULT_NOISE_TABLE_MB); 1: before versions
-CONFIG_VERSION = 3
+# The defaults' generations: 4: FZOO's measured lr (its class's default_lr); 3: learning rates
+# measured on the default model (zotune.optim.factory); 2: the noise table by default
+# (DEFAULT_NOISE_TABLE_MB); 1: before versions
+CONFIG_VERSION = 4
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 DEFAULT_NOISE_TABLE_MB = 64.0
 DROPOUT = ("off", "model_default")  # train.dropout
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
@@ -454,8 +456,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    from .models.loader import resolve_device, resolve_dtype
-
     resolve_dtype(m.dtype)
     _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", m.device)), "model.device",
              "must be auto, cpu, mps, cuda or cuda:N", m.device)
@@ -532,8 +532,6 @@ def _validate_eval(e: EvalConfig) -> None:
 
 
 def _validate_tuning(tc: TuningConfig) -> None:
-    from .models.loader import resolve_dtype
-
     lora, prefix, prompt = tc.lora, tc.prefix, tc.prompt
     _require(lora.r >= 1, "tuning.lora.r", "must be >= 1", lora.r)
     _require(lora.alpha > 0, "tuning.lora.alpha", "must be > 0", lora.alpha)

@@ -42,6 +42,7 @@ from typing import Any
 from ..config import BASELINES, Config, from_dict, parse_override, read_yaml, set_dotted
 from ..errors import ConfigError
 from ..optim.factory import forwards_per_step
+from ..tasks import task_spec
 
 GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv")
 BASELINE_LABELS = {"zero_shot": "zero-shot", "icl": "ICL", "linear_probe": "LP"}  # their rows in the report
@@ -290,8 +291,6 @@ def _cell_config(base: dict[str, Any], combo: dict[str, Any], overrides: list[Ov
 
 
 def _cell(name: str, combo: dict[str, Any], config: dict[str, Any], budget: Budget) -> Cell:
-    from ..tasks import task_spec
-
     cfg = from_dict(copy.deepcopy(config))
     task_spec(cfg.task)
     per_step = cell_forwards_per_step(cfg)

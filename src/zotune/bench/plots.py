@@ -13,17 +13,13 @@
 from __future__ import annotations
 
 import csv
+import functools
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .grid import Grid  # noqa: E402
-from .report import Layout, Result  # noqa: E402
+from .grid import Grid
+from .results import Layout, Result
 
 MARKERS = "osD^v<>pPX*h"
 
@@ -44,12 +40,23 @@ def write_plots(grid: Grid, results: list[Result], root: Path) -> list[tuple[str
     return [d for d in drawn if d is not None]
 
 
+@functools.cache
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use (``zotune bench`` imports this module)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _color(i: int, n: int):
-    return plt.get_cmap("tab10" if n <= 10 else "tab20")(i % (10 if n <= 10 else 20))
+    return _pyplot().get_cmap("tab10" if n <= 10 else "tab20")(i % (10 if n <= 10 else 20))
 
 
 def _panels(n: int, rows: int = 1, height: float = 4.0):
-    fig, axes = plt.subplots(rows, n, figsize=(4.8 * n + 2.2, height * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, n, figsize=(4.8 * n + 2.2, height * rows), squeeze=False)
     return fig, axes
 
 
@@ -57,7 +64,7 @@ def _save(fig, path: Path, title: str) -> tuple[str, str]:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path.name, title
 
 

@@ -63,17 +63,19 @@ def _reads_metadata_only(func: object) -> bool:
     return func in _METADATA_METHODS or id(getattr(func, "__self__", None)) in _METADATA_DESCRIPTORS
 
 
-class _BufferPool:
+class BufferPool:
     """Free lists of flat buffers keyed by (numel, dtype, device)."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of ``numel`` values: a free one of that key, else a new (uninitialised) one."""
         free = self._free[(numel, dtype, device)]
         return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
+        """Return ``buf`` to the free list of its key, for a later :meth:`take`."""
         self._free[(buf.numel(), buf.dtype, buf.device)].append(buf)
 
 
@@ -115,7 +117,7 @@ class Perturbation:
         params: list[torch.Tensor],
         terms: list[Terms],
         sampler: DirectionSampler,
-        pool: _BufferPool | None = None,
+        pool: BufferPool | None = None,
         reuse: frozenset[int] = frozenset(),
         order: tuple[int, ...] = (),
     ):
@@ -130,7 +132,7 @@ class Perturbation:
         self._ahead: dict[int, torch.Tensor] = {}
         self.first_use: list[int] = []
         self.sampler = sampler
-        self.pool = pool if pool is not None else _BufferPool()
+        self.pool = pool if pool is not None else BufferPool()
         self.materializations = 0
         self._mode: _PerturbMode | None = None
         self.in_place = False
@@ -143,7 +145,7 @@ class Perturbation:
         keys: list[int],
         scale: float,
         sampler: DirectionSampler,
-        pool: _BufferPool | None = None,
+        pool: BufferPool | None = None,
         reuse: frozenset[int] = frozenset(),
         order: tuple[int, ...] = (),
     ) -> Perturbation:

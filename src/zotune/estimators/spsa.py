@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .directions import DirectionSampler, mix
-from .perturb import Perturbation, _BufferPool
+from .perturb import BufferPool, Perturbation
 from .reduce import LOCAL, LossReducer
 
 
@@ -133,7 +133,7 @@ class SPSA:
         self.one_sided = one_sided
         self.center = center or one_sided
         self.sampler = sampler if sampler is not None else DirectionSampler(distribution)
-        self._pool = _BufferPool()
+        self._pool = BufferPool()
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
         self._order: tuple[int, ...] = ()  # params in the order the last probe first used them
         self.materializations = 0

@@ -63,7 +63,7 @@ def load_model(
     """
     dtype = resolve_dtype(dtype)
     placement = {"device_map": device_map} if device_map is not None else {}
-    model, tokenizer = _from_pretrained(_resolve_source(name), dtype, name, **placement)
+    model, tokenizer = _from_pretrained(resolve_source(name), dtype, name, **placement)
     model.to(dtype)
     if device_map is None:
         model.to(resolve_device(device))
@@ -133,7 +133,7 @@ def embedded_gguf() -> Path:
     return path
 
 
-def _resolve_source(name: str) -> Path | str:
+def resolve_source(name: str) -> Path | str:
     """A local directory to load from (converting GGUF once), or the hub id itself (a str)."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"model.name must be a non-empty string, got {name!r}")

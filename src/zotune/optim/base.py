@@ -91,15 +91,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         *,
         defaults: dict[str, Any] | None = None,
     ):
-        _check(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a number >= 0, got {lr!r}")
-        _check(isinstance(eps, (int, float)) and eps > 0, f"eps must be a number > 0, got {eps!r}")
-        _check(isinstance(seed, int), f"seed must be an int, got {seed!r}")
-        _check(
+        require(isinstance(lr, (int, float)) and lr >= 0, f"lr must be a number >= 0, got {lr!r}")
+        require(isinstance(eps, (int, float)) and eps > 0, f"eps must be a number > 0, got {eps!r}")
+        require(isinstance(seed, int), f"seed must be an int, got {seed!r}")
+        require(
             isinstance(n_queries, int) and n_queries >= 1,
             f"n_queries must be an int >= 1, got {n_queries!r}",
         )
-        _check(distribution in DISTRIBUTIONS, f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
+        require(distribution in DISTRIBUTIONS, f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}")
         # ``defaults``: a subclass's own per-group options (momentum, betas, ...)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **(defaults or {})))
         self.seed = seed
@@ -329,12 +329,13 @@ def no_closure() -> Any:
     raise RuntimeError("a replayed step has no closure: override replay_update to follow the record")
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``: an optimizer's check of its arguments."""
     if not ok:
         raise ValueError(message)
 
 
 def _float32_values(megabytes: float, what: str) -> int:
     """How many float32 values ``megabytes`` hold (``what`` names the buffer in the error)."""
-    _check(megabytes >= 0, f"{what} must be >= 0 MB, got {megabytes!r}")
+    require(megabytes >= 0, f"{what} must be >= 0 MB, got {megabytes!r}")
     return int(megabytes * 2**20) // 4

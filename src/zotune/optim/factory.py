@@ -56,7 +56,7 @@ MEASURED = Defaults(
     zo={**MEZO.zo, "full": (1e-4, 1e-3), "lora": (1e-3, 1e-2), "lora-fa": (3e-2, 1e-2), "top": (1e-3, 1e-3)},
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED}  # config version -> defaults
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED}  # config version -> defaults (4: FZOO's own)
 
 
 def defaults_row(tuning: TuningConfig) -> str:

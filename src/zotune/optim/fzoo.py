@@ -9,7 +9,7 @@ import statistics
 import torch
 
 from ..estimators.spsa import SPSA, SPSAEstimate
-from .base import ZOOptimizer, _check
+from .base import ZOOptimizer, require
 
 
 class FZOO(ZOOptimizer):
@@ -33,13 +33,16 @@ class FZOO(ZOOptimizer):
     normalised_step = True
     default_n_queries = 8
     default_distribution = "rademacher"
+    # its step moves each coordinate by about lr / sqrt(N): the family's lr (1e-4) barely moves it; 3e-3 is
+    # its sweep's pick on full fine-tuning (docs/sweeps.md: dev 0.812 at 450 forward passes), since version 4
+    default_lr = {(4, "full"): 3e-3}
     elementwise = True
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = default_n_queries,
                  distribution: str = default_distribution, weight_decay: float = 0.0, **options):
-        _check(isinstance(n_queries, int) and n_queries >= 2,
+        require(isinstance(n_queries, int) and n_queries >= 2,
                f"FZOO needs n_queries >= 2 (its step divides by the spread of the probes' losses), got {n_queries!r}")
-        _check(not options.get("blockwise"), "FZOO does not offer block-wise ZO")
+        require(not options.get("blockwise"), "FZOO does not offer block-wise ZO")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
                          weight_decay=weight_decay, **options)
         self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, one_sided=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..estimators.spsa import SPSA, SPSAEstimate, direction_key
-from .base import ZOOptimizer, _check
+from .base import ZOOptimizer, require
 
 
 class HiZOO(ZOOptimizer):
@@ -39,10 +39,10 @@ class HiZOO(ZOOptimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, alpha: float = 1e-3,
                  hessian_floor: float = 1e-2, **options):
-        _check(isinstance(alpha, (int, float)) and 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}")
-        _check(isinstance(hessian_floor, (int, float)) and hessian_floor > 0,
+        require(isinstance(alpha, (int, float)) and 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}")
+        require(isinstance(hessian_floor, (int, float)) and hessian_floor > 0,
                f"hessian_floor must be > 0, got {hessian_floor!r}")
-        _check(not options.get("blockwise"), "HiZOO does not offer block-wise ZO")
+        require(not options.get("blockwise"), "HiZOO does not offer block-wise ZO")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
                          weight_decay=weight_decay, **options)
         self.alpha, self.hessian_floor = float(alpha), float(hessian_floor)

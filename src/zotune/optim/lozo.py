@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..estimators.directions import mix
-from .base import _check
+from .base import require
 from .sgd import ZOSGD
 
 
@@ -36,8 +36,8 @@ class LOZO(ZOSGD):
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, rank: int = 2, refresh: int = 50,
                  **options):
-        _check(isinstance(rank, int) and rank >= 1, f"rank must be an int >= 1, got {rank!r}")
-        _check(isinstance(refresh, int) and refresh >= 1, f"refresh must be an int >= 1, got {refresh!r}")
+        require(isinstance(rank, int) and rank >= 1, f"rank must be an int >= 1, got {rank!r}")
+        require(isinstance(refresh, int) and refresh >= 1, f"refresh must be an int >= 1, got {refresh!r}")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution,
                          weight_decay=weight_decay, **options)
         self.rank, self.refresh = rank, refresh

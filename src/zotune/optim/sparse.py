@@ -9,7 +9,7 @@ import torch
 
 from ..estimators.directions import mix
 from ..estimators.spsa import SPSAEstimate
-from .base import ZOOptimizer, _check
+from .base import ZOOptimizer, require
 
 SAMPLE = 1 << 16  # coordinates of a parameter that set its threshold (all of a smaller one)
 
@@ -35,8 +35,8 @@ class SparseMeZO(ZOOptimizer):
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, sparsity: float = 0.75, **options):
-        _check(isinstance(sparsity, (int, float)) and 0 <= sparsity < 1, f"sparsity must be in [0, 1), got {sparsity!r}")
-        _check(not weight_decay, "SparseMeZO does not take weight_decay (it would write the coordinates it leaves out)")
+        require(isinstance(sparsity, (int, float)) and 0 <= sparsity < 1, f"sparsity must be in [0, 1), got {sparsity!r}")
+        require(not weight_decay, "SparseMeZO does not take weight_decay (it would write the coordinates it leaves out)")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, distribution=distribution, **options)
         self.sparsity = float(sparsity)
 

@@ -48,6 +48,10 @@ import torch
 
 from ..config import SCHEMES, Config, from_dict, unresolved_versioned_defaults
 from ..errors import ConfigError, ZotuneError
+from ..models.loader import resolve_source
+from ..optim.registry import is_zeroth_order, optimizer_names
+from ..train.stepper import make_step
+from ..train.trainer import Session
 
 INFERENCE = "inference"
 DEFAULT_OPTIMIZERS = ("ZOSGD", "ZOAdam", "SGD", "AdamW")
@@ -217,10 +221,6 @@ def cell_config(cfg: Config, cell: Cell) -> Config:
 def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
     """Build, measure the baseline, run the steps, return the breakdown (bytes). Meant for a
     fresh process: the peak it reports is this process's."""
-    from ..optim.registry import is_zeroth_order
-    from ..train.stepper import make_step
-    from ..train.trainer import Session
-
     t0 = time.perf_counter()
     session = Session.build(cell_config(cfg, cell), log=lambda *_: None, with_data=False)
     model = session.model.to(cell.device)
@@ -339,9 +339,7 @@ def max_positions(model_name: str) -> int | None:
     A missing model raises its one-line ModelError."""
     from transformers import AutoConfig
 
-    from ..models.loader import _resolve_source
-
-    source = _resolve_source(model_name)
+    source = resolve_source(model_name)
     if not isinstance(source, Path):
         return None  # a hub id: the cell checks once the model is loaded
     return getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
@@ -366,8 +364,6 @@ def run_memory(
     """``zotune memory``: measure every cell; write ``memory.csv``, ``memory.md`` and
     ``memory_vs_length.png`` into ``out`` (an earlier ``memory.csv`` there: only with
     ``overwrite``); return the rows."""
-    from ..optim.registry import optimizer_names
-
     names = parse_names(optimizers, optimizer_names(), "optimizers")
     scheme_names = parse_names(schemes, SCHEMES, "schemes")
     sizes = parse_lengths(lengths)

@@ -10,16 +10,14 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..config import recorded_config
+from ..errors import ConfigError, DataError
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
 
 
 def run_config(path: str | Path):
     """The resolved config of a finished run directory (its ``config.yaml``)."""
-    from ..config import recorded_config
-    from ..errors import DataError
-
     if not (Path(path) / "config.yaml").is_file():
         raise DataError(f"--run {path} is not a run directory (no config.yaml)")
     return recorded_config(Path(path) / "config.yaml")
@@ -98,8 +96,6 @@ class RunDir:
 
 def _check_same_config(path: Path, config: dict[str, Any]) -> None:
     """An unfinished run in ``path`` may be resumed only by the same resolved config."""
-    from ..config import recorded_config
-
     def plain(data: dict[str, Any]) -> Any:
         return yaml.safe_load(yaml.safe_dump(data))
 

@@ -13,6 +13,8 @@ import torch
 
 from ..config import OWN_WEIGHTS_SCHEMES, TuningConfig
 from ..errors import ConfigError
+from ..models.loader import is_masked_lm, resolve_dtype
+from .layers import final_norm, transformer_layers, tuned_top
 from .precision import check_precision, precision_report
 from .schemes import LORA_TARGETS, SCHEMES, lora_targets
 
@@ -31,8 +33,6 @@ def apply_scheme(model: torch.nn.Module, cfg: TuningConfig) -> tuple[torch.nn.Mo
     if cfg.trainable_dtype is not None and cfg.scheme in OWN_WEIGHTS_SCHEMES:
         raise ConfigError("config key 'tuning.trainable_dtype' applies to the adapter schemes (lora, prefix, "
                           f"prompt) only: {cfg.scheme} tunes the model's own weights (use model.dtype)")
-    from ..models.loader import is_masked_lm, resolve_dtype
-
     if is_masked_lm(model) and cfg.scheme not in MASKED_LM_SCHEMES:
         raise ConfigError(f"tuning.scheme {cfg.scheme!r} is for causal LMs; a masked LM (RoBERTa, BERT) tunes with "
                           f"{' or '.join(MASKED_LM_SCHEMES)}")
@@ -57,31 +57,6 @@ def freeze_lora_a(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if ".lora_A." in name:
             p.requires_grad_(False)
-
-
-def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:
-    """The model's stack of layers: its largest ``nn.ModuleList``."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len) if lists else []
-
-
-def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm after the last layer (Llama-family ``norm``, OPT ``final_layer_norm``, GPT-2 ``ln_f``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for name in ("norm", "final_layer_norm", "ln_f"):
-        module = getattr(decoder, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
-
-def tuned_top(model: torch.nn.Module, k: int, norm: bool = True) -> list[torch.nn.Module]:
-    """The modules the ``top`` scheme tunes: the last ``k`` layers, then the final norm."""
-    layers = list(transformer_layers(model))
-    if not 1 <= k <= len(layers):
-        raise ConfigError(f"tuning.top.layers is {k}, but the model has {len(layers)} layers")
-    last = final_norm(model) if norm else None
-    return layers[-k:] + ([last] if last is not None else [])
 
 
 def hybrid_split(

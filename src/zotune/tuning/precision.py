@@ -29,6 +29,7 @@ import torch
 
 from ..config import OWN_WEIGHTS_SCHEMES, Config
 from ..errors import ConfigError
+from ..estimators.spsa import SPSA
 from ..optim.factory import run_hparams
 from ..optim.registry import zo_class
 
@@ -90,8 +91,6 @@ def _unchanged(w: torch.Tensor, z: torch.Tensor, scale: float) -> float:
 def typical_projected_grad(closure: Callable[[], object], params: list[torch.Tensor], eps: float,
                            distribution: str = "gaussian", queries: int = 2, seed: int = _SEED) -> float | None:
     """Median |projected gradient| of ``queries`` SPSA probes (2 forwards each); None if not finite."""
-    from ..estimators.spsa import SPSA
-
     estimate = SPSA(eps, queries, distribution).estimate(closure, params, list(range(len(params))), seed)
     grads = [abs(g) for g in estimate.projected_grads]
     if not all(torch.isfinite(torch.tensor(grads))):

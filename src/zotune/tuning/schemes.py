@@ -27,6 +27,9 @@ import torch
 
 from ..config import TuningConfig
 from ..errors import ConfigError
+from ..models.loader import is_masked_lm
+from .layers import tuned_top
+from .prompt_model import prompt_tuned_causal_lm
 
 # LoRA target modules by ``config.model_type`` when ``tuning.lora.target_modules`` is null:
 # the attention's query and value projections (MeZO, following Hu et al. 2021).
@@ -50,8 +53,6 @@ def lora(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
 
     opts = cfg.lora
     targets = opts.target_modules or lora_targets(model)
-    from ..models.loader import is_masked_lm
-
     task_type = None if is_masked_lm(model) else TaskType.CAUSAL_LM  # a masked LM: peft's plain wrapper
     config = LoraConfig(task_type=task_type, r=opts.r, lora_alpha=opts.alpha,
                         lora_dropout=opts.dropout, target_modules=list(targets))
@@ -90,9 +91,7 @@ def prompt(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
                 # the tokenizer load_model already read, from the model's directory or the HF cache
                 "tokenizer_name_or_path": model.name_or_path, "tokenizer_kwargs": {"local_files_only": True}}
     config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens, **init)
-    from .prompt_model import PromptTunedCausalLM  # imports peft: only when used
-
-    return _peft(model, config, cls=PromptTunedCausalLM)
+    return _peft(model, config, cls=prompt_tuned_causal_lm())
 
 
 def top(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
@@ -100,8 +99,6 @@ def top(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
     weights; everything below them, the embeddings and the head stay frozen, so the hidden states
     entering the lowest tuned layer are a fixed function of the input (frozen_prefix.py caches
     them)."""
-    from . import tuned_top
-
     for p in model.parameters():
         p.requires_grad_(False)
     for module in tuned_top(model, cfg.top.layers, cfg.top.norm):

@@ -1,0 +1,94 @@
+"""The bench output directory: where a grid's cells, configs and logs live under ``--out DIR``
+(layout in runner.py), each cell's recorded :class:`Outcome`, and its state (done, stale, ...)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..config import from_dict, recorded_config
+from ..errors import ConfigError, ZotuneError
+from ..train.rundir import RUN_MARKERS
+from .grid import Cell, Grid
+
+
+@dataclass
+class Outcome:
+    """How a cell's last run went (``logs/<cell>.json``)."""
+
+    status: str  # "ok" | "failed"
+    error: str = ""
+    seconds: float = 0.0
+    returncode: int = 0
+
+
+class BenchDir:
+    """The paths of a bench output directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def run_dir(self, cell: Cell) -> Path:
+        """The cell's run directory, ``cells/<cell>``."""
+        return self.root / "cells" / cell.name
+
+    def config(self, cell: Cell) -> Path:
+        """The cell's train config file, ``configs/<cell>.yaml``."""
+        return self.root / "configs" / f"{cell.name}.yaml"
+
+    def log(self, cell: Cell, suffix: str) -> Path:
+        """The cell's log file ``logs/<cell>.<suffix>`` (``out``, ``err`` or ``json``)."""
+        return self.root / "logs" / f"{cell.name}.{suffix}"
+
+    def outcome(self, cell: Cell) -> Outcome | None:
+        """The recorded outcome of the cell's last run; ok whenever its summary.json exists."""
+        if (self.run_dir(cell) / "summary.json").is_file():
+            return Outcome("ok")
+        path = self.log(cell, "json")
+        if not path.is_file():
+            return None
+        try:
+            return Outcome(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            return None
+
+    def state(self, cell: Cell) -> str:
+        """``done`` (finished, same config), ``stale`` (holds another config), ``partial``
+        (an unfinished run), ``failed`` (last run failed, nothing to resume) or ``todo``."""
+        run = self.run_dir(cell)
+        if (run / "config.yaml").is_file() and not _same_config(run / "config.yaml", cell):
+            return "stale"
+        if (run / "summary.json").is_file():
+            return "done"
+        if any((run / m).exists() for m in RUN_MARKERS):
+            return "partial"
+        outcome = self.outcome(cell)
+        return "failed" if outcome is not None and outcome.status == "failed" else "todo"
+
+    def prepare(self, grid: Grid) -> None:
+        """Create the layout, copy the grid file, write every cell's config."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} exists and is not a directory")
+        try:
+            for sub in ("cells", "configs", "logs"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create {self.root}: {err.strerror}") from None
+        if grid.path.resolve() != (self.root / "grid.yaml").resolve():
+            shutil.copyfile(grid.path, self.root / "grid.yaml")
+        for cell in grid.cells:
+            self.config(cell).write_text(yaml.safe_dump(cell.config, sort_keys=False), encoding="utf-8")
+
+
+def _same_config(path: Path, cell: Cell) -> bool:
+    """Whether a cell's run directory holds the cell's config, compared under the defaults of the
+    config version the run was recorded with (a cell run before a new version stays done)."""
+    try:
+        recorded = recorded_config(path)
+        return recorded.to_dict() == from_dict(cell.config, default_version=recorded.version).to_dict()
+    except ZotuneError:
+        return False

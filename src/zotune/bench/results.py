@@ -1,0 +1,126 @@
+"""A grid's results: each cell with its outcome and summary (:class:`Result`, :func:`collect`), and
+their layout into ZO-Bench's rows and columns (:class:`Layout`), for the report and the plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..tasks import task_spec
+from .benchdir import BenchDir, Outcome
+from .grid import Cell, Grid, axis_label, value_label
+
+COLUMN_AXES = ("model.name", "task", "task.name", "tuning.scheme")  # ZO-Bench's columns; the rest are rows
+SEED_AXIS = "seed"
+
+
+@dataclass
+class Result:
+    """One cell with its outcome and, when it finished, its summary."""
+
+    cell: Cell
+    outcome: Outcome
+    summary: dict[str, Any] | None
+    run_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        """Whether the cell finished (its summary was read)."""
+        return self.summary is not None
+
+    @cached_property
+    def metric(self) -> str:
+        """The task's metric (the score the tables show)."""
+        return task_spec(self.cell.cfg.task).metric
+
+    def column_value(self, key: str) -> str:
+        """The model, task or scheme of the cell (the column axes), as a label."""
+        cfg = self.cell.cfg
+        if key == "model.name":
+            return value_label(cfg.model.name)
+        return cfg.tuning.scheme if key == "tuning.scheme" else task_spec(cfg.task).name
+
+    def get(self, key: str) -> float | None:
+        """A summary number: ``forward_passes``, ``eval.accuracy``, ``eval_zero_shot.accuracy``..."""
+        node: Any = self.summary
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+    @property
+    def score(self) -> float | None:
+        """The test score, ``eval.<metric>`` of the summary (None when the cell has none)."""
+        return self.get(f"eval.{self.metric}")
+
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """The cell's ``metrics.jsonl``."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def collect(grid: Grid, bench: BenchDir) -> list[Result]:
+    """Every cell's result, in grid order (a cell never run counts as failed: ``not run``)."""
+    results = []
+    for cell in grid.cells:
+        outcome = bench.outcome(cell) or Outcome("failed", "not run")
+        summary_path = bench.run_dir(cell) / "summary.json"
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
+        results.append(Result(cell, outcome, summary, bench.run_dir(cell)))
+    return results
+
+
+# -- layout --------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """Which axes make the rows and the columns (the seed axis is averaged over)."""
+
+    rows: list[str]
+    cols: list[str]
+    fixed: dict[str, str] = field(default_factory=dict)  # model, task, scheme: the same in every cell
+    row_keys: list[tuple] = field(default_factory=list)
+    col_keys: list[tuple] = field(default_factory=list)
+    groups: dict[tuple[tuple, tuple], list[Result]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, axes: dict[str, list], results: list[Result], exclude: tuple[str, ...] = ()) -> Layout:
+        """The layout of ``results`` over ``axes`` (the seed axis and ``exclude`` left out): the column axes among
+        ``COLUMN_AXES``, the others rows with the optimizer first, the results grouped by (row, column)."""
+        keys = [k for k in axes if k != SEED_AXIS and k not in exclude]
+        rows = sorted((k for k in keys if k not in COLUMN_AXES), key=lambda k: k != "optimizer.name")
+        cols = [k for k in keys if k in COLUMN_AXES]
+        fixed = {k: {r.column_value(k) for r in results} for k in ("model.name", "task.name", "tuning.scheme")
+                 if k not in axes and not (k == "task.name" and "task" in axes)}
+        layout = cls(rows, cols, {axis_label(k): v.pop() for k, v in fixed.items() if len(v) == 1})
+        for r in results:
+            row, col = layout.key(r, layout.rows), layout.key(r, layout.cols)
+            if row not in layout.row_keys:
+                layout.row_keys.append(row)
+            if col not in layout.col_keys:
+                layout.col_keys.append(col)
+            layout.groups.setdefault((row, col), []).append(r)
+        return layout
+
+    @staticmethod
+    def key(result: Result, axes: list[str]) -> tuple:
+        """A result's values on ``axes`` as JSON texts: its row or column key."""
+        return tuple(json.dumps(result.cell.axes[k], sort_keys=True, default=str) for k in axes)
+
+    def row_label(self, row: tuple) -> str:
+        """A row's label: the optimizer's name, then ``axis=value`` for the other row axes (``all cells`` when there
+        are none)."""
+        parts = [value_label(json.loads(v)) if k == "optimizer.name" else f"{axis_label(k)}={value_label(json.loads(v))}"
+                 for k, v in zip(self.rows, row)]
+        return ", ".join(parts) or "all cells"
+
+    def col_label(self, col: tuple) -> str:
+        """A column's label: its values joined by `` / ``, else the model, task and scheme every cell shares, else
+        ``all cells``."""
+        return " / ".join(value_label(json.loads(v)) for v in col) or " / ".join(self.fixed.values()) or "all cells"

@@ -88,6 +88,16 @@ def test_command_writes_csv_md_png(tiny_model_dir, tmp_path, capsys):
     assert (out / "memory_vs_length.png").stat().st_size > 10_000
     assert main(args) == 2  # an existing memory.csv: only with --overwrite
     assert "--overwrite" in capsys.readouterr().err
+    # the cells are zotune bench cells: an interrupted run (no memory.csv yet) keeps the cells it measured
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["ZOSGD-full-L16", "inference-L16"]
+    measured = (out / "cells" / "ZOSGD-full-L16" / "summary.json").stat().st_mtime_ns
+    (out / "memory.csv").unlink()
+    assert main(args) == 0
+    assert "(2 measured before, kept)" in capsys.readouterr().out
+    assert (out / "cells" / "ZOSGD-full-L16" / "summary.json").stat().st_mtime_ns == measured
+    assert list(csv.DictReader((out / "memory.csv").open())) == rows
+    assert main([*args, "--overwrite"]) == 0  # every cell measured again
+    assert "(0 measured before, kept)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, needle", [

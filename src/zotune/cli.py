@@ -34,6 +34,7 @@ def _add_memory_parser(subs) -> None:
     mem.add_argument("--steps", type=int, metavar="N", help="training steps per cell (default: 3)")
     mem.add_argument("--batch-size", type=int, metavar="N", help="sequences per batch (default: 1)")
     mem.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda if available)")
+    mem.add_argument("--cell", help=argparse.SUPPRESS)  # one cell, in this process (the runner's cell processes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +158,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     version = recorded_version(args.out) if args.command == "train" and not args.overwrite else CONFIG_VERSION
     cfg = load_config(args.config, args.overrides, default_version=version)
     if args.command == "memory":
-        from .profiling.memory import run_memory
+        from .profiling.memory import measure_one, run_memory
 
+        if args.cell is not None:
+            measure_one(cfg, args.cell, args.out)
+            return 0
         options = ("optimizers", "schemes", "lengths", "steps", "batch_size", "device", "overwrite")
         run_memory(cfg, args.out, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
         return 0

@@ -73,14 +73,19 @@ class BenchDir:
         """Create the layout, copy the grid file, write every cell's config."""
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--out {self.root} exists and is not a directory")
+        self.prepare_cells([])
+        if grid.path.resolve() != (self.root / "grid.yaml").resolve():
+            shutil.copyfile(grid.path, self.root / "grid.yaml")
+        self.prepare_cells(grid.cells)
+
+    def prepare_cells(self, cells: list[Cell]) -> None:
+        """Create the layout's folders and write every cell's config."""
         try:
             for sub in ("cells", "configs", "logs"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create {self.root}: {err.strerror}") from None
-        if grid.path.resolve() != (self.root / "grid.yaml").resolve():
-            shutil.copyfile(grid.path, self.root / "grid.yaml")
-        for cell in grid.cells:
+        for cell in cells:
             self.config(cell).write_text(yaml.safe_dump(cell.config, sort_keys=False), encoding="utf-8")
 
 

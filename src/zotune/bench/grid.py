@@ -97,7 +97,8 @@ class Cell:
     config: dict[str, Any]  # nested mapping, written as the cell's config file
     cfg: Config
     forwards_per_step: int | None  # None: block-wise (the blocks are the model's layers)
-    command: str = "train"  # "eval": a baseline cell (eval.baseline)
+    command: str = "train"  # "eval": a baseline cell (eval.baseline); "memory": a zotune memory cell
+    args: tuple[str, ...] = ()  # more arguments of its command (a memory cell: --cell and its JSON)
 
     @property
     def planned_forward_passes(self) -> int | None:

@@ -1,4 +1,5 @@
-"""Run a grid: each cell as its own ``zotune train`` process, then the report.
+"""Run a grid: each cell as its own ``zotune train`` process, then the report. (``zotune memory``'s cells
+run through the same :func:`run_cells`, each a ``zotune memory --cell`` process.)
 
 One process per cell keeps its peak memory its own and contains a crash. Under ``--out DIR``:
 
@@ -98,15 +99,16 @@ def run_cell(cell: Cell, bench: BenchDir, launcher: Launcher) -> Outcome:
         returncode, error = _train(cell, bench, ["--overwrite"], launcher)
     ok = returncode == 0 and (bench.run_dir(cell) / "summary.json").is_file()
     if returncode == 0 and not ok:
-        error = "zotune train exited 0 without writing summary.json"
+        error = f"zotune {cell.command} exited 0 without writing summary.json"
     outcome = Outcome("ok" if ok else "failed", "" if ok else error, round(time.perf_counter() - t0, 2), returncode)
     bench.log(cell, "json").write_text(json.dumps(asdict(outcome), indent=2) + "\n", encoding="utf-8")
     return outcome
 
 
 def _train(cell: Cell, bench: BenchDir, flags: list[str], launcher: Launcher) -> tuple[int, str]:
-    """One ``zotune train`` (a baseline cell: ``zotune eval``) process; (exit status, last line of its stderr)."""
-    cmd = [sys.executable, "-m", "zotune", cell.command, "--config", str(bench.config(cell)),
+    """One ``zotune train`` process (a baseline cell: ``zotune eval``; a memory cell: ``zotune memory --cell``);
+    (exit status, last line of its stderr)."""
+    cmd = [sys.executable, "-m", "zotune", cell.command, *cell.args, "--config", str(bench.config(cell)),
            "--out", str(bench.run_dir(cell)), *flags]
     with open(bench.log(cell, "out"), "w") as out, open(bench.log(cell, "err"), "w") as err:
         returncode = launcher.run(cmd, out, err)

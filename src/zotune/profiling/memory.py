@@ -1,8 +1,11 @@
 """Peak memory of tuning against inference: ``zotune memory``.
 
 Every cell (one optimizer x scheme x sequence length, plus one inference cell per length) runs
-in a fresh ``python -m zotune.profiling.memory --cell JSON`` process, since a process's peak
-memory never goes down. A cell builds model, scheme and optimizer as ``zotune train`` does
+in a fresh ``zotune memory --cell JSON`` process, since a process's peak memory never goes down:
+the cells are ``zotune bench`` cells, run by its runner (:func:`zotune.bench.runner.run_cells`)
+into the same layout under ``--out`` (``configs/``, ``cells/<cell>/`` with the cell's
+``config.yaml`` and its row as ``summary.json``, ``logs/``), so a finished cell is skipped when
+the command runs again and an interrupted one stops cleanly. A cell builds model, scheme and optimizer as ``zotune train`` does
 (:class:`~zotune.train.trainer.Session`), then runs ``steps`` training steps (first-order
 ones through the trainer's own step) on a synthetic batch: ``batch_size`` rows of ``length``
 random token ids from the tokenizer's vocabulary, with ``labels = input_ids``. The loss is
@@ -28,7 +31,6 @@ mask the steps' peak; where it cannot be, ``peak_reset`` is false and the peak i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import ctypes
 import difflib
@@ -36,7 +38,7 @@ import gc
 import json
 import os
 import re
-import subprocess
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,9 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from ..bench.benchdir import BenchDir
+from ..bench.grid import Cell as BenchCell
+from ..bench.runner import run_cells
 from ..config import SCHEMES, Config, from_dict, unresolved_versioned_defaults
-from ..errors import ConfigError, ZotuneError
+from ..errors import ConfigError
 from ..models.loader import resolve_source
 from ..optim.registry import is_zeroth_order, optimizer_names
 from ..train.stepper import make_step
@@ -61,7 +67,6 @@ PARTS = ("weights", "runtime", "optimizer_state", "gradients", "activations")
 COLUMNS = ("length", "batch_size", "optimizer", "scheme", "device", "steps", "trainable_params", "trainable_bytes",
            *(f"{p}_bytes" for p in PARTS), "peak_bytes", "peak_vs_inference", "peak_reset", "wall_s", "status", "error")
 FO_VS_ZO = {"SGD": "ZOSGD", "AdamW": "ZOAdam"}  # ZO-Bench's FO / ZO memory ratios
-_CELL_TAG = "zotune-memory-cell:"
 MB = 2**20
 
 
@@ -80,6 +85,11 @@ class Cell:
     def label(self) -> str:
         """The cell's name in the log: ``inference`` or ``optimizer (scheme)``."""
         return INFERENCE if self.optimizer == INFERENCE else f"{self.optimizer} ({self.scheme})"
+
+    @property
+    def name(self) -> str:
+        """Its directory name under ``--out``: ``inference-L64``, ``ZOSGD-full-L64``."""
+        return f"{INFERENCE if self.optimizer == INFERENCE else f'{self.optimizer}-{self.scheme}'}-L{self.length}"
 
 
 # -- meters ---------------------------------------------------------------------------------
@@ -210,11 +220,14 @@ def check_length(length: int, limit: int | None, model_name: str) -> None:
 
 
 def cell_config(cfg: Config, cell: Cell) -> Config:
-    """The run config of a cell: its optimizer and scheme (inference: the plain model)."""
+    """The run config of a cell: its optimizer and scheme (inference: the plain model), and its batch
+    shape and steps as ``train.batch_size`` / ``max_length`` / ``steps`` (so that a cell measured
+    with other ones is not taken for done)."""
     raw = unresolved_versioned_defaults(cfg)  # defaults that depend on the optimizer: each cell's own
     inference = cell.optimizer == INFERENCE
     raw["tuning"]["scheme"] = "full" if inference else cell.scheme
     raw["optimizer"]["name"] = "ZOSGD" if inference else cell.optimizer  # inference: no special attention
+    raw["train"] |= {"batch_size": cell.batch_size, "max_length": cell.length, "steps": cell.steps}
     return from_dict(raw)
 
 
@@ -262,40 +275,20 @@ def measure_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
     }
 
 
-def _cell_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m zotune.profiling.memory --cell JSON``: measure one cell, print its row as
-    one tagged JSON line; a user error prints one line and exits 2."""
-    parser = argparse.ArgumentParser(prog="python -m zotune.profiling.memory")
-    parser.add_argument("--cell", required=True, help="JSON: {config, cell}")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    spec = json.loads(args.cell)
+def measure_one(cfg: Config, cell_json: str, out: str | Path) -> dict[str, Any]:
+    """``zotune memory --cell JSON --config C --out RUN`` (a cell process, started by the runner):
+    measure the cell in this process, write ``RUN/config.yaml`` and its row as ``RUN/summary.json``."""
     try:
-        row = measure_cell(from_dict(spec["config"]), Cell(**spec["cell"]))
-    except ZotuneError as err:
-        print(f"zotune: error: {err}", file=sys.stderr)
-        return 2
-    print(_CELL_TAG + json.dumps(row), flush=True)
-    return 0
-
-
-# -- the sweep (parent process) -------------------------------------------------------------
-def run_cell(cfg: Config, cell: Cell) -> dict[str, Any]:
-    """Measure ``cell`` in a fresh process. A user error there raises it here; a crash (out
-    of memory, killed) gives a row with status ``failed``."""
-    spec = json.dumps({"config": cfg.to_dict(), "cell": asdict(cell)})
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "zotune.profiling.memory", "--cell", spec],
-                          capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if proc.returncode == 0 and line.startswith(_CELL_TAG):
-            return json.loads(line[len(_CELL_TAG):])
-    last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    if proc.returncode == 2 and last.startswith("zotune: error: "):
-        raise ZotuneError(last.removeprefix("zotune: error: "))
-    if proc.returncode < 0:
-        last = f"killed by signal {-proc.returncode} (out of memory?)"
-    return {**asdict(cell), "status": "failed", "error": last, "wall_s": round(time.perf_counter() - t0, 2)}
+        cell = Cell(**json.loads(cell_json))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--cell must be a memory cell as JSON: {err}") from None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    row = measure_cell(cfg, cell)
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    (run / "summary.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return row
 
 
 def parse_names(text: str, valid: Sequence[str], what: str) -> list[str]:
@@ -355,15 +348,22 @@ def plan(optimizers: Sequence[str], schemes: Sequence[str], lengths: Sequence[in
     return cells
 
 
+def bench_cell(cfg: Config, cell: Cell) -> BenchCell:
+    """The runner's cell for a measurement: its config, and ``zotune memory --cell JSON`` as its command."""
+    config = cell_config(cfg, cell)
+    return BenchCell(cell.name, {}, config.to_dict(), config, forwards_per_step=None, command="memory",
+                     args=("--cell", json.dumps(asdict(cell))))
+
+
 def run_memory(
     cfg: Config, out: str | Path, optimizers: str = ",".join(DEFAULT_OPTIMIZERS),
     schemes: str = ",".join(DEFAULT_SCHEMES), lengths: str = ",".join(map(str, DEFAULT_LENGTHS)),
     steps: int = 3, batch_size: int = 1, device: str = "auto", overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """``zotune memory``: measure every cell; write ``memory.csv``, ``memory.md`` and
-    ``memory_vs_length.png`` into ``out`` (an earlier ``memory.csv`` there: only with
-    ``overwrite``); return the rows."""
+    """``zotune memory``: measure every cell (those an interrupted run measured already are kept);
+    write ``memory.csv``, ``memory.md`` and ``memory_vs_length.png`` into ``out`` (an earlier
+    ``memory.csv`` there: only with ``overwrite``, which measures every cell again); return the rows."""
     names = parse_names(optimizers, optimizer_names(), "optimizers")
     scheme_names = parse_names(schemes, SCHEMES, "schemes")
     sizes = parse_lengths(lengths)
@@ -376,22 +376,33 @@ def run_memory(
         raise ConfigError(f"--out {out} is a file, not a directory")
     if (out / "memory.csv").exists() and not overwrite:
         raise ConfigError(f"{out} already holds memory.csv (--overwrite to replace it)")
+    if overwrite:  # measure every cell again
+        for sub in ("cells", "configs", "logs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     cells = plan(names, scheme_names, sizes, batch_size, steps, device)
     title = f"{cfg.model.name} ({cfg.model.dtype}), batch {batch_size}, {steps} step{'s' * (steps != 1)}, {device}"
-    log(f"{len(cells)} cells, each in a fresh process: {title}")
-    rows: list[dict[str, Any]] = []
-    inference: dict[int, int] = {}
-    for i, cell in enumerate(cells, 1):
-        row = run_cell(cfg, cell)
-        if row["status"] == "ok" and cell.optimizer == INFERENCE:
-            inference[cell.length] = row["peak_bytes"]
-        if row["status"] == "ok" and cell.length in inference:
-            row["peak_vs_inference"] = round(row["peak_bytes"] / inference[cell.length], 3)
+    bench, runs = BenchDir(out), {cell: bench_cell(cfg, cell) for cell in cells}
+    bench.prepare_cells(list(runs.values()))
+    todo = [run for run in runs.values() if bench.state(run) != "done"]
+    log(f"{len(cells)} cells, each in a fresh process ({len(cells) - len(todo)} measured before, kept): {title}")
+    run_cells(todo, bench, jobs=1, log=log, interactive=False)  # one at a time: each peak its own machine's
+    rows = []
+    for cell, run in runs.items():
+        outcome = bench.outcome(run)
+        summary = bench.run_dir(run) / "summary.json"
+        row = (json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else
+               {**asdict(cell), "status": "failed", "error": outcome.error if outcome else "not run",
+                "wall_s": outcome.seconds if outcome else 0.0})
         rows.append(row)
+    inference = {r["length"]: r["peak_bytes"] for r in rows if r["status"] == "ok" and r["optimizer"] == INFERENCE}
+    for row in rows:
+        if row["status"] == "ok" and row["length"] in inference:
+            row["peak_vs_inference"] = round(row["peak_bytes"] / inference[row["length"]], 3)
+    for i, (cell, row) in enumerate(zip(cells, rows), 1):
         log(f"[{i}/{len(cells)}] {cell.label}, {batch_size}x{cell.length} tokens: {_summary(row)}")
-        write_csv(out / "memory.csv", rows)
+    write_csv(out / "memory.csv", rows)
     write_markdown(out / "memory.md", rows, title)
     plot_memory(out / "memory_vs_length.png", rows, title)
     log(f"memory table: {out / 'memory.md'}")
@@ -487,6 +498,3 @@ def plot_memory(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-if __name__ == "__main__":
-    sys.exit(_cell_main())

@@ -124,9 +124,9 @@ def test_two_ranks_apply_the_single_process_update(cls, parallel, monkeypatch):
 
 def test_the_exchange_weights_shards_and_shares_queries():
     exchange = LossExchange(World(rank=1, size=2), "queries")
-    assert exchange.mine(4) == [False, False, True, True]  # q = 2: rank 1 takes the second direction
-    assert exchange.mine(2) == [False, True]  # q = 1: rank 1 the minus probe
-    assert LossExchange(World(rank=0, size=2), "queries").mine(3) == [True, True, False]
+    assert exchange.runs_here(4) == [False, False, True, True]  # q = 2: rank 1 takes the second direction
+    assert exchange.runs_here(2) == [False, True]  # q = 1: rank 1 the minus probe
+    assert LossExchange(World(rank=0, size=2), "queries").runs_here(3) == [True, True, False]
     alone = LossExchange(World(), "data")
     alone.begin(1, 3)
     assert alone.reduce([1.5, float("nan")])[0] == 1.5 and alone.bytes == 4 * 8 and alone.calls == 1

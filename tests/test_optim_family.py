@@ -365,7 +365,7 @@ def test_an_optimizer_is_one_file(tiny_model_dir, reviews_csv, tmp_path):
 
     from zotune.cli import main
     from zotune.config import CONFIG_VERSION, load_config
-    from zotune.estimators.spsa import SPSAEstimate
+    from zotune.estimators.spsa import GradientEstimate
     from zotune.optim import ZOOptimizer, registry
     from zotune.optim.factory import run_hparams
     from zotune.train.trainer import run_train
@@ -376,9 +376,9 @@ def test_an_optimizer_is_one_file(tiny_model_dir, reviews_csv, tmp_path):
         elementwise = True
         default_lr = {(CONFIG_VERSION, "full"): 2e-3}
 
-        def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+        def update_param(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> None:
             flat = p.view(-1)
-            estimate.apply(index, p.numel(), lambda a, b, w, z: flat[a:b].add_(z, alpha=-group["lr"] / 2 * w), p.device)
+            estimate.per_direction(index, p.numel(), lambda a, b, w, z: flat[a:b].add_(z, alpha=-group["lr"] / 2 * w), p.device)
 
     try:
         assert registry.zo_class("ToyHalfStepZO") is ToyHalfStepZO and "ToyHalfStepZO" in registry.optimizer_names()

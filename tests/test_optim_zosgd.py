@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from zotune.estimators import SPSA, DirectionSampler, Perturbation
 from zotune import optim
-from zotune.estimators.spsa import SPSAEstimate, direction_key
+from zotune.estimators.spsa import GradientEstimate, direction_key
 from zotune.optim import ZOSGD
 
 from .conftest import tiny_llama
@@ -382,7 +382,7 @@ def test_streamed_updates_equal_the_whole_tensor_formulas(name):
     for t in range(1, 4):
         opt.step(lambda: (w * x).sum().pow(2))
         record = opt.last_record
-        estimate = SPSAEstimate(record.query_seeds, record.projected_grads, 0.0, [], opt.estimator.sampler)
+        estimate = GradientEstimate(record.query_seeds, record.projected_grads, 0.0, [], opt.estimator.sampler)
         g = estimate.materialize(0, torch.empty(2500))
         expected.mul_(1 - 1e-2 * 0.1)
         if name == "ZOAdam":

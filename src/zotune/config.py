@@ -25,7 +25,7 @@ from .optim.registry import FIRST_ORDER, is_zeroth_order, optimizer_names, zo_cl
 
 NOISE_TABLE_MIN_MB = TABLE_MIN_CHUNKS * DEFAULT_CHUNK * 4 / 2**20  # float32 values: 32 MB
 DEFAULT_TASK = "rotten_tomatoes"
-SCHEMES = ("full", "lora", "prefix", "prompt", "top")  # kept in sync with zotune.tuning.SCHEMES (tested)
+SCHEMES = ("full", "lora", "prefix", "prompt", "top")  # zotune.tuning.SCHEMES: the builder of each, by its name
 OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own weights, not adapters
 PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")

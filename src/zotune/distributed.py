@@ -235,7 +235,7 @@ class LossExchange(LossReducer):
         """A new training step (1-based, for messages); ``n_examples`` on this rank (data parallel)."""
         self.step, self.weight = step, float(n_examples)
 
-    def mine(self, n: int) -> list[bool]:
+    def runs_here(self, n: int) -> list[bool]:
         """``data``: every evaluation; ``queries``: evaluation ``k`` of ``n`` on rank ``k * size // n`` only."""
         if self.parallel == "data":
             return [True] * n

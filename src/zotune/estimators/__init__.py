@@ -2,6 +2,6 @@
 
 from .directions import DISTRIBUTIONS, DirectionSampler, mix
 from .perturb import Perturbation
-from .spsa import SPSA, SPSAEstimate
+from .spsa import SPSA, GradientEstimate, SPSAEstimate
 
-__all__ = ["DISTRIBUTIONS", "DirectionSampler", "mix", "Perturbation", "SPSA", "SPSAEstimate"]
+__all__ = ["DISTRIBUTIONS", "DirectionSampler", "mix", "Perturbation", "SPSA", "GradientEstimate", "SPSAEstimate"]

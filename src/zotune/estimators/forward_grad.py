@@ -16,7 +16,7 @@ import torch.autograd.forward_ad as fwAD
 from .directions import DirectionSampler
 from .perturb import Tangents
 from .reduce import LOCAL, LossReducer
-from .spsa import SPSAEstimate, direction_key, loss_value, query_seeds
+from .spsa import GradientEstimate, direction_key, loss_value, query_seeds
 
 
 class ForwardGradient:
@@ -30,16 +30,16 @@ class ForwardGradient:
     def estimate(
         self, closure: Callable[[], object], params: list[torch.Tensor], indices: list[int], step_seed: int,
         reducer: LossReducer = LOCAL,
-    ) -> SPSAEstimate:
+    ) -> GradientEstimate:
         """One JVP per query; ``reducer`` (see reduce.py) combines the q pairs ``(f, jvp)`` (both
         linear in the batch loss) in one call after all queries."""
         seeds = query_seeds(step_seed, self.n_queries)
         values: list[float] = []
-        for seed, mine in zip(seeds, reducer.mine(len(seeds))):
+        for seed, mine in zip(seeds, reducer.runs_here(len(seeds))):
             values.extend(self._jvp(closure, params, indices, seed) if mine else (0.0, 0.0))
         values = reducer.reduce(values)
         pairs = list(zip(values[0::2], values[1::2]))
-        return SPSAEstimate(seeds, [jvp for _, jvp in pairs], sum(f for f, _ in pairs) / len(pairs), pairs, self.sampler)
+        return GradientEstimate(seeds, [jvp for _, jvp in pairs], sum(f for f, _ in pairs) / len(pairs), pairs, self.sampler)
 
     def _jvp(
         self, closure: Callable[[], object], params: list[torch.Tensor], indices: list[int], seed: int

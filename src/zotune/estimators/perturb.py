@@ -232,7 +232,7 @@ class Perturbation:
         """A 2-D parameter large enough (an embedding, an LM head) to be worth never building whole."""
         return self.recycle and p.ndim == 2 and p.numel() >= self.large_numel
 
-    def large(self, arg: object) -> tuple[torch.Tensor, Terms] | None:
+    def use_if_large(self, arg: object) -> tuple[torch.Tensor, Terms] | None:
         """``(param, terms)`` if ``arg`` is a perturbed large parameter (counted as a use); else None."""
         target = self._targets.get(id(arg)) if isinstance(arg, torch.Tensor) else None
         if target and target[1] and self._is_large(target[0]):
@@ -325,9 +325,9 @@ class _PerturbMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if _reads_metadata_only(func):
             return func(*args, **kwargs)
-        if func is F.embedding and len(args) >= 2 and not kwargs.get("max_norm") and (target := self.p.large(args[1])):
+        if func is F.embedding and len(args) >= 2 and not kwargs.get("max_norm") and (target := self.p.use_if_large(args[1])):
             return self._embedding(args[0], *target)
-        if func is F.linear and len(args) >= 2 and (target := self.p.large(args[1])):
+        if func is F.linear and len(args) >= 2 and (target := self.p.use_if_large(args[1])):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self._linear(args[0], *target, bias)
         built: list[torch.Tensor] = []

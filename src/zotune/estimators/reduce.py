@@ -16,7 +16,7 @@ from __future__ import annotations
 class LossReducer:
     """The identity: this process runs every evaluation and its values are the step's."""
 
-    def mine(self, n: int) -> list[bool]:
+    def runs_here(self, n: int) -> list[bool]:
         """Which of ``n`` evaluations this process runs."""
         return [True] * n
 

@@ -7,8 +7,8 @@ For each of ``n_queries`` directions z_j (seeded, regenerated, never stored)::
 
 The estimate is kept implicit, as the scalars g_j and the seeds that name z_j: a whole
 fine-tune is thus described by a few numbers per step (MeZO's trajectory storage). Update
-rules read it back chunk by chunk (:meth:`SPSAEstimate.apply`) or as a full tensor per
-parameter (:meth:`SPSAEstimate.materialize`).
+rules read it back chunk by chunk (:meth:`GradientEstimate.apply`) or as a full tensor per
+parameter (:meth:`GradientEstimate.materialize`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def direction_key(query_seed: int, param_index: int) -> int:
 
 
 @dataclass
-class SPSAEstimate:
-    """An implicit gradient estimate: sum_j weights[j] * z(seeds[j])."""
+class GradientEstimate:
+    """An implicit gradient estimate, ``sum_j weights[j] * z(seeds[j])``: what SPSA returns, and
+    ForwardGrad too (its ``losses`` are then ``(f, jvp)`` pairs). An update rule reads it direction
+    by direction (:meth:`per_direction`) or summed, chunk by chunk (:meth:`summed`)."""
 
     seeds: list[int]
     projected_grads: list[float]
@@ -62,7 +64,7 @@ class SPSAEstimate:
         center = self.center if self.center is not None else 0.0
         return math.isfinite(center) and all(math.isfinite(a) and math.isfinite(b) for a, b in self.losses)
 
-    def negated(self) -> SPSAEstimate:
+    def negated(self) -> GradientEstimate:
         """The estimate of the opposite direction (-grad_hat)."""
         return dataclasses.replace(self, projected_grads=[-g for g in self.projected_grads])
 
@@ -76,7 +78,7 @@ class SPSAEstimate:
         ]
         return [(seed, g / len(pairs)) for seed, g in pairs]
 
-    def apply(
+    def per_direction(
         self,
         param_index: int,
         numel: int,
@@ -90,7 +92,7 @@ class SPSAEstimate:
         for seed, w in self.terms(param_index):
             self.sampler.apply(numel, direction_key(seed, param_index), lambda s, e, z, w=w: fn(s, e, w, z), device)
 
-    def stream(
+    def summed(
         self,
         param_index: int,
         numel: int,
@@ -107,7 +109,7 @@ class SPSAEstimate:
     def materialize(self, param_index: int, out: torch.Tensor) -> torch.Tensor:
         """Write grad_hat for one parameter into ``out`` (float32, flat or shaped)."""
         flat = out.view(-1)
-        self.stream(param_index, flat.numel(), lambda s, e, g: flat[s:e].copy_(g), out.device)
+        self.summed(param_index, flat.numel(), lambda s, e, g: flat[s:e].copy_(g), out.device)
         return out
 
 
@@ -146,7 +148,7 @@ class SPSA:
         step_seed: int,
         blocks: list[list[int]] | None = None,
         reducer: LossReducer = LOCAL,
-    ) -> SPSAEstimate:
+    ) -> GradientEstimate:
         """Probe the closure at x +- eps*z_j for every query. The weights come back bit for bit
         (never written, or, for a small set, written and restored from saved bits: see perturb.py).
 
@@ -157,7 +159,7 @@ class SPSA:
         seeds = query_seeds(step_seed, self.n_queries * len(blocks))
         block_of_query = [b for b in blocks for _ in range(self.n_queries)]
         scales = (self.eps,) if self.one_sided else (self.eps, -self.eps)
-        mine = iter(reducer.mine(len(scales) * len(seeds) + self.center))
+        mine = iter(reducer.runs_here(len(scales) * len(seeds) + self.center))
         values: list[float] = []
         if self.center:  # f(x): the closure on the weights as they are
             values.append(loss_value(closure()) if next(mine) else 0.0)
@@ -175,7 +177,7 @@ class SPSA:
             losses = list(zip(values[0::2], values[1::2]))
             grads = [(plus - minus) / (2 * self.eps) for plus, minus in losses]
         loss = center if center is not None else sum(a + b for a, b in losses) / (2 * len(losses))
-        return SPSAEstimate(seeds, grads, loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries), center)
+        return GradientEstimate(seeds, grads, loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries), center)
 
     def _probe(
         self, closure: Callable[[], object], params: list[torch.Tensor], keys: list[int], chosen: set[int], scale: float
@@ -190,3 +192,10 @@ class SPSA:
         self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
         self._order = tuple(pert.first_use)
         return loss
+
+
+# The earlier names, kept for update rules written against them: ``SPSAEstimate`` (the class, which
+# ForwardGrad returns too), ``apply`` (per direction) and ``stream`` (summed).
+SPSAEstimate = GradientEstimate
+GradientEstimate.apply = GradientEstimate.per_direction
+GradientEstimate.stream = GradientEstimate.summed

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer
 
 
@@ -42,7 +42,7 @@ class ZOAdam(ZOOptimizer):
         super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(betas=(b1, b2), adam_eps=adam_eps), **options)
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """ZO-Adam: the moments from ``grad_hat`` and the bias-corrected Adam step, chunk by chunk."""
         b1, b2 = group["betas"]
@@ -60,4 +60,4 @@ class ZOAdam(ZOOptimizer):
             self.decay(pc, group)
             pc.addcdiv_(mc, denom, value=-step_size)
 
-        estimate.stream(index, p.numel(), chunk, p.device)
+        estimate.summed(index, p.numel(), chunk, p.device)

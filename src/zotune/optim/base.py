@@ -32,7 +32,7 @@ import torch
 
 from ..estimators.directions import DISTRIBUTIONS, mix
 from ..estimators.reduce import LOCAL, LossReducer
-from ..estimators.spsa import SPSA, SPSAEstimate, block_coverage, direction_key, query_seeds
+from ..estimators.spsa import SPSA, GradientEstimate, block_coverage, direction_key, query_seeds
 from .registry import register as _register
 
 
@@ -229,7 +229,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             trainable = list(self.trainable())
             indices = [i for i, _, _ in trainable]
             coverage = block_coverage(self.blocks(), indices, self.n_queries) if self.blockwise else None
-            estimate = SPSAEstimate(query_seeds(record.seed, len(record.projected_grads)), list(record.projected_grads),
+            estimate = GradientEstimate(query_seeds(record.seed, len(record.projected_grads)), list(record.projected_grads),
                                     record.loss, [], self.estimator.sampler, coverage)
             try:
                 self.shape_directions(estimate.seeds, trainable)
@@ -256,14 +256,14 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self.estimator.sampler.shapes[key] = functools.partial(shape, key)
 
     def replay_update(
-        self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
+        self, estimate: GradientEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
     ) -> None:
         """A replayed step's update; rules that consult the closure (ZO-SGD-Cons) override it
         to follow the record instead."""
         self.update(no_closure, estimate, trainable)
 
     def update(
-        self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
+        self, closure: Callable[[], Any], estimate: GradientEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> dict[str, Any] | None:
         """Apply the update rule to every trainable parameter of a group with lr != 0.
         Returns optimizer-specific scalars for the step's record (None: nothing)."""
@@ -278,7 +278,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """Move one parameter (lr != 0 here). Called inside ``torch.no_grad()``."""
         raise NotImplementedError

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..estimators.perturb import Perturbation
-from ..estimators.spsa import SPSAEstimate, direction_key, loss_value
+from ..estimators.spsa import GradientEstimate, direction_key, loss_value
 from .base import no_closure
 from .sgd import ZOSGD
 
@@ -37,12 +37,12 @@ class ZOSGDConservative(ZOSGD):
         return super().forwards_per_step + 3  # the probes, then x and both candidates
 
     def update(
-        self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
+        self, closure: Callable[[], Any], estimate: GradientEstimate, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> dict[str, Any]:
         """ZO-SGD-Cons: the losses at ``x`` and both candidates, then the candidate with the lowest finite loss if
         it beats ``x``; records ``accepted`` and the three losses."""
         candidates = {0: None, -1: estimate, 1: estimate.negated()}
-        mine = self.loss_reducer.mine(len(candidates))
+        mine = self.loss_reducer.runs_here(len(candidates))
         values = [self._loss_at(closure, c, trainable) if m else 0.0 for c, m in zip(candidates.values(), mine)]
         losses = dict(zip(candidates, self.loss_reducer.reduce(values)))  # several processes: a 2nd exchange
         finite = {k: v for k, v in losses.items() if math.isfinite(v)}
@@ -56,7 +56,7 @@ class ZOSGDConservative(ZOSGD):
         return {"accepted": accepted, "candidate_losses": [losses[0], losses[-1], losses[1]]}
 
     def _loss_at(
-        self, closure: Callable[[], Any], candidate: SPSAEstimate | None, trainable: list[tuple[int, torch.Tensor, dict]]
+        self, closure: Callable[[], Any], candidate: GradientEstimate | None, trainable: list[tuple[int, torch.Tensor, dict]]
     ) -> float:
         """The closure's loss at ``x`` (None) or at the weights ``candidate``'s update writes."""
         if candidate is None:
@@ -71,7 +71,7 @@ class ZOSGDConservative(ZOSGD):
             return loss_value(closure())
 
     def replay_update(
-        self, estimate: SPSAEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
+        self, estimate: GradientEstimate, trainable: list[tuple[int, torch.Tensor, dict]], extra: dict[str, Any]
     ) -> None:
         """Take the candidate the record says was accepted (-1 descent, +1 ascent, 0 none)."""
         accepted = int(extra["accepted"])

@@ -8,7 +8,7 @@ import statistics
 
 import torch
 
-from ..estimators.spsa import SPSA, SPSAEstimate
+from ..estimators.spsa import SPSA, GradientEstimate
 from .base import ZOOptimizer, require
 
 
@@ -47,7 +47,7 @@ class FZOO(ZOOptimizer):
                          weight_decay=weight_decay, **options)
         self.estimator = SPSA(self.eps, n_queries, distribution, sampler=self.estimator.sampler, one_sided=True)
 
-    def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+    def update_param(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> None:
         """FZOO: the step divided by the probes' spread (the standard deviation of the projected gradients); no move
         when it is 0."""
         spread = statistics.stdev(estimate.projected_grads)  # sigma / eps
@@ -60,4 +60,4 @@ class FZOO(ZOOptimizer):
             if weight:
                 flat[start:stop].add_(z, alpha=scale * weight)
 
-        estimate.apply(index, p.numel(), step, p.device)
+        estimate.per_direction(index, p.numel(), step, p.device)

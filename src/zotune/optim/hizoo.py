@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..estimators.spsa import SPSA, SPSAEstimate, direction_key
+from ..estimators.spsa import SPSA, GradientEstimate, direction_key
 from .base import ZOOptimizer, require
 
 
@@ -70,17 +70,17 @@ class HiZOO(ZOOptimizer):
 
         return preconditioned
 
-    def update(self, closure: Callable[[], Any], estimate: SPSAEstimate, trainable: list) -> dict[str, Any]:
+    def update(self, closure: Callable[[], Any], estimate: GradientEstimate, trainable: list) -> dict[str, Any]:
         """HiZOO: the step and the Hessian update; the curvatures go into the record (``values``)."""
         curvatures = [plus + minus - 2 * estimate.center for plus, minus in estimate.losses]
         self._move(estimate, trainable, curvatures)
         return {"values": curvatures}
 
-    def replay_update(self, estimate: SPSAEstimate, trainable: list, extra: dict[str, Any]) -> None:
+    def replay_update(self, estimate: GradientEstimate, trainable: list, extra: dict[str, Any]) -> None:
         """HiZOO: the same move, from the recorded curvatures."""
         self._move(estimate, trainable, list(extra["values"]))
 
-    def _move(self, estimate: SPSAEstimate, trainable: list, curvatures: list[float]) -> None:
+    def _move(self, estimate: GradientEstimate, trainable: list, curvatures: list[float]) -> None:
         """The step and the Hessian update, chunk by chunk, every direction read once per chunk."""
         sampler, coefficient = self.estimator.sampler, self.alpha / (2 * self.eps**2 * len(curvatures))
         for index, p, group in trainable:

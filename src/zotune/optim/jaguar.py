@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..estimators.directions import DirectionSampler
-from ..estimators.spsa import SPSA, SPSAEstimate, direction_key
+from ..estimators.spsa import SPSA, GradientEstimate, direction_key
 from .base import ZOOptimizer
 
 
@@ -58,7 +58,7 @@ class JaguarSignSGD(ZOOptimizer):
         self.estimator = SPSA(self.eps, n_queries, sampler=sampler)
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """JAGUAR: ``sign(g) * tau`` into the memory at the step's coordinates, then the step along the whole memory
         (its sign under ``variant="sign"``)."""

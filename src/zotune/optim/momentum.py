@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer
 
 
@@ -28,15 +28,15 @@ class ZOSGDMomentum(ZOOptimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         super().__init__(params, lr=lr, eps=eps, seed=seed, defaults=dict(momentum=momentum, **(defaults or {})), **options)
 
-    def accumulate(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> torch.Tensor:
+    def accumulate(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> torch.Tensor:
         """``m <- momentum * m + grad_hat`` for one parameter; returns m (float32)."""
         m = self.buffer(state, "momentum_buffer", p)
         flat = m.view(-1)
-        estimate.stream(index, p.numel(), lambda s, e, g: flat[s:e].mul_(group["momentum"]).add_(g), p.device)
+        estimate.summed(index, p.numel(), lambda s, e, g: flat[s:e].mul_(group["momentum"]).add_(g), p.device)
         return m
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """Heavy ball: ``m`` accumulated, then ``x <- x - lr * m``."""
         m = self.accumulate(p, index, estimate, group, state)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .momentum import ZOSGDMomentum
 from .newton_schulz import newton_schulz
 
@@ -57,7 +57,7 @@ class ZOMuon(ZOSGDMomentum):
         return out
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """ZO-Muon: ``lr * scale * NS(M)`` for a matrix of an orthogonalised group; the momentum step (at
         ``plain_lr`` when given) for every other parameter."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer
 
 
@@ -27,7 +27,7 @@ class ZOSGD(ZOOptimizer):
     elementwise = True
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """ZO-SGD: weight decay, then ``-lr * g_j * z_j`` for every direction, z streamed chunk by chunk."""
         lr = group["lr"]
@@ -38,4 +38,4 @@ class ZOSGD(ZOOptimizer):
             if weight:
                 flat[start:stop].add_(z, alpha=-lr * weight)
 
-        estimate.apply(index, p.numel(), step, p.device)
+        estimate.per_direction(index, p.numel(), step, p.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer
 
 
@@ -20,7 +20,7 @@ class ZOSGDSign(ZOOptimizer):
     elementwise = True
 
     def update_param(
-        self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict
+        self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
         """ZO-SGD-Sign: weight decay, then ``-lr * sign(grad_hat)``, chunk by chunk."""
         flat = p.view(-1)
@@ -29,4 +29,4 @@ class ZOSGDSign(ZOOptimizer):
             self.decay(flat[start:stop], group)
             flat[start:stop].add_(g.sign_(), alpha=-group["lr"])
 
-        estimate.stream(index, p.numel(), chunk, p.device)
+        estimate.summed(index, p.numel(), chunk, p.device)

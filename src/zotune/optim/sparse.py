@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..estimators.directions import mix
-from ..estimators.spsa import SPSAEstimate
+from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer, require
 
 SAMPLE = 1 << 16  # coordinates of a parameter that set its threshold (all of a smaller one)
@@ -59,11 +59,11 @@ class SparseMeZO(ZOOptimizer):
             flat = flat[torch.randint(0, flat.numel(), (SAMPLE,), generator=gen).to(flat.device)]
         return float(torch.quantile(flat.abs().float(), 1.0 - self.sparsity))
 
-    def update_param(self, p: torch.Tensor, index: int, estimate: SPSAEstimate, group: dict, state: dict) -> None:
+    def update_param(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> None:
         """Sparse-MeZO: ``-lr * grad_hat`` along the masked directions, chunk by chunk."""
         flat = p.view(-1)
 
         def chunk(start: int, stop: int, g: torch.Tensor) -> None:  # every direction summed, then one write
             flat[start:stop].add_(g, alpha=-group["lr"])
 
-        estimate.stream(index, p.numel(), chunk, p.device)
+        estimate.summed(index, p.numel(), chunk, p.device)

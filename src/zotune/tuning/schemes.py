@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import TuningConfig
+from ..config import SCHEMES as CONFIG_SCHEMES, TuningConfig
 from ..errors import ConfigError
 from ..models.loader import is_masked_lm
 from .layers import tuned_top
@@ -107,8 +107,10 @@ def top(model: torch.nn.Module, cfg: TuningConfig) -> torch.nn.Module:
     return model
 
 
+# Each scheme config.SCHEMES names (the one list, which config validation reads) is built by the
+# function of its name above; a name without one fails here, at import.
 SCHEMES: dict[str, Callable[[torch.nn.Module, TuningConfig], torch.nn.Module]] = {
-    "full": full, "lora": lora, "prefix": prefix, "prompt": prompt, "top": top,
+    name: globals()[name] for name in CONFIG_SCHEMES
 }
 
 

@@ -126,6 +126,8 @@ def test_cell_names_are_safe_and_unique():
     ({"budget": {"steps": 3}, "axes": {"train.steps": [1, 2]}}, "train.steps is set by the budget"),
     ({"budget": {"forward_passes": 4}, "base": {"optimizer": {"name": "ZOSGDConservative"}}}, "less than one step"),
     ({"budget": {"forward_passes": 40}, "base": {"optimizer": {"blockwise": True}}}, "block-wise"),
+    ({"dev_levels": [0.7, 70]}, "dev_levels must be a list of dev scores in (0, 1]"),
+    ({"dev_levels": 0.7}, "dev_levels must be a list"),
     ([1, 2], "must hold a mapping"),
 ])
 def test_malformed_grid_is_one_line_and_exit_2(tmp_path, capsys, grid, needle):
@@ -154,7 +156,7 @@ def table_row(report: str, title: str, label: str) -> list[str]:
 
 
 def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp_path):
-    grid_path = write_grid(tmp_path / "grid.yaml", tiny_grid(tiny_model_dir, reviews_csv))
+    grid_path = write_grid(tmp_path / "grid.yaml", {**tiny_grid(tiny_model_dir, reviews_csv), "dev_levels": [0.001, 1.0]})
     out = tmp_path / "bench"
     lines: list[str] = []
     assert run_bench(grid_path, out, jobs=2, log=lines.append, interactive=False) == 1  # one cell failed
@@ -196,6 +198,18 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     for png in ("accuracy_vs_forward_passes.png", "accuracy_vs_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
     assert "Peak GPU memory" not in report and "peak_cuda_allocated_mb" not in header
+
+    # forward passes to a dev level, from each cell's metrics.jsonl: any dev score is >= 0.001 at the first
+    # evaluation (step 2: 4 forward passes for ZOSGD, 2 for AdamW); the failed cell never reached anything
+    def first_dev(name, level):
+        records = [json.loads(x) for x in (out / "cells" / name / "metrics.jsonl").read_text().splitlines()]
+        return next((r["forward_passes"] for r in records if r.get("dev", {}).get("accuracy", -1) >= level), None)
+
+    assert table_row(report, "Forward passes to reach dev accuracy >= 0.001", "ZOSGD")[0].strip("*") == f"{first_dev('optimizer=ZOSGD,seed=0', 0.001):,}"
+    assert table_row(report, "Forward passes to reach dev accuracy >= 0.001", "AdamW")[0] == f"{first_dev('optimizer=AdamW,seed=0', 0.001):,} (1/2)"
+    perfect = [first_dev(f"optimizer=ZOSGD,seed={s}", 1.0) for s in (0, 1)]
+    if perfect == [None, None]:
+        assert table_row(report, "Forward passes to reach dev accuracy >= 1", "ZOSGD")[0] == "- (0/2)"
 
     # cells run on CUDA carry the GPU's peaks (summary.json), which the CSV and the report show
     from zotune.bench.report import write_report

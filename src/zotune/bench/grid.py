@@ -13,6 +13,7 @@ Format (docs/contract.md, "Benchmark grid", extended by ``budget``, ``descriptio
     budget: {forward_passes: 48}                    # or {steps: N}; optional
     baselines: [zero_shot, icl, linear_probe]       # optional: `zotune eval` cells, rows of the report
     memory_csv: memory.csv                          # optional, relative to the grid file
+    dev_levels: [0.625, 0.7]                        # optional: a report table of the forward passes to reach each
 
 Each key of ``axes`` and ``set`` is a dotted config key and replaces that node (a mapping value
 replaces the whole section); ``base`` may use nested or dotted keys. ``when`` is matched against
@@ -44,7 +45,7 @@ from ..errors import ConfigError
 from ..optim.factory import forwards_per_step
 from ..tasks import task_spec
 
-GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv")
+GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv", "dev_levels")
 BASELINE_LABELS = {"zero_shot": "zero-shot", "icl": "ICL", "linear_probe": "LP"}  # their rows in the report
 TRAINING_AXES = ("optimizer.", "train.", "tuning.")  # axes a baseline (an evaluation) does not vary over
 BUDGET_KINDS = ("forward_passes", "steps")
@@ -119,6 +120,7 @@ class Grid:
     cells: list[Cell]
     memory_csv: Path | None = None
     overrides: tuple[str, ...] = ()  # key=value applied to every cell (the command line's)
+    dev_levels: tuple[float, ...] = ()  # the report's "forward passes to reach a dev score" levels
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -155,8 +157,12 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
     memory_csv = raw.get("memory_csv")
     if memory_csv is not None and not isinstance(memory_csv, str):
         raise ConfigError(f"{where}: memory_csv must be a file name, got {memory_csv!r}")
+    levels = raw.get("dev_levels") or []
+    if not isinstance(levels, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                                               for v in levels):
+        raise ConfigError(f"{where}: dev_levels must be a list of dev scores in (0, 1], got {levels!r}")
     return Grid(path, description.strip(), axes, budget, cells,
-                path.parent / memory_csv if memory_csv else None, tuple(overrides))
+                path.parent / memory_csv if memory_csv else None, tuple(overrides), tuple(sorted(set(levels))))
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:

@@ -66,6 +66,25 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
     return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps)"
 
 
+def reach_format(level: float) -> Format:
+    """A :data:`Format`: the forward passes at the first dev evaluation that reached ``level`` (the task's metric),
+    the mean over the group's cells that reached it, with ``(k/n)`` when not all did (then never the best)."""
+    def fmt(results: list[Result]) -> tuple[float | None, str]:
+        hits = []
+        for r in results:
+            hits.append(next((rec["forward_passes"] for rec in r.records
+                              if rec.get("dev", {}).get(r.metric, -1.0) >= level - 1e-9), None))
+        reached = [h for h in hits if h is not None]
+        if not results:
+            return None, ""
+        if not reached:
+            return None, f"- (0/{len(results)})"
+        mean = round(statistics.fmean(reached))
+        every = len(reached) == len(results)
+        return (mean if every else None), f"{mean:,}" + ("" if every else f" ({len(reached)}/{len(results)})")
+    return fmt
+
+
 def markdown_table(layout: Layout, fmt: Format, best: str | None,
                    extra_rows: list[tuple[str, list[str]]] = (), headers: list[str] | None = None) -> list[str]:
     """Rows x columns of ``fmt`` over each group; ``best`` "max" | "min" bolds the best per column."""
@@ -170,6 +189,10 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
               "## Wall time (s: the whole cell, model load and evaluations included)", "",
               *markdown_table(layout, number_format("wall_s"), "min"), "",
               "## Forward passes (steps)", "", *markdown_table(layout, forwards_format, None), ""]
+    for level in grid.dev_levels:
+        lines += [f"## Forward passes to reach dev {metrics[0] if len(metrics) == 1 else 'score'} >= {level:g} "
+                  "(first dev evaluation at the level; mean over seeds, (k/n) when not every seed reached it)", "",
+                  *markdown_table(layout, reach_format(level), "min"), ""]
     failed = [r for r in results if not r.ok]
     if failed:
         lines += ["## Failed cells", "", *[f"- `{r.cell.name}`: {r.outcome.error}" for r in failed], ""]

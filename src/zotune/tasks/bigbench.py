@@ -26,6 +26,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from ..cache import cache_dir
@@ -88,6 +89,7 @@ class BigBenchTask:
         return cls(mapping["task"].strip("/"), kind, pattern, rotate)
 
 
+@cache
 def builtin_bigbench_tasks() -> dict[str, BigBenchTask]:
     """The built-in tasks that read BIG-bench, by task name (fetched together, in one download).
     Sizes after skipping, on bigbench 1.0.0: cause_and_effect 51 pairs (the file lists the right

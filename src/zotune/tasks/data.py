@@ -25,8 +25,6 @@ from pathlib import Path
 from types import EllipsisType
 
 from ..errors import DataError
-from .bigbench import BIGBENCH_SOURCE, read_bigbench
-from .fetch import PACKAGES
 from .. import hub
 from .transforms import ROW_TRANSFORMS
 from .spec import SPEC_KEYS, Example, TaskData, TaskSpec, make_spec
@@ -144,13 +142,9 @@ def _examples(spec: TaskSpec, rows: Rows, where: str) -> list[Example]:
 def _read(spec: TaskSpec) -> tuple[Rows, str]:
     """Rows of a package's data or of the task's file, and a name for messages."""
     if spec.source in ("package", "bigbench"):
-        if spec.source == "package":
-            pkg = PACKAGES[spec.package or ""]
-            data, where = pkg.read(), pkg.description
-        else:
-            task = spec.bigbench_task
-            data, where = read_bigbench(task), f"{BIGBENCH_SOURCE}, {task.path}/task.json"
-        return _transformed(spec, [(f"row {n}", r) for n, r in enumerate(data, start=1)], where), where
+        pkg = spec.package_data
+        return _transformed(spec, [(f"row {n}", r) for n, r in enumerate(pkg.read(), start=1)], pkg.description), \
+            pkg.description
     return _read_file(spec, spec.path or "")
 
 

@@ -7,9 +7,7 @@ import difflib
 import importlib.util
 
 from ..errors import ConfigError
-from .bigbench import BIGBENCH_SIZE, BIGBENCH_SOURCE, bigbench_path, read_bigbench
 from .builtin import builtin_tasks
-from .fetch import PACKAGES
 from .spec import TaskSpec, make_spec
 
 _DATA_KEYS = ("source", "path", "test_path", "hf", "hf_split", "package", "bigbench")
@@ -50,20 +48,15 @@ def list_tasks() -> list[dict]:
         spec = make_spec(raw, default_name=name)
         train = test = None
         if spec.source in ("package", "bigbench"):
-            if spec.source == "package":
-                pkg = PACKAGES[spec.package or ""]
-                origin, path, read, download = pkg.source or pkg.description, pkg.path(), pkg.read, pkg.download or "once"
-            else:
-                task = spec.bigbench_task
-                origin, path, download = BIGBENCH_SOURCE, bigbench_path(task), f"{BIGBENCH_SIZE}, streamed; every BIG-bench task at once"
-                read = lambda task=task: read_bigbench(task)  # noqa: E731
-            if path.is_file():
+            pkg = spec.package_data
+            origin = pkg.source or pkg.description
+            if pkg.path().is_file():
                 where = f"{origin}, cached"
-                n = len(read())
+                n = len(pkg.read())
                 test = max(1, round(n * spec.eval_fraction))
                 train = n - test
             else:
-                where = f"{origin}, fetched at first use ({download})"
+                where = f"{origin}, fetched at first use ({pkg.download or 'once'})"
         elif spec.source == "hf":
             notes = ["online, or from the local HF cache"]
             if importlib.util.find_spec("datasets") is None:

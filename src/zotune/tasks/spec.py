@@ -14,9 +14,9 @@ import string
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError, DataError
-from .bigbench import BigBenchTask
+from .bigbench import BIGBENCH_SIZE, BIGBENCH_SOURCE, BigBenchTask, bigbench_path, read_bigbench
 from .example import Example
-from .fetch import PACKAGES
+from .fetch import PACKAGES, PackageData
 from .transforms import ROW_TRANSFORMS
 from .types import TASK_TYPES, TaskType
 
@@ -76,6 +76,17 @@ class TaskSpec:
     def bigbench_task(self) -> BigBenchTask:
         """source=bigbench: the BIG-bench task and how its examples become rows."""
         return BigBenchTask.from_spec(self.bigbench, self.type)
+
+    @property
+    def package_data(self) -> PackageData:
+        """source=package: its fetcher; source=bigbench: the same view of its BIG-bench task (where it is
+        cached, how it is read, what the first use downloads)."""
+        if self.source == "package":
+            return PACKAGES[self.package or ""]
+        task = self.bigbench_task
+        return PackageData(f"{BIGBENCH_SOURCE}, {task.path}/task.json", lambda: bigbench_path(task),
+                           lambda: read_bigbench(task), BIGBENCH_SOURCE,
+                           f"{BIGBENCH_SIZE}, streamed; every BIG-bench task at once")
 
     @property
     def labels(self) -> list[str]:

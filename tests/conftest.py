@@ -111,6 +111,15 @@ def reviews_csv(tmp_path):
     return write_reviews_csv(tmp_path / "reviews.csv")
 
 
+@pytest.fixture
+def under_the_mode(monkeypatch):
+    """The tiny models' trainable sets are small enough to be perturbed in place: under the perturbation mode
+    instead, as a large model's are (the dual forward and the fused update act there)."""
+    from zotune.estimators.perturb import Perturbation
+
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)
+
+
 def counting_draws(sampler) -> list[tuple[int, int]]:
     """Record the (key, chunk index) of every chunk of z ``sampler`` generates from then on."""
     drawn: list[tuple[int, int]] = []

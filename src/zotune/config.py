@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 from .estimators.directions import DEFAULT_CHUNK, TABLE_MIN_CHUNKS
 from .models.loader import resolve_device, resolve_dtype
+from .models.offload import TIERS as OFFLOAD_TIERS
 from .optim.registry import FIRST_ORDER, is_zeroth_order, optimizer_names, zo_class
 
 NOISE_TABLE_MIN_MB = TABLE_MIN_CHUNKS * DEFAULT_CHUNK * 4 / 2**20  # float32 values: 32 MB
@@ -45,12 +46,16 @@ PARALLEL = ("data", "queries")  # kept in sync with zotune.distributed.PARALLEL_
 @dataclass
 class ModelConfig:
     """``model``: the model to load (``smollm2-135m``, a GGUF file, a local directory or a hub id), its dtype,
-    device and device map."""
+    device and device map, and where its weights live (``offload``)."""
 
     name: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "auto"  # auto (cuda when torch sees one, else cpu), cpu, cuda, cuda:N, mps
     device_map: str | None = None  # e.g. "auto": transformers/accelerate place the layers over the GPUs
+    # disk: the transformer layers' weights in files, in memory about a layer at a time (zotune.models.offload);
+    # cpu: in CPU memory, each layer copied to model.device for its forward (zotune.models.host_offload)
+    offload: str = "none"
+    offload_dir: str | None = None  # the disk tier's files (default: a fresh directory under $ZOTUNE_CACHE/offload)
 
 
 @dataclass
@@ -132,6 +137,12 @@ class OptimizerConfig:
     # z as windows of one pre-drawn table of this size (speed for memory; other z). None: the
     # config version's default (version 2: DEFAULT_NOISE_TABLE_MB for optimizers that take one)
     noise_table_mb: float | None = None
+    # a query's + and - probes in one pass, layer by layer (bit-identical losses; estimators/lockstep.py).
+    # None: on with model.offload (disk or cpu) for the optimizers that take it, off otherwise
+    dual_forward: bool | None = None
+    # a step's update of a layer applied when the next forward enters it (bit-identical; optim/fused.py).
+    # None: on with model.offload (disk or cpu) for the optimizers that take it, off otherwise
+    fused_update: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)  # class-specific: momentum, betas, ...
 
 
@@ -448,6 +459,7 @@ def validate(cfg: Config) -> None:
         )
     _validate_tuning(cfg.tuning)
     _validate_hybrid(cfg)
+    _validate_offload(cfg)
     _validate_optimizer(cfg.optimizer)
     _validate_train(cfg)
     _validate_eval(cfg.eval)
@@ -462,6 +474,26 @@ def _validate_model(m: ModelConfig) -> None:
     _require(m.device_map is None or m.device == "auto", "model.device_map",
              "places the model itself; leave model.device at auto", m.device_map)
     resolve_device(m.device)  # cuda asked for, none seen: say so before loading anything
+    _require(m.offload in OFFLOAD_TIERS, "model.offload", f"must be one of {', '.join(OFFLOAD_TIERS)}", m.offload)
+    if m.offload == "disk":
+        _require(m.device in ("auto", "cpu"), "model.device", "must be auto or cpu with model.offload: disk "
+                 "(the disk tier computes on the CPU)", m.device)
+    if m.offload != "none":
+        _require(m.device_map is None, "model.device_map", f"cannot be set with model.offload: {m.offload}",
+                 m.device_map)
+
+
+def _validate_offload(cfg: Config) -> None:
+    if cfg.model.offload == "none":
+        return
+    _require(is_zeroth_order(cfg.optimizer.name), "optimizer.name", f"must be a zeroth-order optimizer with "
+             f"model.offload: {cfg.model.offload} (a backward pass would need every layer's activations)",
+             cfg.optimizer.name)
+    _require(cfg.tuning.hybrid.zo_layers is None, "tuning.hybrid.zo_layers",
+             f"cannot be set with model.offload: {cfg.model.offload}", cfg.tuning.hybrid.zo_layers)
+    _require(cfg.model.offload != "cpu" or cfg.optimizer.fused_update is not False, "optimizer.fused_update",
+             "cannot be false with model.offload: cpu (the host tier updates each layer on the device, where the "
+             "fused update applies it)", cfg.optimizer.fused_update)
 
 
 def _validate_hybrid(cfg: Config) -> None:

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import DataError
+from .models.offload import release
 from .optim.base import StepRecord
 
 MAGIC = b"ZOTRAJ\x00\x01"
@@ -45,10 +46,11 @@ def record_size(n_values: int, n_groups: int, n_extra: int = 0) -> int:
 def weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of tensors, in the order given."""
     digest = hashlib.sha256()
-    for name, t in named:
-        t = t.detach().contiguous().cpu()
+    for name, p in named:
+        t = p.detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        release(p)  # an offloaded parameter (zotune.models.offload) leaves memory once read
     return digest.hexdigest()
 
 

@@ -118,6 +118,9 @@ class DirectionSampler:
         self._spare: dict[tuple[int, torch.device], list[torch.Tensor]] = {}  # cleared chunks' buffers
         self._cache_lock = threading.Lock()
         self.table_numel = 0  # values in the noise table (0: none, every chunk drawn); see use_table
+        # the dual forward (lockstep.py): a chunk drawn by the + probe is kept until the - probe takes it
+        self.reuse_once = False
+        self._once: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
         # key -> Shape: a step's directions that are not plain draws (set by the optimizer for the step's
         # keys, forgotten with the cache at its end); probes, updates and replays all read them here
@@ -186,6 +189,11 @@ class DirectionSampler:
         name = (key, index, length, device)
         if self.cache_numel and (hit := self._cache.get(name)) is not None:
             return hit
+        if self.reuse_once:
+            with self._cache_lock:
+                hit = self._once.pop(name, None)
+            if hit is not None:  # the + probe's chunk, for the - probe: handed out once, then dropped
+                return hit
         z = self._draw(key, index, length, device)
         if self.cache_numel and self._cached + length <= self.cache_numel:
             with self._cache_lock:  # the first chunks drawn are kept; the rest is redrawn
@@ -193,7 +201,17 @@ class DirectionSampler:
                     spare = self._spare.get((length, device))
                     self._cache[name] = spare.pop().copy_(z) if spare else z.clone()
                     self._cached += length
+                    return z
+        if self.reuse_once:
+            with self._cache_lock:
+                self._once[name] = z.clone()
         return z
+
+    def end_reuse_once(self) -> None:
+        """Stop keeping drawn chunks for a second use, and drop the ones kept."""
+        with self._cache_lock:
+            self.reuse_once = False
+            self._once.clear()
 
     def _draw(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:
         """Generate chunk ``index`` of z(key) into this thread's scratch."""

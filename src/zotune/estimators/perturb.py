@@ -44,6 +44,8 @@ from torch.overrides import TorchFunctionMode
 from .directions import DirectionSampler
 
 _PLAIN = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+PENDING = "_zotune_update_pending"  # a parameter whose update waits for its layer's forward (optim/fused.py)
+HOSTED = "_zotune_hosted"  # a parameter kept off the compute device between forwards (models/host_offload.py)
 
 # Reads of metadata (``w.dtype``, ``w.shape``, ``w.size()``) also reach the mode; they are the
 # same for ``w`` and ``w + eps*z``, so they must not cost a materialisation.
@@ -193,6 +195,8 @@ class Perturbation:
             q, q_terms = self._targets.get(nxt, (None, None))
             if q is None or not q_terms or nxt in self.reuse or nxt in self._ahead or q.device.type != "cpu":
                 continue
+            if batch and getattr(q, PENDING, False):  # its update comes with its layer's forward: not built before it
+                break
             if batch and (total + q.numel() > self.ahead_numel or self._is_large(q)):
                 break
             batch.append(nxt)
@@ -245,11 +249,17 @@ class Perturbation:
             self.first_use.append(pid)
         self.uses[pid] += 1
 
+    @classmethod
+    def writes_in_place(cls, perturbed: list[torch.Tensor]) -> bool:
+        """Whether a probe perturbing ``perturbed`` writes them in place (a small set) rather than running
+        under the mode."""
+        return 0 < sum(p.numel() for p in perturbed) <= cls.in_place_numel and all(
+            p.is_contiguous() and not getattr(p, HOSTED, False) for p in perturbed
+        )
+
     def __enter__(self) -> Perturbation:
         perturbed = [(p, terms) for p, terms in self._targets.values() if terms]
-        self.in_place = 0 < sum(p.numel() for p, _ in perturbed) <= self.in_place_numel and all(
-            p.is_contiguous() for p, _ in perturbed
-        )
+        self.in_place = self.writes_in_place([p for p, _ in perturbed])
         if self.in_place:
             self._write_in_place(perturbed)
         else:

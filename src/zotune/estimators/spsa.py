@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .directions import DirectionSampler, mix
+from .lockstep import Lockstep
 from .perturb import BufferPool, Perturbation
 from .reduce import LOCAL, LossReducer
 
@@ -139,6 +140,7 @@ class SPSA:
         self._reuse: frozenset[int] = frozenset()  # params read by several ops (tied weights)
         self._order: tuple[int, ...] = ()  # params in the order the last probe first used them
         self.materializations = 0
+        self.lockstep: Lockstep | None = None  # the dual forward: a query's two probes in one pass (lockstep.py)
 
     def estimate(
         self,
@@ -166,8 +168,13 @@ class SPSA:
         for seed, block in zip(seeds, block_of_query):
             chosen = set(block)
             keys = [direction_key(seed, i) for i in indices]
-            for scale in scales:
-                values.append(self._probe(closure, params, keys, chosen, scale) if next(mine) else 0.0)
+            here = [next(mine) for _ in scales]
+            if self.lockstep is not None and len(scales) == 2 and all(here) and not Perturbation.writes_in_place(
+                    [p for pos, p in enumerate(params) if pos in chosen]):
+                values += self._dual_probe(closure, params, keys, chosen)
+                continue
+            for scale, run in zip(scales, here):
+                values.append(self._probe(closure, params, keys, chosen, scale) if run else 0.0)
         values = reducer.reduce(values)
         center = values.pop(0) if self.center else None
         if self.one_sided:
@@ -179,19 +186,51 @@ class SPSA:
         loss = center if center is not None else sum(a + b for a, b in losses) / (2 * len(losses))
         return GradientEstimate(seeds, grads, loss, losses, self.sampler, block_coverage(blocks, indices, self.n_queries), center)
 
+    def _perturbation(self, params: list[torch.Tensor], keys: list[int], chosen: set[int], scale: float) -> Perturbation:
+        """x + scale*z on the parameters at positions ``chosen``."""
+        terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
+        return Perturbation(params, terms, self.sampler, self._pool, self._reuse, self._order)
+
     def _probe(
         self, closure: Callable[[], object], params: list[torch.Tensor], keys: list[int], chosen: set[int], scale: float
     ) -> float:
         """The closure's loss at x + scale*z on the parameters at positions ``chosen``."""
-        terms = [[(k, scale)] if pos in chosen else [] for pos, k in enumerate(keys)]
-        with Perturbation(params, terms, self.sampler, self._pool, self._reuse, self._order) as pert:
+        with self._perturbation(params, keys, chosen, scale) as pert:
             loss = loss_value(closure())
+        self._learn(pert)
+        return loss
+
+    def _dual_probe(
+        self, closure: Callable[[], object], params: list[torch.Tensor], keys: list[int], chosen: set[int]
+    ) -> list[float]:
+        """``[f(x + eps z), f(x - eps z)]`` in one pass, layer by layer (the dual forward), under the
+        perturbation mode as each probe would run alone. A set small enough to be written in place is probed
+        one probe after the other instead: in place, one probe would see the other's perturbation, and under
+        the mode its kernels would see the weights at other addresses (the last bits may differ)."""
+        assert self.lockstep is not None
+        perturbations = [self._perturbation(params, keys, chosen, scale) for scale in (self.eps, -self.eps)]
+
+        def probe(pert: Perturbation) -> float:
+            with pert:
+                return loss_value(closure())
+
+        self.sampler.reuse_once = True
+        try:
+            plus, minus = self.lockstep.run(lambda: probe(perturbations[0]), lambda: probe(perturbations[1]))
+        finally:
+            self.sampler.end_reuse_once()
+        self._learn(perturbations[0])
+        self.materializations += perturbations[1].materializations
+        return [plus, minus]
+
+    def _learn(self, pert: Perturbation) -> None:
+        """Count a finished probe's materialisations and keep what it saw of the closure (the parameters
+        read by several ops, the order of first use) for the next probe."""
         self.materializations += pert.materializations
         if pert.in_place:  # no ops were seen: keep what the last probe under the mode learned
-            return loss
+            return
         self._reuse = frozenset(pid for pid, n in pert.uses.items() if n > 1)
         self._order = tuple(pert.first_use)
-        return loss
 
 
 # The earlier names, kept for update rules written against them: ``SPSAEstimate`` (the class, which

@@ -25,6 +25,10 @@ import torch
 from .. import hub
 from ..cache import cache_dir
 from ..errors import ConfigError, ModelError
+from ..tensorfile import TensorReader
+from .layers import transformer_layers
+from .host_offload import HostOffload
+from .offload import DiskOffload, check_tier, replace_parameters
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,7 +55,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_model(
     name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-    device_map: str | None = None,
+    device_map: str | None = None, offload: str = "none", offload_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode, in ``dtype`` on ``device``, without KV cache.
 
@@ -59,14 +63,30 @@ def load_model(
     local HF model directory, or a Hugging Face hub id (online or already in the HF cache).
     ``device``: ``"auto"`` is cuda when torch sees a GPU, else cpu. ``device_map`` (e.g.
     ``"auto"``) is passed to ``from_pretrained``, which places the layers itself (accelerate);
-    ``device`` is then ignored.
+    ``device`` is then ignored. ``offload="disk"``: the transformer layers' weights live in
+    files under ``offload_dir`` (default: a fresh directory under ``$ZOTUNE_CACHE/offload``,
+    deleted with the model), in memory about one layer at a time (``zotune.models.offload``);
+    the model computes on the CPU.
     """
     dtype = resolve_dtype(dtype)
-    placement = {"device_map": device_map} if device_map is not None else {}
-    model, tokenizer = _from_pretrained(resolve_source(name), dtype, name, **placement)
-    model.to(dtype)
-    if device_map is None:
-        model.to(resolve_device(device))
+    if check_tier(offload) == "disk":
+        if device_map is not None:
+            raise ConfigError("model.offload: disk places the layers itself; it takes no model.device_map")
+        if device not in ("auto", "cpu"):
+            raise ConfigError(f"model.offload: disk computes on the CPU, but model.device is {device}")
+        model, tokenizer = _load_offloaded(resolve_source(name), dtype, name, offload_dir)
+    elif offload == "cpu":
+        if device_map is not None:
+            raise ConfigError("model.offload: cpu places the layers itself; it takes no model.device_map")
+        model, tokenizer = _from_pretrained(resolve_source(name), dtype, name)
+        model.to(dtype)
+        model._zotune_offload = host_tier(model, resolve_device(device))
+    else:
+        placement = {"device_map": device_map} if device_map is not None else {}
+        model, tokenizer = _from_pretrained(resolve_source(name), dtype, name, **placement)
+        model.to(dtype)
+        if device_map is None:
+            model.to(resolve_device(device))
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:
@@ -252,6 +272,68 @@ def _from_pretrained(source: Path | str, dtype: torch.dtype, shown: str, **kwarg
         what = "GGUF file {!r} (corrupt or unsupported?)" if "gguf_file" in kwargs else "model {!r}"
         raise ModelError(f"cannot load {what.format(shown)}: {first}") from None
     return model, tokenizer
+
+
+def _load_offloaded(source: Path | str, dtype: torch.dtype, shown: str,
+                    directory: str | Path | None) -> tuple:
+    """The model built empty (parameters on the meta device), then filled tensor by tensor from
+    its safetensors files: each transformer layer's weights into its own file of the disk tier,
+    the rest into memory. At no point is more than one tensor of the checkpoint in memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(source, str):
+        raise ConfigError(f"model.offload: disk loads from a local model directory or .gguf file; {shown!r} is "
+                          "a hub id (download it first, e.g. huggingface-cli download)")
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+        if is_masked_lm(config):
+            raise ConfigError(f"model.offload: disk tunes causal LMs; {shown!r} is a masked LM")
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # from_pretrained ties after loading; here before, so a tied head is read once
+    checkpoint = TensorReader(sorted(Path(source).glob("*.safetensors")))
+
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        if name not in checkpoint:
+            raise ModelError(f"cannot load model {shown!r} offloaded: its weights have no tensor {name!r}")
+        t = checkpoint.read(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ModelError(f"cannot load model {shown!r} offloaded: {name} is {tuple(t.shape)} in its weights, "
+                             f"{tuple(p.shape)} in its config")
+        return t.to(p.dtype)
+
+    root = cache_dir("offload") if directory is None else None
+    offload = DiskOffload(model, transformer_layers(model), value, Path(directory) if directory else None, root)
+    rest = [(n, p) for n, p in model.named_parameters() if p.is_meta]
+    replace_parameters(model, {id(p): value(n, p) for n, p in rest})
+    model._zotune_offload = offload  # the files live as long as the model
+    return model, tokenizer
+
+
+def host_tier(model: torch.nn.Module, device: torch.device) -> HostOffload:
+    """Put ``model`` (in CPU memory) on the host tier computing on ``device``: the transformer layers'
+    weights stay in CPU memory, everything else moves to ``device``."""
+    layers = transformer_layers(model)
+    in_layers = {id(p) for p in layers.parameters()} if len(layers) else set()
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and id(p) not in in_layers:
+                p.data = p.data.to(device)
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.to(device)
+    return HostOffload(layers, device)
+
+
+def model_offload(model: torch.nn.Module) -> DiskOffload | HostOffload | None:
+    """The tier holding ``model``'s layers (through a peft wrapper too), or None."""
+    for module in model.modules():
+        found = module.__dict__.get("_zotune_offload")
+        if found is not None:
+            return found
+    return None
 
 
 @contextmanager

@@ -31,8 +31,13 @@ from typing import Any
 import torch
 
 from ..estimators.directions import DISTRIBUTIONS, mix
+from ..estimators.lockstep import Lockstep
 from ..estimators.reduce import LOCAL, LossReducer
 from ..estimators.spsa import SPSA, GradientEstimate, block_coverage, direction_key, query_seeds
+from ..models.layers import transformer_layers
+from ..models.loader import model_offload
+from ..models.offload import release
+from .fused import FusedUpdate
 from .registry import register as _register
 
 
@@ -111,6 +116,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record: StepRecord | None = None
         # which probes run in this process and how their losses combine (zotune.distributed)
         self.loss_reducer: LossReducer = LOCAL
+        self.fused: FusedUpdate | None = None  # the layers' updates kept for the next forward (fuse_update)
 
     @classmethod
     def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
@@ -137,6 +143,45 @@ class ZOOptimizer(torch.optim.Optimizer):
         size only); 0 (the default) draws every chunk from its key."""
         self.estimator.sampler.use_table(_float32_values(megabytes, "the noise table"))
         return self
+
+    def dual_forward(self, model: torch.nn.Module | None) -> ZOOptimizer:
+        """Run each query's + and - probes through ``model`` in one pass, layer by layer
+        (estimators/lockstep.py): the same losses bit for bit, each layer's weights (and its chunks
+        of z) read once per query instead of twice. Two-sided SPSA estimators only; None turns it off."""
+        require(model is None or self.takes_dual_forward,
+                f"{type(self).__name__} does not take the dual forward (it needs each query's + and - probes)")
+        self.estimator.lockstep = Lockstep(transformer_layers(model)) if model is not None else None
+        return self
+
+    def fuse_update(self, model: torch.nn.Module | None) -> ZOOptimizer:
+        """Apply each step's update of ``model``'s transformer layers when the next forward first enters each
+        layer (optim/fused.py, ZO2's fused update): the same weights bit for bit, each layer's weights visited
+        once per step. Call :meth:`flush_update` before reading the weights outside a forward (the trainer
+        does). Per-parameter rules with plain directions only; None applies what is pending and turns it off."""
+        require(model is None or self.takes_fused_update,
+                f"{type(self).__name__} does not take the fused update (its update or directions are its own)")
+        if self.fused is not None:
+            self.fused.remove()
+        self.fused = FusedUpdate(transformer_layers(model), self.move, model_offload(model)) if model is not None else None
+        return self
+
+    def flush_update(self) -> None:
+        """Apply every update the fused update keeps pending (nothing without it)."""
+        if self.fused is not None:
+            self.fused.flush()
+
+    @property
+    def takes_fused_update(self) -> bool:
+        """Whether its update can wait for the next forward: the base class's per-parameter ``update`` with plain
+        directions (a shaped direction is its step's own)."""
+        cls = type(self)
+        return cls.update is ZOOptimizer.update and cls.direction_shape is ZOOptimizer.direction_shape
+
+    @property
+    def takes_dual_forward(self) -> bool:
+        """Whether its estimate comes from pairs of + and - probes (two-sided SPSA), which :meth:`dual_forward` runs
+        in one pass."""
+        return type(self.estimator) is SPSA and not self.estimator.one_sided
 
     @property
     def n_queries(self) -> int:
@@ -268,14 +313,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Apply the update rule to every trainable parameter of a group with lr != 0.
         Returns optimizer-specific scalars for the step's record (None: nothing)."""
         moving = [(index, p, group, self.state[p]) for index, p, group in trainable if group["lr"] != 0]
-        if not self.elementwise or any(p.device.type != "cpu" for _, p, _, _ in moving):
-            for index, p, group, state in moving:
-                self.update_param(p, index, estimate, group, state)
-            return None
-        # independent parameters on the CPU: several at once, largest first (for balance)
-        moving.sort(key=lambda m: -m[1].numel())
-        self.estimator.sampler.run_jobs([lambda m=m: self.update_param(m[1], m[0], estimate, m[2], m[3]) for m in moving])
+        if self.fused is not None:
+            moving = self.fused.defer(estimate, moving)  # the layers' updates wait for the next forward
+        self.move(estimate, moving)
         return None
+
+    def move(self, estimate: GradientEstimate, moving: list[tuple[int, torch.Tensor, dict, dict]]) -> None:
+        """``update_param`` for each ``(index, param, group, state)``; independent parameters on the CPU several at
+        once (elementwise rules)."""
+
+        def one(index: int, p: torch.Tensor, group: dict, state: dict) -> None:
+            self.update_param(p, index, estimate, group, state)
+            release(p)  # an offloaded parameter (zotune.models.offload) leaves memory once written
+
+        if not self.elementwise or any(p.device.type != "cpu" for _, p, _, _ in moving):
+            for m in moving:
+                one(*m)
+            return
+        # independent parameters on the CPU: several at once, largest first (for balance)
+        moving = sorted(moving, key=lambda m: -m[1].numel())
+        self.estimator.sampler.run_jobs([lambda m=m: one(*m) for m in moving])
 
     def update_param(
         self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
@@ -299,7 +356,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``zo``: the seed, the steps done and the steps skipped."""
+        """torch.optim's state dict plus ``zo``: the seed, the steps done and the steps skipped (any pending
+        update applied first)."""
+        self.flush_update()
         sd = super().state_dict()
         sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done, "skipped_steps": self.skipped_steps}
         return sd

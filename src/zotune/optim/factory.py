@@ -100,7 +100,7 @@ def build_optimizer(
                 **cfg.options,
             )
             return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb or 0)
-        for knob in ("blockwise", "direction_cache_mb", "noise_table_mb"):
+        for knob in ("blockwise", "direction_cache_mb", "noise_table_mb", "dual_forward", "fused_update"):
             if getattr(cfg, knob):
                 raise ConfigError(f"optimizer.{knob} applies to zeroth-order optimizers only")
         return FIRST_ORDER[cfg.name](params, lr=lr, weight_decay=cfg.weight_decay, **cfg.options)

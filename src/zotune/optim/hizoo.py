@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..estimators.spsa import SPSA, GradientEstimate, direction_key
+from ..models.offload import release
 from .base import ZOOptimizer, require
 
 
@@ -98,3 +99,4 @@ class HiZOO(ZOOptimizer):
                     estimate_h.add_(z.square() - 1, alpha=delta)
                 estimate_h.mul_(d[start:stop]).mul_(coefficient)  # alpha x the estimate, from the D probed with
                 d[start:stop].mul_(1 - self.alpha).add_(estimate_h).clamp_(min=self.hessian_floor)
+            release(p)

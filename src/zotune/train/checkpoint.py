@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import DataError, TrainingError
+from ..models.offload import release
 from ..trajectory import TrajectoryWriter
+from .weights import save_weights
 
 TENSORS, META = "state.safetensors", "state.json"
 FORMAT, VERSION = "zotune-checkpoint", 1
@@ -70,7 +72,7 @@ def split_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], An
         if isinstance(x, torch.Tensor):
             if path in tensors:
                 raise ValueError(f"two tensors at {path!r}")
-            tensors[path] = x.detach().contiguous().cpu()
+            tensors[path] = x  # read when written (save_weights: one tensor at a time)
             return {_TENSOR: path}
         if isinstance(x, dict):
             if all(isinstance(k, str) and not k.startswith("__") for k in x):
@@ -156,6 +158,7 @@ class Checkpoint:
                 self._misfit(f"{name} is {weights[name].dtype} {tuple(weights[name].shape)}, "
                              f"the model has {p.dtype} {tuple(p.shape)}")
             p.copy_(weights[name])
+            release(p)
         saved = self.state["optimizers"]
         if saved.keys() != {k for k, o in optimizers.items() if o is not None}:
             self._misfit(f"optimizers {sorted(saved)} saved")
@@ -194,11 +197,11 @@ class Checkpoints:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / TENSORS))
+            save_weights(tmp / TENSORS, list(tensors.items()))  # an offloaded model tensor by tensor
             _fsync(tmp / TENSORS)
             meta = {"format": FORMAT, "version": VERSION, "step": progress.step, "progress": progress.to_json(),
                     "trajectory_records": trajectory.records if trajectory is not None else 0,
-                    "sha256": _sha256(tmp / TENSORS), "state": skeleton}
+                    "sha256": file_sha256(tmp / TENSORS), "state": skeleton}
             (tmp / META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
             _fsync(tmp / META)
             _fsync(tmp)
@@ -258,7 +261,7 @@ def _read(path: Path) -> Checkpoint:
     meta = json.loads((path / META).read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise _Damaged(f"{META} is not a {FORMAT} version {VERSION}")
-    if _sha256(path / TENSORS) != meta["sha256"]:
+    if file_sha256(path / TENSORS) != meta["sha256"]:
         raise _Damaged(f"{TENSORS} does not match its SHA-256")
     state = join_state(meta["state"], load_file(str(path / TENSORS)))
     progress = Progress(**meta["progress"])
@@ -282,7 +285,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read 16 MB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

@@ -66,6 +66,7 @@ def run_replay(run_dir: str | Path, out: str | Path, step: int | None = None, ov
             opt.replay(record)
         except ValueError as err:  # e.g. a config.yaml edited after the run (another seed)
             raise DataError(f"cannot replay {src}: {err}") from None
+    opt.flush_update()  # the fused update (model.offload) keeps the last step's layers pending
     wall = time.perf_counter() - t0
     run.write_yaml("config.yaml", cfg.to_dict())
     save_weights(run.file(MODEL), named)

@@ -110,7 +110,8 @@ class Session:
             log(f"task {spec.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test examples")
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
-                                      device_map=cfg.model.device_map)
+                                      device_map=cfg.model.device_map, offload=cfg.model.offload,
+                                      offload_dir=cfg.model.offload_dir)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters, {cfg.model.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -180,6 +181,14 @@ class Session:
         if is_zeroth_order(cfg.optimizer.name):
             params = zo_class(cfg.optimizer.name).param_groups_for(model, params)
         opt = build_optimizer(cfg.optimizer, params, defaults_row(cfg.tuning), cfg.seed, cfg.version)
+        if isinstance(opt, ZOOptimizer):
+            if _engine_mode(cfg, opt, "dual_forward", "it needs each query's + and - probes: two-sided SPSA"):
+                opt.dual_forward(model)
+            if _engine_mode(cfg, opt, "fused_update", "its update or its directions are its own"):
+                opt.fuse_update(model)
+            elif cfg.model.offload == "cpu":
+                raise ConfigError(f"model.offload: cpu updates each layer on the device through the fused update, "
+                                  f"which {cfg.optimizer.name} does not take (its update or its directions are its own)")
         fo_opt = None
         if fo_params:
             fo_cfg = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
@@ -381,6 +390,7 @@ class Training:
                 bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
                 stopping = exchange.stop_agreed if exchange else stop.signal is not None
                 if stopping or self.checkpoints.due(step + 1):
+                    self.settle()
                     path = (self.checkpoints.save(progress, self.session.named_trainable(), self.optimizers, self.trajectory)
                             if self.run else None)
                     self.world.barrier()  # the other ranks wait for rank 0's write here, not in the next exchange
@@ -405,6 +415,7 @@ class Training:
         t_eval = time.perf_counter()
         if tcfg.eval_every and done % tcfg.eval_every == 0:
             dev = session.evaluate(session.data.dev, "dev eval")
+            self.settle()
             session.compare_params(f"after step {done}")
             record["dev"] = dev.metrics
             if tcfg.keep_best and self.run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
@@ -424,11 +435,18 @@ class Training:
             self.log(f"step {done}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
                      f"{progress.elapsed() / done:.2f} s/step{dev_note}")
 
+    def settle(self) -> None:
+        """Apply the updates the fused update keeps pending (optimizer.fused_update): before the weights are read
+        other than by a forward (saved, hashed, checkpointed)."""
+        if isinstance(self.opt, ZOOptimizer):
+            self.opt.flush_update()
+
     def finish(self, t_start: float) -> dict[str, Any]:
         """Final weights (the best on dev with keep_best), the final evaluation, summary.json and the plot."""
         cfg, tcfg, session, run, progress, metric = self.cfg, self.tcfg, self.session, self.run, self.progress, self.metric
         if self.trajectory is not None:
             self.trajectory.close()
+        self.settle()
         if run is not None:
             save_weights(run.file(WEIGHTS), session.named_trainable())
             if hasattr(session.model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
@@ -498,11 +516,22 @@ def _muted(mute: bool) -> contextlib.AbstractContextManager:
     return contextlib.redirect_stderr(io.StringIO()) if mute else contextlib.nullcontext()
 
 
+def _engine_mode(cfg: Config, opt: ZOOptimizer, mode: str, why_not: str) -> bool:
+    """Whether the run takes ``optimizer.<mode>`` (dual_forward, fused_update): as the config says (a ConfigError
+    if the optimizer does not take it), or by default with ``model.offload`` (disk or cpu) when the optimizer takes it."""
+    wanted, takes = getattr(cfg.optimizer, mode), getattr(opt, f"takes_{mode}")
+    if wanted and not takes:
+        raise ConfigError(f"optimizer.{mode}: {cfg.optimizer.name} does not take it ({why_not})")
+    return wanted if wanted is not None else cfg.model.offload != "none" and takes
+
+
 def _check_world(cfg: Config, world: World) -> None:
     """What several processes refuse before anything loads (ConfigError, one line)."""
     if not world.distributed:
         return
     check_batch(cfg.train.batch_size, world.size, cfg.train.parallel)
+    if cfg.model.offload != "none":
+        raise ConfigError("model.offload runs in one process only")
     if cfg.tuning.hybrid.zo_layers is not None:
         raise ConfigError("tuning.hybrid runs in one process only (its first-order part is not data-parallel yet)")
     if cfg.train.keep_best:

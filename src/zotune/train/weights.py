@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import DataError
+from ..models.offload import release
+from ..tensorfile import DTYPES, read_header, write_tensors
+
+__all__ = ["FILENAME", "HEAD_PREFIX", "SAFETENSORS_DTYPES", "load_weights", "named_trainable", "read_header",
+           "save_weights"]
 
 FILENAME = "weights.safetensors"
 HEAD_PREFIX = "zotune_head."  # a linear head (task.align: false) lives beside the model
@@ -26,32 +28,12 @@ def named_trainable(model: torch.nn.Module, head: torch.nn.Module | None,
 
 
 def save_weights(path: Path, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
-    """Write the named tensors to ``path`` as safetensors (with string ``metadata``)."""
-    save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(path), metadata=metadata)
+    """Write the named tensors to ``path`` as safetensors (with string ``metadata``), one at a time:
+    the bytes of safetensors' ``save_file``, without its copy of every tensor."""
+    write_tensors(path, named, metadata, after=release)
 
 
-# safetensors' dtype names (https://github.com/huggingface/safetensors: the format's header)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header of ``path`` (name -> dtype, shape, data_offsets) and where its data starts."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(f"a header of {length} bytes")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read weights {path}: not a safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
+SAFETENSORS_DTYPES = DTYPES  # safetensors' dtype names (zotune.tensorfile)
 
 
 @torch.no_grad()
@@ -87,3 +69,4 @@ def load_weights(path: Path, named: list[tuple[str, torch.nn.Parameter]]) -> Non
                 raise DataError(f"weights {path}: {name} is truncated or malformed")
             if not direct:
                 p.copy_(target)
+            release(p)

@@ -1,26 +1,13 @@
-"""A model's transformer layers, its final norm, and the modules the ``top`` scheme tunes."""
+"""The modules the ``top`` scheme tunes (a model's layers and final norm: ``zotune.models.layers``)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import ConfigError
+from ..models.layers import final_norm, transformer_layers
 
-
-def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | list:
-    """The model's stack of layers: its largest ``nn.ModuleList``."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len) if lists else []
-
-
-def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm after the last layer (Llama-family ``norm``, OPT ``final_layer_norm``, GPT-2 ``ln_f``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for name in ("norm", "final_layer_norm", "ln_f"):
-        module = getattr(decoder, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
+__all__ = ["final_norm", "transformer_layers", "tuned_top"]
 
 
 def tuned_top(model: torch.nn.Module, k: int, norm: bool = True) -> list[torch.nn.Module]:

@@ -1,0 +1,194 @@
+"""The disk tier: a model's transformer blocks kept in files, in memory about one block at a time.
+
+ZO fine-tuning needs only forwards, and a forward visits the blocks in order. Here each block's
+parameters live in one safetensors file, mapped read-write (``mmap``, shared with the file), and
+the parameters are views of the mapping: every op (a forward, the perturbation mode, an update
+rule, saving) reads and writes them as ordinary CPU tensors, and the values are the file's, bit
+for bit. What keeps memory at about a block is when pages are dropped:
+
+* a forward hook on each block asks the kernel to read the next block ahead
+  (``MADV_WILLNEED``) on entry, and drops the block's pages (``MADV_DONTNEED``) on exit;
+* whatever walks every weight (an update rule, hashing, saving, loading) calls :func:`release`
+  on each parameter when done with it.
+
+Dropping a page of a shared file mapping loses nothing: a written page goes back to the file
+(through the page cache), and the next read maps it again. The embedding, the head and the
+final norm (everything outside the blocks) stay in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..tensorfile import write_tensors
+from .layers import transformer_layers
+
+TIERS = ("none", "disk", "cpu")  # cpu: the host tier (host_offload.py)
+_PAGES = "_zotune_pages"  # the attribute of an offloaded parameter: its Pages
+
+
+@dataclass
+class Pages:
+    """A byte range of a mapped file: a parameter's values."""
+
+    mapping: mmap.mmap
+    start: int
+    stop: int
+
+    def advise(self, advice: int) -> None:
+        """``madvise`` over the whole pages inside the range (a page shared with a neighbour is left)."""
+        lo = math.ceil(self.start / mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = self.stop // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and not self.mapping.closed:
+            self.mapping.madvise(advice, lo, hi - lo)
+
+
+def release(p: torch.Tensor) -> None:
+    """Drop an offloaded parameter's pages from memory (its file keeps the values); nothing for
+    any other tensor. Call it after reading or writing every value of a parameter."""
+    pages = getattr(p, _PAGES, None)
+    if pages is not None:
+        pages.advise(mmap.MADV_DONTNEED)
+
+
+def is_offloaded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a view of an offloaded block's file."""
+    return getattr(p, _PAGES, None) is not None
+
+
+class BlockFile:
+    """One block's parameters in one safetensors file, mapped read-write: :attr:`views` holds a
+    view of the mapping per parameter name."""
+
+    def __init__(self, path: Path, named: list[tuple[str, torch.Tensor]],
+                 value: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.path = path
+        partial = path.with_name(f".{path.name}.tmp")
+        ranges = write_tensors(partial, named, value=value)
+        os.replace(partial, path)  # a new file: a mapping of an earlier one (an earlier run's) keeps its own
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.mapping = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        data = torch.frombuffer(self.mapping, dtype=torch.uint8)
+        self.views: dict[str, torch.Tensor] = {}
+        for name, p in named:
+            start, stop = ranges[name]
+            self.views[name] = data[start:stop].view(p.dtype).view(p.shape)
+            self.views[name].pages = Pages(self.mapping, start, stop)  # type: ignore[attr-defined]
+        self.nbytes = len(self.mapping)
+
+    def prefetch(self) -> None:
+        """Ask the kernel to read the block's pages ahead of use (asynchronously)."""
+        Pages(self.mapping, 0, self.nbytes).advise(mmap.MADV_WILLNEED)
+
+    def drop(self) -> None:
+        """Drop the block's pages from memory; the file keeps them."""
+        Pages(self.mapping, 0, self.nbytes).advise(mmap.MADV_DONTNEED)
+
+    def flush(self) -> None:
+        """Write the block's changed pages to its file now."""
+        self.mapping.flush()
+
+
+class DiskOffload:
+    """The disk tier of a model: each of ``blocks`` (its transformer layers) in its own file
+    under ``directory``, read one block ahead during a forward and dropped after it.
+
+    ``value(name, param)`` gives each block parameter's initial values (e.g. read from a
+    checkpoint; ``param`` may be a meta tensor). Each block parameter is replaced by a new
+    ``nn.Parameter`` over its view of the file (tied parameters stay tied), so offload a model
+    before making its optimizer; the parameters outside the blocks are left as they are. A
+    directory this object made itself (``directory=None``: a fresh one under ``root``) is deleted
+    when the object goes."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[torch.nn.Module],
+                 value: Callable[[str, torch.Tensor], torch.Tensor],
+                 directory: Path | None = None, root: Path | None = None):
+        if not len(blocks):
+            raise ConfigError("model.offload: the model has no stack of transformer layers to offload")
+        if directory is None:
+            root = Path(root or tempfile.gettempdir())
+            root.mkdir(parents=True, exist_ok=True)
+            directory = Path(tempfile.mkdtemp(prefix="offload-", dir=root))
+            weakref.finalize(self, shutil.rmtree, directory, True)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.files: list[BlockFile] = []
+        for k, block in enumerate(blocks):
+            named = [(names[id(p)], p) for p in block.parameters()]
+            self.files.append(BlockFile(self.directory / f"block-{k:03d}.safetensors", named, value))
+            replace_parameters(block, {id(p): self.files[-1].views[n] for n, p in named})
+        self._hooks = [h for k, block in enumerate(blocks) for h in (
+            block.register_forward_pre_hook(lambda *_, k=k: self._enter(k)),
+            block.register_forward_hook(lambda *_, k=k: self._leave(k)))]
+        self.drop()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights kept on disk."""
+        return sum(f.nbytes for f in self.files)
+
+    def _enter(self, k: int) -> None:
+        self.files[(k + 1) % len(self.files)].prefetch()
+
+    def _leave(self, k: int) -> None:
+        self.files[k].drop()
+
+    def drop(self) -> None:
+        """Drop every block's pages from memory."""
+        for f in self.files:
+            f.drop()
+
+    def flush(self) -> None:
+        """Write every changed page to the files now."""
+        for f in self.files:
+            f.flush()
+
+
+def replace_parameters(root: torch.nn.Module, views: dict[int, torch.Tensor]) -> None:
+    """Replace every parameter of ``root`` whose id is in ``views`` by a Parameter over that
+    tensor (one new Parameter per old one: tied parameters stay tied); a view of a block file
+    makes an offloaded parameter."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in root.modules():
+        for key, old in list(module._parameters.items()):
+            if old is None or id(old) not in views:
+                continue
+            if id(old) not in made:
+                view = views[id(old)]
+                new = torch.nn.Parameter(view, requires_grad=old.requires_grad)
+                if getattr(view, "pages", None) is not None:
+                    setattr(new, _PAGES, view.pages)
+                made[id(old)] = new
+            module._parameters[key] = made[id(old)]
+
+
+def offload_to_disk(model: torch.nn.Module, directory: str | Path | None = None) -> DiskOffload:
+    """Move an in-memory model's transformer layers to the disk tier (files under ``directory``,
+    or a fresh temporary directory deleted with the model); returns the tier, also kept on the
+    model. Do it before making the optimizer (the layers' parameters are replaced). The model
+    was in memory whole before this; ``load_model(..., offload="disk")`` never holds it whole."""
+    offload = DiskOffload(model, transformer_layers(model), lambda _, p: p, Path(directory) if directory else None)
+    model._zotune_offload = offload  # the files live as long as the model
+    return offload
+
+
+def check_tier(tier: str) -> str:
+    """``model.offload``'s value, checked: ``none``, ``disk`` or ``cpu``."""
+    if tier not in TIERS:
+        raise ConfigError(f"model.offload must be one of {', '.join(TIERS)}, got {tier!r}")
+    return tier

@@ -1,0 +1,217 @@
+"""The disk tier (``model.offload: disk``): the layers' weights in mapped files, in memory about a
+layer at a time, and training bit-identical to the in-memory model's."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zotune.cli import main
+from zotune.estimators.perturb import Perturbation
+from zotune.models import load_model
+from zotune.models.layers import transformer_layers
+from zotune.models.loader import model_offload
+from zotune.models.offload import is_offloaded, offload_to_disk
+from zotune.optim import ZOSGD
+from zotune.tensorfile import DTYPES, TensorReader, write_tensors
+
+from .conftest import tiny_llama
+from .test_cli import assert_one_line_error, zotune
+from .test_optim_family import FAMILY, IDS, prepared
+from .test_resume import argv, assert_same_run, interrupt_in_process
+
+
+def trained(cls, lr, batch, offload: bool, steps: int = 3):
+    model = prepared(tiny_llama(), cls)
+    if offload:
+        offload_to_disk(model)
+    opt = cls(model.parameters(), lr=lr, eps=1e-2, seed=3, n_queries=2)
+    records = []
+    for _ in range(steps):
+        opt.step(lambda: model(**batch).loss)
+        records.append(opt.last_record)
+    return model, opt, records
+
+
+@pytest.mark.parametrize("cls, lr", FAMILY, ids=IDS)
+def test_every_optimizer_trains_bit_identically_offloaded(cls, lr, tiny_batch):
+    model, _, records = trained(cls, lr, tiny_batch, offload=False)
+    offloaded, _, records_off = trained(cls, lr, tiny_batch, offload=True)
+    layers = {id(p) for p in transformer_layers(offloaded).parameters()}
+    assert layers and all(is_offloaded(p) == (id(p) in layers) for p in offloaded.parameters())
+    assert records_off == records
+    start = tiny_llama()
+    moved = False
+    for (name, p), q, p0 in zip(model.named_parameters(), offloaded.parameters(), start.parameters()):
+        assert torch.equal(p, q), name
+        moved |= not torch.equal(p, p0)
+    assert moved
+
+
+def test_probes_under_the_perturbation_mode_are_exact_offloaded(tiny_batch, monkeypatch):
+    """A large trainable set is probed under the mode (not written in place): the mode reads the
+    mapped weights op by op."""
+    monkeypatch.setattr(Perturbation, "in_place_numel", 0)
+    model, _, records = trained(ZOSGD, 2e-3, tiny_batch, offload=False)
+    offloaded, _, records_off = trained(ZOSGD, 2e-3, tiny_batch, offload=True)
+    assert records_off == records
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), offloaded.parameters()))
+
+
+def resident_bytes(paths: set[str]) -> int:
+    """Bytes of the files ``paths`` mapped into this process and resident in its memory (smaps' Rss)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            current = fields[5] if len(fields) > 5 else None
+        elif fields and fields[0] == "Rss:" and current in paths:
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_a_forward_and_a_step_leave_about_no_layer_in_memory():
+    """Each layer's pages are dropped once the forward leaves it and once a parameter is updated:
+    afterwards the mapped files hold no more resident memory than a few edge pages each; during the
+    forward, the layer being computed is resident and the first one is not anymore."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    offload = offload_to_disk(model)
+    paths = {str(f.path) for f in offload.files}
+    layer_bytes = offload.files[0].nbytes
+    seen = {}
+    layers = transformer_layers(model)
+    layers[2].mlp.register_forward_hook(lambda *_: seen.update(during=resident_bytes(paths),
+                                                               first=resident_bytes({str(offload.files[0].path)})))
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        model(input_ids=ids)
+    edges = 2 * mmap.PAGESIZE * len(list(model.parameters()))
+    assert seen["during"] >= layer_bytes // 2  # the layer in use is in memory (the mechanism is measured)
+    assert seen["first"] <= edges
+    assert resident_bytes(paths) <= edges
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, seed=0)
+    opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    assert resident_bytes(paths) <= edges
+
+
+def test_load_model_offloaded_reads_the_checkpoint_into_layer_files(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    offloaded, _ = load_model(str(tiny_model_dir), offload="disk", offload_dir=tmp_path / "off")
+    layers = transformer_layers(offloaded)
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == [f"block-{k:03d}.safetensors" for k in range(len(layers))]
+    assert model_offload(offloaded).directory == tmp_path / "off"
+    layer_ids = {id(p) for p in layers.parameters()}
+    assert all(is_offloaded(p) == (id(p) in layer_ids) for p in offloaded.parameters())
+    assert offloaded.get_output_embeddings().weight is offloaded.get_input_embeddings().weight  # still tied
+    assert not any(p.is_meta for p in offloaded.parameters())
+    for (name, p), q in zip(model.named_parameters(), offloaded.parameters()):
+        assert torch.equal(p, q), name
+    batch = tokenizer(["a short sentence", "and another, longer one"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, offloaded(**batch).logits)
+    with safe_open(str(tmp_path / "off" / "block-000.safetensors"), "pt") as f:  # a plain safetensors file
+        assert set(f.keys()) == {n for n, _ in layers[0].named_parameters(prefix="model.layers.0")}
+
+
+def test_load_model_offloaded_to_a_directory_of_its_own_deletes_it_with_the_model(tiny_model_dir):
+    import gc
+
+    model, _ = load_model(str(tiny_model_dir), offload="disk")
+    directory = model_offload(model).directory
+    assert directory.is_dir() and any(directory.iterdir())
+    del model
+    gc.collect()
+    assert not directory.exists()
+
+
+def test_training_offloaded_matches_in_memory_resumes_and_replays(tiny_model_dir, reviews_csv, tmp_path, monkeypatch,
+                                                                 capsys):
+    memory, disk = tmp_path / "memory", tmp_path / "disk"
+    assert main(argv(tiny_model_dir, reviews_csv, memory)) == 0
+    assert main(argv(tiny_model_dir, reviews_csv, disk, "model.offload=disk")) == 0
+    assert_same_run(disk, memory)  # the same weights file, byte for byte, and the same trajectory
+    resumed = tmp_path / "resumed"
+    args = argv(tiny_model_dir, reviews_csv, resumed, "model.offload=disk", f"model.offload_dir={tmp_path / 'files'}")
+    interrupt_in_process(args, 5, monkeypatch)
+    assert main(args) == 0
+    assert "resuming at step" in capsys.readouterr().out
+    assert_same_run(resumed, memory)
+    assert main(["replay", "--run", str(disk), "--out", str(tmp_path / "replayed")]) == 0
+    assert (tmp_path / "replayed" / "weights.safetensors").read_bytes() == (memory / "weights.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model.offload=ssd"], "model.offload"),
+    (["model.offload=disk", "optimizer.name=AdamW"], "zeroth-order"),
+    (["model.offload=disk", "tuning.hybrid.zo_layers=1"], "tuning.hybrid.zo_layers"),
+    (["model.offload=disk", "model.device=mps"], "model.device"),
+    (["model.offload=disk", "model.name=some-org/some-model"], "hub id"),
+])
+def test_offload_refusals_are_one_line(tmp_path, args, needle):
+    assert_one_line_error(zotune("train", "--out", str(tmp_path / "run"), *args), needle)
+
+
+def test_write_tensors_writes_save_files_bytes_one_tensor_at_a_time(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{name.lower()}.{i}": torch.randint(0, 2, (3, 2), generator=g).to(dtype)
+               for name, dtype in DTYPES.items() for i in range(2)}
+    tensors |= {"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4), "übung": torch.randn(5, generator=g)}
+    written = []
+    for metadata in (None, {}, {"ü": '"quoted"'}):
+        save_file(tensors, str(tmp_path / "reference.safetensors"), metadata=metadata)
+        write_tensors(tmp_path / "streamed.safetensors", list(tensors.items()), metadata, after=written.append)
+        assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert len(written) == 3 * len(tensors)
+    # several metadata keys: save_file writes them in a hash map's order, which varies from process to process;
+    # write_tensors in the order given
+    metadata = {"format": "pt", "ü": "x", "a": "b"}
+    write_tensors(tmp_path / "several.safetensors", list(tensors.items()), metadata)
+    with safe_open(str(tmp_path / "several.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+    save_file(tensors, str(tmp_path / "reference.safetensors"))
+    reference_order = list(header_of(tmp_path / "reference.safetensors"))
+    assert list(header_of(tmp_path / "several.safetensors")) == ["__metadata__", *reference_order]
+    reader = TensorReader([tmp_path / "streamed.safetensors"])
+    loaded = load_file(str(tmp_path / "streamed.safetensors"))
+    for name, t in tensors.items():
+        assert torch.equal(reader.read(name), t) and torch.equal(loaded[name], t) and name in reader
+    meta = torch.empty((2, 3), device="meta")
+    write_tensors(tmp_path / "from_meta.safetensors", [("w", meta)], value=lambda name, t: torch.ones(2, 3))
+    assert torch.equal(load_file(str(tmp_path / "from_meta.safetensors"))["w"], torch.ones(2, 3))
+    with pytest.raises(ValueError, match="values of"):
+        write_tensors(tmp_path / "bad.safetensors", [("w", meta)], value=lambda name, t: torch.ones(3))
+
+
+def header_of(path) -> dict:
+    """A safetensors file's JSON header, in its order."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length])
+
+
+@pytest.mark.slow
+def test_offloaded_default_model_in_a_subprocess_reports_less_memory(tmp_path):
+    """The embedded model, 2 steps in and out of the disk tier: the same weights, less peak RSS."""
+    runs = {}
+    for tier in ("none", "disk"):
+        out = tmp_path / tier
+        proc = subprocess.run([sys.executable, "-m", "zotune", "train", "--out", str(out), "train.steps=2",
+                               "train.batch_size=4", "eval.max_examples=4", "eval.zero_shot=false",
+                               f"model.offload={tier}"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs[tier] = json.loads((out / "summary.json").read_text())
+    assert (tmp_path / "none/weights.safetensors").read_bytes() == (tmp_path / "disk/weights.safetensors").read_bytes()
+    assert runs["disk"]["peak_rss_mb"] < runs["none"]["peak_rss_mb"] - 200

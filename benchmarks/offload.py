@@ -4,6 +4,7 @@ fine-tuning with the transformer layers on disk, against the same run in memory.
     .venv/bin/python benchmarks/offload.py                        # the default model, both tiers
     .venv/bin/python benchmarks/offload.py --big --cap-mb 2048    # a 6.8 GB model under a 2 GB cap
     .venv/bin/python benchmarks/offload.py --dual                 # the dual forward against two probes
+    .venv/bin/python benchmarks/offload.py --big --memory --tier cpu --device cuda   # the host tier on a GPU
 
 Each run is ``zotune train`` in a subprocess (ZO-SGD, full fine-tuning, rotten_tomatoes), so its
 peak RSS is its own; the two default-model runs must write the same weights file, byte for byte.
@@ -144,24 +145,30 @@ def default_model(steps: int) -> None:
         sys.exit(1)
 
 
-def big_model(steps: int, cap_mb: int | None, in_memory: bool) -> None:
+def big_model(steps: int, cap_mb: int | None, in_memory: bool, tier: str = "disk", device: str = "cpu") -> None:
     directory = write_big_model(RUNS / "smollm2-1.7b-shape-random")
     extra = [f"model.name={directory}", f"train.steps={steps}", "train.batch_size=2", "train.max_length=32",
-             "eval.max_examples=2", "eval.batch_size=2", "optimizer.lr=1e-5"]
-    runs = {}
-    if in_memory:  # the same run with every weight in memory, uncapped: the speed to compare with
+             "eval.max_examples=2", "eval.batch_size=2", "optimizer.lr=1e-5", f"model.device={device}"]
+    runs, names = {}, []
+    if in_memory:  # the same run with every weight on the device, uncapped: the speed to compare with
         runs["in memory, no cap"] = train(RUNS / "big-none", "none", extra)
+        names.append("big-none")
     cgroup = make_cgroup(cap_mb) if cap_mb else None
     if cap_mb and cgroup is None:
         print(f"no memory cgroup can be made here: the run is not capped at {cap_mb} MB; its peak RSS is measured")
     cap = f", {cap_mb} MB cgroup" if cgroup else ""
+    # the host tier always takes the fused update (its updates run on the device)
+    variants = [("two probes", False, tier == "cpu"), ("dual forward", True, tier == "cpu")]
+    if tier == "disk":
+        variants.append(("dual forward + fused update", True, True))
     try:
-        for label, dual, fused in (("two probes", False, False), ("dual forward", True, False),
-                                   ("dual forward + fused update", True, True)):
-            runs[f"on disk{cap}, {label}"] = train(
-                RUNS / f"big-disk-{'fused' if fused else 'dual' if dual else 'two'}", "disk",
+        for label, dual, fused in variants:
+            name = f"big-{tier}-{'fused' if fused and dual else 'dual' if dual else 'two'}"
+            runs[f"{tier}{cap}, {label}"] = train(
+                RUNS / name, tier,
                 [*extra, f"optimizer.dual_forward={str(dual).lower()}", f"optimizer.fused_update={str(fused).lower()}"],
                 cgroup)
+            names.append(name)
             reset = cgroup / "memory.max_usage_in_bytes" if cgroup is not None else None
             if reset is not None and reset.exists():  # cgroup v1: the next run's peak on its own
                 reset.write_text("0")
@@ -171,21 +178,20 @@ def big_model(steps: int, cap_mb: int | None, in_memory: bool) -> None:
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**30
     print(f"\nrandom SmolLM2-1.7B shape ({size:.1f} GiB of float32 weights), ZO-SGD full, {steps} steps, "
           f"batch 2 x 32 tokens, {torch.get_num_threads()} threads")
-    print("| weights | peak RSS (MB) | cgroup peak (MB) | s/step | losses |")
-    print("|---|---:|---:|---:|---|")
+    print("| weights | peak RSS (MB) | cgroup peak (MB) | peak CUDA allocated (MB) | s/step | losses |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, s in runs.items():
-        peak = f"{s['cgroup_peak_mb']:,.0f}" if "cgroup_peak_mb" in s else "-"
-        print(f"| {name} | {s['peak_rss_mb']:,.0f} | {peak} | {s['s_per_step']:.1f} | "
+        peaks = [f"{s[k]:,.0f}" if k in s else "-" for k in ("cgroup_peak_mb", "peak_cuda_allocated_mb")]
+        print(f"| {name} | {s['peak_rss_mb']:,.0f} | {' | '.join(peaks)} | {s['s_per_step']:.1f} | "
               f"{', '.join(f'{x:.4f}' for x in s['losses'])} |")
-    weights = [file_sha256(RUNS / f"big-{d}/weights.safetensors") for d in ("disk-two", "disk-dual", "disk-fused")]
     if in_memory:
-        weights.append(file_sha256(RUNS / "big-none/weights.safetensors"))
         base = runs["in memory, no cap"]
         for name, s in runs.items():
             if name != "in memory, no cap":
                 print(f"{name} / in memory: s/step {s['s_per_step'] / base['s_per_step']:.2f}x, "
                       f"peak RSS {s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
-    print(f"weights byte-identical across the runs: {all(w == weights[0] for w in weights)}")
+    digests = {file_sha256(RUNS / n / "weights.safetensors") for n in names}
+    print(f"weights byte-identical across the runs: {len(digests) == 1}")
 
 
 def dual_forward(repeats: int) -> None:
@@ -227,12 +233,15 @@ def main() -> None:
     ap.add_argument("--cap-mb", type=int, help="--big: run the disk tier in a memory cgroup of this limit (MB)")
     ap.add_argument("--memory", action="store_true", help="--big: also run it in memory (about 8 GB), for the speed")
     ap.add_argument("--dual", action="store_true", help="the dual forward's step time against two probes")
+    ap.add_argument("--tier", choices=("disk", "cpu"), default="disk",
+                    help="--big: the disk tier (default) or the host tier (cpu: for a GPU, with --device cuda)")
+    ap.add_argument("--device", default="cpu", help="--big: the compute device (cuda for the host tier on a GPU)")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.dual:
         dual_forward(args.steps)
     elif args.big:
-        big_model(args.steps if args.steps != 5 else 3, args.cap_mb, args.memory)
+        big_model(args.steps if args.steps != 5 else 3, args.cap_mb, args.memory, args.tier, args.device)
     else:
         default_model(args.steps)
 

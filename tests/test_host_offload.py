@@ -31,12 +31,7 @@ def trained_on_host(cls, lr, batch, device: torch.device, dual: bool, steps: int
     opt = cls(model.parameters(), lr=lr, eps=1e-2, seed=3, n_queries=2).fuse_update(model)
     if dual and opt.takes_dual_forward:
         opt.dual_forward(model)
-    records = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * (1 + step)
-        opt.step(lambda: model(**{k: v.to(device) for k, v in batch.items()}).loss)
-        records.append(opt.last_record)
+    records = stepped(opt, model, batch, lr, device, steps)
     opt.flush_update()
     return model, opt, records
 
@@ -44,13 +39,18 @@ def trained_on_host(cls, lr, batch, device: torch.device, dual: bool, steps: int
 def trained_in_memory(cls, lr, batch, device: torch.device, steps: int = 3):
     model = prepared(tiny_llama(), cls).to(device)
     opt = cls(model.parameters(), lr=lr, eps=1e-2, seed=3, n_queries=2)
+    return model, stepped(opt, model, batch, lr, device, steps)
+
+
+def stepped(opt, model, batch, lr, device: torch.device, steps: int) -> list:
+    """``steps`` steps on ``batch`` (a schedule: each its own lr); their records."""
     records = []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * (1 + step)
         opt.step(lambda: model(**{k: v.to(device) for k, v in batch.items()}).loss)
         records.append(opt.last_record)
-    return model, records
+    return records
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ConfigError
-from ..estimators.perturb import HOSTED
+from ..estimators.perturb import HOSTED, BufferPool
 
 
 class _Copier:
@@ -67,7 +67,7 @@ class HostOffload:
     def __init__(self, layers: Sequence[torch.nn.Module], device: torch.device):
         if not len(layers):
             raise ConfigError("model.offload: the model has no stack of transformer layers to offload")
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key its buffers report
         self.layers = list(layers)
         self.params = [list(dict.fromkeys(layer.parameters())) for layer in self.layers]
         pin = self.device.type == "cuda"
@@ -78,7 +78,7 @@ class HostOffload:
                 p.data = h
                 setattr(p, HOSTED, True)  # never perturbed in place: its probes and updates happen on the device
         self._copier = _Copier(self.device)
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._pool = BufferPool()  # device buffers, recycled from layer to layer
         self._ahead: dict[int, tuple[list[torch.Tensor], object | None]] = {}
         self.uploads = 0  # layers copied to the device (once per layer per step with the dual forward)
         self.peak_resident = 0  # the most layers on the device at once, the one copied ahead included
@@ -87,13 +87,9 @@ class HostOffload:
             layer.register_forward_hook(lambda *_, k=k: self.leave(k)))]
         self._buffers: dict[int, list[torch.Tensor]] = {}  # the device buffers of the resident layers
 
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        free = self._free.get((p.numel(), p.dtype))
-        return free.pop() if free else torch.empty(p.numel(), dtype=p.dtype, device=self.device)
-
     def _upload(self, k: int) -> tuple[list[torch.Tensor], object | None]:
         """Start copying layer k to device buffers; the buffers and the last copy's event."""
-        buffers = [self._buffer(p) for p in self.params[k]]
+        buffers = [self._pool.take(p.numel(), p.dtype, self.device) for p in self.params[k]]
         event = None
         for buf, host in zip(buffers, self.host[k]):
             event = self._copier.copy(buf, host.view(-1))
@@ -139,7 +135,7 @@ class HostOffload:
 
     def _release(self, buffers: list[torch.Tensor]) -> None:
         for buf in buffers:
-            self._free.setdefault((buf.numel(), buf.dtype), []).append(buf)
+            self._pool.give(buf)
 
     @contextmanager
     def resident(self, k: int) -> Iterator[None]:

@@ -69,15 +69,13 @@ def load_model(
     the model computes on the CPU.
     """
     dtype = resolve_dtype(dtype)
-    if check_tier(offload) == "disk":
-        if device_map is not None:
-            raise ConfigError("model.offload: disk places the layers itself; it takes no model.device_map")
+    if check_tier(offload) != "none" and device_map is not None:
+        raise ConfigError(f"model.offload: {offload} places the layers itself; it takes no model.device_map")
+    if offload == "disk":
         if device not in ("auto", "cpu"):
             raise ConfigError(f"model.offload: disk computes on the CPU, but model.device is {device}")
         model, tokenizer = _load_offloaded(resolve_source(name), dtype, name, offload_dir)
     elif offload == "cpu":
-        if device_map is not None:
-            raise ConfigError("model.offload: cpu places the layers itself; it takes no model.device_map")
         model, tokenizer = _from_pretrained(resolve_source(name), dtype, name)
         model.to(dtype)
         model._zotune_offload = host_tier(model, resolve_device(device))

@@ -98,10 +98,6 @@ class BlockFile:
         """Drop the block's pages from memory; the file keeps them."""
         Pages(self.mapping, 0, self.nbytes).advise(mmap.MADV_DONTNEED)
 
-    def flush(self) -> None:
-        """Write the block's changed pages to its file now."""
-        self.mapping.flush()
-
 
 class DiskOffload:
     """The disk tier of a model: each of ``blocks`` (its transformer layers) in its own file
@@ -152,11 +148,6 @@ class DiskOffload:
         """Drop every block's pages from memory."""
         for f in self.files:
             f.drop()
-
-    def flush(self) -> None:
-        """Write every changed page to the files now."""
-        for f in self.files:
-            f.flush()
 
 
 def replace_parameters(root: torch.nn.Module, views: dict[int, torch.Tensor]) -> None:

@@ -178,6 +178,9 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         assert float(row["eval.accuracy"]) == s["eval"]["accuracy"]
         assert int(row["forward_passes"]) == s["forward_passes"] == 8
         assert float(row["peak_rss_mb"]) == s["peak_rss_mb"] and float(row["wall_s"]) == s["wall_s"]
+        # a cell keeps no weights unless the grid asks (train.save_weights; ZO cells keep their trajectory)
+        assert not list((out / "cells" / name).glob("*.safetensors")) and load_config(out / "configs" / f"{name}.yaml").train.save_weights is False
+    assert (out / "cells" / "optimizer=ZOSGD,seed=0" / "trajectory.bin").is_file()
     bad = rows[f"cells/{failed}"]
     assert bad["status"] == "failed" and "not found" in bad["error"] and bad["eval.accuracy"] == ""
     assert (bad["optimizer.name"], bad["seed"]) == ("AdamW", "1")
@@ -240,6 +243,11 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     changed["base"]["eval"]["batch_size"] = 4
     states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g2.yaml", changed)), BenchDir(out))[2:]]
     assert states == ["stale", "stale", "stale", "failed"]
+    # ... but not one that changes only which files a cell keeps
+    keeps = tiny_grid(tiny_model_dir, reviews_csv)
+    keeps["base"]["train"]["save_weights"] = True
+    states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g3.yaml", keeps)), BenchDir(out))[2:]]
+    assert states == ["done", "done", "done", "failed"]
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
 
 

@@ -216,6 +216,12 @@ def test_keep_best_evaluates_the_best_dev_weights(tiny_model_dir, reviews_csv, t
     assert again["eval"] == summary["eval"]
     with pytest.raises(ConfigError, match="train.keep_best"):
         config(tiny_model_dir, reviews_csv, "train.keep_best=true", "train.eval_every=0")
+    # train.save_weights=false: the same run and figures, no weights files left (the trajectory replays them)
+    lean = run_train(config(tiny_model_dir, reviews_csv, "optimizer.lr=5e-3", "optimizer.eps=1e-2", "train.steps=8",
+                            "train.eval_every=2", "train.keep_best=true", "eval.zero_shot=false", "train.save_weights=false"),
+                     tmp_path / "lean", log=lambda *_: None)
+    assert lean["eval"] == summary["eval"] and lean["best_step"] == summary["best_step"]
+    assert not list((tmp_path / "lean").glob("*.safetensors")) and (tmp_path / "lean" / "trajectory.bin").is_file()
 
 
 def test_test_every_records_test_metrics_and_evaluation_time(tiny_model_dir, reviews_csv, tmp_path):

@@ -164,6 +164,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "linear" | "cosine" (to 0 at the last step)
     warmup_steps: int = 0  # the lr rises linearly over these first steps
     keep_best: bool = False  # with eval_every: the final weights are the best on dev (MeZO's protocol)
+    # write weights.safetensors (and keep best.safetensors) at the end; false: the run keeps its metrics, summary
+    # and trajectory only (a ZO run's weights are rebuilt by `zotune replay`). zotune bench's cells: false by default
+    save_weights: bool = True
     dropout: str = "off"  # first-order steps: "off" | "model_default" (the model's own dropout, as MeZO's FT); ZO: off
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import from_dict, recorded_config
+from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..train.rundir import RUN_MARKERS
 from .grid import Cell, Grid
@@ -91,9 +91,21 @@ class BenchDir:
 
 def _same_config(path: Path, cell: Cell) -> bool:
     """Whether a cell's run directory holds the cell's config, compared under the defaults of the
-    config version the run was recorded with (a cell run before a new version stays done)."""
+    config version the run was recorded with (a cell run before a new version stays done), and
+    without the keys that change which files a run keeps, not its results (``RESULT_NEUTRAL``)."""
     try:
         recorded = recorded_config(path)
-        return recorded.to_dict() == from_dict(cell.config, default_version=recorded.version).to_dict()
+        return _results_config(recorded) == _results_config(from_dict(cell.config, default_version=recorded.version))
     except ZotuneError:
         return False
+
+
+RESULT_NEUTRAL = (("train", "save_weights"),)
+
+
+def _results_config(cfg: Config) -> dict:
+    """``cfg`` as a dict without the ``RESULT_NEUTRAL`` keys."""
+    data = cfg.to_dict()
+    for section, key in RESULT_NEUTRAL:
+        data[section].pop(key)
+    return data

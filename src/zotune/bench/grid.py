@@ -24,7 +24,8 @@ gives each cell ``N // forward passes per step`` steps (equal forward-pass budge
 axes that are not the optimizer's, training's or tuning's (``optimizer.*``, ``train.*``, ``tuning.*``): its row in the report
 is the baseline (``ICL``), beside the optimizers. ``load_grid(path, overrides)`` applies
 ``key=value`` overrides (``zotune bench --grid G model.name=...``) to every cell, last; an override
-of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. Every cell's config is validated before anything runs: a
+of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. ``train.save_weights``
+is false in a cell unless the grid sets it. Every cell's config is validated before anything runs: a
 malformed grid is one :class:`~zotune.errors.ConfigError` line.
 """
 
@@ -287,8 +288,12 @@ def baseline_cells(baselines: list[str], base: dict[str, Any], axes: dict[str, l
 
 
 def _cell_config(base: dict[str, Any], combo: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
-    """``base`` with the cell's axis values, then the sets of the overrides that match them."""
+    """``base`` with the cell's axis values, then the sets of the overrides that match them. A cell keeps no
+    weights files unless the grid sets ``train.save_weights`` (its figures are the point; a ZO cell's weights
+    come back with ``zotune replay``): a grid of full fine-tunes would otherwise write ~1 GB per cell."""
     config = copy.deepcopy(base)
+    if isinstance(config.setdefault("train", {}), dict):
+        config["train"].setdefault("save_weights", False)
     for key, value in combo.items():
         set_dotted(config, key, copy.deepcopy(value))
     for override in [o for o in overrides if o.matches(config)]:

@@ -447,7 +447,7 @@ class Training:
         if self.trajectory is not None:
             self.trajectory.close()
         self.settle()
-        if run is not None:
+        if run is not None and tcfg.save_weights:
             save_weights(run.file(WEIGHTS), session.named_trainable())
             if hasattr(session.model, "peft_config"):  # adapters also in peft's own format: PeftModel.from_pretrained(base, dir)
                 session.model.save_pretrained(run.file("adapter"), safe_serialization=True)
@@ -469,6 +469,8 @@ class Training:
         after.write_predictions(run.file("predictions.jsonl"))
         run.write_json("summary.json", summary)
         self.checkpoints.clear()  # finished: nothing left to resume
+        if not tcfg.save_weights:
+            run.file(BEST_WEIGHTS).unlink(missing_ok=True)  # read by the final evaluation, kept no longer
         plot_training(
             run.file("training.png"), list(range(1, tcfg.steps + 1)), progress.losses, progress.dev, metric,
             zero_shot[metric] if zero_shot else None, after.metrics[metric],

@@ -101,6 +101,24 @@ def test_hizoo_estimates_the_hessian_diagonal_of_a_quadratic():
     assert opt.forwards_per_step == 9 and len(opt.last_record.extra["values"]) == 4
 
 
+def test_defaults_follow_the_config_version():
+    """A default holds from its config version until a later one changes it: HiZOO's alpha (1e-3 until
+    version 4, the sweep's 1e-5 since 5; the library's own default is the current one), FZOO's and ZOAdam's
+    lr; what the config gives wins."""
+    from zotune.config import CONFIG_VERSION, OptimizerConfig
+    from zotune.optim.factory import build_optimizer, resolved_hparams
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
+    assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5)]
+           for name in ("FZOO", "ZOAdam", "ZOSGD")}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4],
+                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4]}
+
+
 def test_hizoo_preconditions_its_probes():
     """The probes run along D^-1/2 z: with D = 4 everywhere, half as far as ZO-SGD's."""
     x = torch.nn.Parameter(torch.zeros(1000))

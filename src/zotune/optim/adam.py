@@ -20,7 +20,7 @@ class ZOAdam(ZOOptimizer):
     """
 
     normalised_step = True  # each coordinate moves by about lr
-    default_lr = {(1, "full"): 1e-5, (2, "full"): 1e-5, (3, "full"): 1e-4, (4, "full"): 1e-4}  # Adam's step: larger than SGD's on full
+    default_lr = {(1, "full"): 1e-5, (3, "full"): 1e-4}  # Adam's step: larger than SGD's on full
 
     elementwise = True
 

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ..config import CONFIG_VERSION, Config, OptimizerConfig, TuningConfig
 from ..errors import ConfigError
 from .registry import FIRST_ORDER, is_zeroth_order, zo_class
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ MEASURED = Defaults(
     zo={**MEZO.zo, "full": (1e-4, 1e-3), "lora": (1e-3, 1e-2), "lora-fa": (3e-2, 1e-2), "top": (1e-3, 1e-3)},
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED}  # config version -> defaults (4: FZOO's own)
+# config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options)
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED}
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -76,9 +80,16 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
     defaults = DEFAULTS_BY_VERSION[version]
     if is_zeroth_order(cfg.name):
         lr, eps = defaults.zo[scheme]
-        lr = zo_class(cfg.name).default_lr.get((version, scheme), lr)
+        own = since({v: x for (v, row), x in zo_class(cfg.name).default_lr.items() if row == scheme}, version)
+        lr = own if own is not None else lr
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
     return (cfg.lr if cfg.lr is not None else defaults.fo[cfg.name][scheme], None)
+
+
+def since(entries: dict[int, T], version: int) -> T | None:
+    """The entry of the latest version <= ``version`` (a default holds until a later generation changes it)."""
+    past = [v for v in entries if v <= version]
+    return entries[max(past)] if past else None
 
 
 def build_optimizer(
@@ -97,7 +108,7 @@ def build_optimizer(
                 **{k: v for k, v in (("n_queries", cfg.n_queries), ("distribution", cfg.distribution)) if v is not None},
                 weight_decay=cfg.weight_decay,
                 **({"blockwise": True} if cfg.blockwise else {}),
-                **cfg.options,
+                **{**(since(zo_class(cfg.name).default_options, version) or {}), **cfg.options},
             )
             return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb or 0)
         for knob in ("blockwise", "direction_cache_mb", "noise_table_mb", "dual_forward", "fused_update"):

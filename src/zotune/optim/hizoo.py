@@ -30,15 +30,18 @@ class HiZOO(ZOOptimizer):
     weights; the step records ``delta_j`` beside ``g_j``, so a replay rebuilds ``D`` exactly.
 
     Args:
-        alpha: the rate of the running Hessian estimate (HiZOO: small, e.g. 1e-6 for an LLM; 1e-3 here).
+        alpha: the rate of the running Hessian estimate (HiZOO: small, e.g. 1e-6 for an LLM). 1e-5 is the
+            sweep's pick on the default model (docs/sweeps.md: at 1e-3 every lr diverges); runs recorded
+            before config version 5 keep 1e-3.
         hessian_floor: the smallest ``D`` (so the perturbation ``D^{-1/2} z`` stays bounded).
         (the others as :class:`~zotune.optim.ZOSGD`; block-wise ZO is not offered.)
     """
 
     forwards_per_query = 2
+    default_options = {1: {"alpha": 1e-3}, 5: {"alpha": 1e-5}}
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
-                 distribution: str = "gaussian", weight_decay: float = 0.0, alpha: float = 1e-3,
+                 distribution: str = "gaussian", weight_decay: float = 0.0, alpha: float = 1e-5,
                  hessian_floor: float = 1e-2, **options):
         require(isinstance(alpha, (int, float)) and 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}")
         require(isinstance(hessian_floor, (int, float)) and hessian_floor > 0,

@@ -81,3 +81,16 @@ def test_direction_cache_in_config(tiny_batch):
                         model.parameters(), "full", seed=0)
     with pytest.raises(ValueError, match=">= 0"):
         ZOSGD(model.parameters(), lr=1e-3).cache_directions(-1)
+
+
+def test_pool_threads_run_their_ops_on_one_thread():
+    """The sampler's pool threads take one intra-op thread each (their own OpenMP teams would spin on the
+    cores the forward needs next); the caller keeps its own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        DirectionSampler("gaussian", threads=2).run_jobs([lambda: seen.append(torch.get_num_threads())] * 4)
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -86,6 +86,15 @@ ChunkFn = Callable[[int, int, torch.Tensor], None]
 Shape = Callable[[int, int, torch.device, Callable[[], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
+def _one_intra_op_thread() -> None:
+    """A pool thread runs its torch ops on itself alone (OpenMP's thread count is per thread). One that
+    opened OpenMP teams of its own would leave their threads spinning on the cores that the forward's
+    matmuls and softmax need next: measured on the default model at batch 16 x 64 on 2 cores, a probe's
+    time beyond a forward went from 0.47 to 0.18 s (``benchmarks/step_speed.py``). The values are the
+    same: every job is elementwise."""
+    torch.set_num_threads(1)
+
+
 class DirectionSampler:
     """Produces the chunks of z for a key.
 
@@ -330,7 +339,7 @@ class DirectionSampler:
 
     def _map(self, fn: Callable[[object], None], items: list) -> None:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-z")
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune-z", initializer=_one_intra_op_thread)
         grad_enabled = torch.is_grad_enabled()  # grad mode is thread-local: carry it over
 
         def run(item: object) -> None:

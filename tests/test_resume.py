@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,24 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_identical(tiny_model_dir, re
     assert_same_run(out, ref)
 
 
+def track_weight_reads(monkeypatch) -> dict[str, int]:
+    """Count the checkpoint weights read from files and the most of them alive at once (weak references)."""
+    from zotune.tensorfile import TensorReader
+
+    read, alive, stats = TensorReader.read, [], {"count": 0, "peak_alive": 0}
+
+    def counting(self, name: str) -> torch.Tensor:
+        out = read(self, name)
+        if name.startswith("weights/"):
+            alive[:] = [r for r in alive if r() is not None] + [weakref.ref(out)]
+            stats["count"] += 1
+            stats["peak_alive"] = max(stats["peak_alive"], len(alive))
+        return out
+
+    monkeypatch.setattr(TensorReader, "read", counting)
+    return stats
+
+
 def test_sigterm_checkpoints_and_stops_with_one_line_then_resumes(tiny_model_dir, reviews_csv, tmp_path,
                                                                  tmp_path_factory, monkeypatch, capsys):
     extra = ("optimizer.name=AdamW",)
@@ -142,7 +161,9 @@ def test_sigterm_checkpoints_and_stops_with_one_line_then_resumes(tiny_model_dir
                    "run the same command again to resume"]
     assert sorted(p.name for p in checkpoint.iterdir()) == ["state.json", "state.safetensors"]
     assert last_step(out) == 5 and not (out / "summary.json").exists()
+    reads = track_weight_reads(monkeypatch)
     assert main(args) == 0
+    assert reads["count"] > 0 and reads["peak_alive"] == 1  # the checkpoint's weights read one at a time
     out_text = capsys.readouterr().out
     assert "resuming at step 5" in out_text and "zero-shot accuracy" in out_text  # measured before, reported
     assert_same_run(out, ref)

@@ -32,17 +32,17 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..errors import DataError, TrainingError
 from ..models.offload import release
+from ..tensorfile import TensorReader
 from ..trajectory import TrajectoryWriter
 from .weights import save_weights
 
@@ -140,12 +140,12 @@ Optimizers = dict[str, torch.optim.Optimizer | None]
 
 @dataclass
 class Checkpoint:
-    """A verified checkpoint, read into memory."""
+    """A verified checkpoint: its progress and optimizer states in memory, its weights read as restored."""
 
     path: Path
     progress: Progress
     trajectory_records: int
-    state: dict[str, Any]  # {"weights": {name: tensor}, "optimizers": {key: state_dict}, "rng": {...}}
+    state: dict[str, Any]  # {"weights": StoredWeights (name -> tensor), "optimizers": {key: state_dict}, "rng": {...}}
 
     @torch.no_grad()
     def restore(self, named: list[tuple[str, torch.nn.Parameter]], optimizers: Optimizers) -> None:
@@ -154,10 +154,11 @@ class Checkpoint:
         if set(weights) != {n for n, _ in named}:
             self._misfit(f"{len(weights)} tensors saved, {len(named)} trainable")
         for name, p in named:
-            if weights[name].shape != p.shape or weights[name].dtype != p.dtype:
-                self._misfit(f"{name} is {weights[name].dtype} {tuple(weights[name].shape)}, "
-                             f"the model has {p.dtype} {tuple(p.shape)}")
-            p.copy_(weights[name])
+            stored = weights[name]  # read now (StoredWeights), dropped after the copy
+            if stored.shape != p.shape or stored.dtype != p.dtype:
+                self._misfit(f"{name} is {stored.dtype} {tuple(stored.shape)}, the model has {p.dtype} {tuple(p.shape)}")
+            p.copy_(stored)
+            del stored
             release(p)
         saved = self.state["optimizers"]
         if saved.keys() != {k for k, o in optimizers.items() if o is not None}:
@@ -224,7 +225,7 @@ class Checkpoints:
         for path in reversed(self._dirs()):
             try:
                 return _read(path)
-            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError, DataError) as err:
                 detail = f"{type(err).__name__}: {err}" if not isinstance(err, _Damaged) else str(err)
                 self.log(f"checkpoint {path} is damaged ({detail}); removed it, falling back to the previous one")
                 shutil.rmtree(path, ignore_errors=True)
@@ -253,7 +254,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     (the other ranks of a run read the one rank 0 resumes from)."""
     try:
         return _read(Path(path))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, DataError) as err:
         raise DataError(f"cannot read checkpoint {path}: {err}") from None
 
 
@@ -263,11 +264,42 @@ def _read(path: Path) -> Checkpoint:
         raise _Damaged(f"{META} is not a {FORMAT} version {VERSION}")
     if file_sha256(path / TENSORS) != meta["sha256"]:
         raise _Damaged(f"{TENSORS} does not match its SHA-256")
-    state = join_state(meta["state"], load_file(str(path / TENSORS)))
+    skeleton, reader = meta["state"], TensorReader([path / TENSORS])
+    weights = skeleton.get("weights") if isinstance(skeleton, dict) else None
     progress = Progress(**meta["progress"])
-    if progress.step != meta["step"] or not (isinstance(state, dict) and isinstance(state.get("weights"), dict)):
+    if progress.step != meta["step"] or not isinstance(weights, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get(_TENSOR), str) and v[_TENSOR] in reader for v in weights.values()):
         raise _Damaged(f"{META} is inconsistent")
+    state = join_state({k: v for k, v in skeleton.items() if k != "weights"}, _OnRead(reader))
+    state["weights"] = StoredWeights(reader, {name: v[_TENSOR] for name, v in weights.items()})
     return Checkpoint(path, progress, int(meta["trajectory_records"]), state)
+
+
+class _OnRead:
+    """``reader[key]``: a tensor of the checkpoint's file, read when asked (for :func:`join_state`)."""
+
+    def __init__(self, reader: TensorReader):
+        self.reader = reader
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.reader.read(key)
+
+
+class StoredWeights(Mapping[str, torch.Tensor]):
+    """A checkpoint's weights by parameter name, each read from the file when asked: restoring an offloaded
+    model (``model.offload``) holds one of its tensors in memory at a time, never the model."""
+
+    def __init__(self, reader: TensorReader, keys: dict[str, str]):
+        self._reader, self._keys = reader, keys
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._keys[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from zotune.models import load_model
 from zotune.models.layers import transformer_layers
 from zotune.models.loader import model_offload
 from zotune.models.offload import is_offloaded, offload_to_disk
-from zotune.optim import ZOSGD
+from zotune.optim import ZOSGD, ZOAdam
 from zotune.tensorfile import DTYPES, TensorReader, write_tensors
 
 from .conftest import tiny_llama
@@ -46,10 +46,20 @@ def trained(cls, lr, batch, offload: bool, steps: int = 3):
 @pytest.mark.parametrize("cls, lr", FAMILY, ids=IDS)
 def test_every_optimizer_trains_bit_identically_offloaded(cls, lr, tiny_batch):
     model, _, records = trained(cls, lr, tiny_batch, offload=False)
-    offloaded, _, records_off = trained(cls, lr, tiny_batch, offload=True)
+    offloaded, opt, records_off = trained(cls, lr, tiny_batch, offload=True)
     layers = {id(p) for p in transformer_layers(offloaded).parameters()}
     assert layers and all(is_offloaded(p) == (id(p) in layers) for p in offloaded.parameters())
     assert records_off == records
+    # a layer's optimizer state (moments, momentum, Hessian estimate) lives in files beside its weights, and
+    # comes back there from a state dict
+    state = {id(p): opt.state[p] for p in offloaded.parameters() if id(p) in layers and opt.state.get(p)}
+    again = cls(offloaded.parameters(), lr=lr, eps=1e-2, seed=3, n_queries=2)
+    again.load_state_dict(opt.state_dict())
+    for p in offloaded.parameters():
+        for key, v in state.get(id(p), {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() == p.numel():
+                assert is_offloaded(v) and is_offloaded(again.state[p][key]), key
+                assert torch.equal(v, again.state[p][key])
     start = tiny_llama()
     moved = False
     for (name, p), q, p0 in zip(model.named_parameters(), offloaded.parameters(), start.parameters()):
@@ -80,6 +90,13 @@ def resident_bytes(paths: set[str]) -> int:
     return total
 
 
+def state_paths(directory: Path) -> set[str]:
+    """The optimizer-state files mapped into this process from ``directory`` (unlinked: smaps names them with
+    " (deleted)", which resident_bytes reads as the path's first field)."""
+    return {line.split()[5] for line in Path("/proc/self/smaps").read_text().splitlines()
+            if len(line.split()) > 5 and line.split()[5].startswith(f"{directory}/.state-")}
+
+
 def test_a_forward_and_a_step_leave_about_no_layer_in_memory():
     """Each layer's pages are dropped once the forward leaves it and once a parameter is updated:
     afterwards the mapped files hold no more resident memory than a few edge pages each; during the
@@ -105,6 +122,14 @@ def test_a_forward_and_a_step_leave_about_no_layer_in_memory():
     opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, seed=0)
     opt.step(lambda: model(input_ids=ids, labels=ids).loss)
     assert resident_bytes(paths) <= edges
+    # ZOAdam's two moments per layer weight: in files of their own (unlinked), dropped after each update too
+    adam = ZOAdam(model.parameters(), lr=1e-3, eps=1e-3, seed=0)
+    adam.step(lambda: model(input_ids=ids, labels=ids).loss)
+    moments = [v for p in transformer_layers(model).parameters() for v in adam.state[p].values() if isinstance(v, torch.Tensor)]
+    assert len(moments) == 2 * len(list(transformer_layers(model).parameters())) and all(is_offloaded(m) for m in moments)
+    state_files = state_paths(offload.files[0].path.parent)
+    assert len(state_files) == len(moments)
+    assert resident_bytes(paths | state_files) <= edges + 2 * mmap.PAGESIZE * len(moments)
 
 
 def test_load_model_offloaded_reads_the_checkpoint_into_layer_files(tiny_model_dir, tmp_path):

@@ -45,6 +45,7 @@ class Pages:
     mapping: mmap.mmap
     start: int
     stop: int
+    directory: Path | None = None  # the file's folder: where the parameter's optimizer state goes (state_like)
 
     def advise(self, advice: int) -> None:
         """``madvise`` over the whole pages inside the range (a page shared with a neighbour is left)."""
@@ -60,6 +61,31 @@ def release(p: torch.Tensor) -> None:
     pages = getattr(p, _PAGES, None)
     if pages is not None:
         pages.advise(mmap.MADV_DONTNEED)
+
+
+def state_like(p: torch.Tensor, fill: float = 0.0, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A float32 tensor of ``p``'s shape (or ``shape``, of as many values) filled with ``fill``, for an
+    optimizer's state of ``p`` (momentum, moments, a Hessian estimate). For an offloaded ``p``, in a file of
+    its own beside p's, mapped and paged as p is (:func:`release` drops it after use; the file is unlinked at
+    once, so its space goes with the mapping); in memory otherwise."""
+    shape = tuple(p.shape) if shape is None else tuple(shape)
+    pages = getattr(p, _PAGES, None)
+    if pages is None or pages.directory is None or p.numel() == 0:
+        return torch.full(shape, fill, dtype=torch.float32, device=p.device)
+    nbytes = p.numel() * 4
+    fd, name = tempfile.mkstemp(prefix=".state-", suffix=".bin", dir=pages.directory)
+    try:
+        os.ftruncate(fd, nbytes)  # zeros
+        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    out = torch.frombuffer(mapping, dtype=torch.float32).view(shape)
+    setattr(out, _PAGES, Pages(mapping, 0, nbytes, pages.directory))
+    if fill:
+        out.fill_(fill)
+    release(out)
+    return out
 
 
 def is_offloaded(p: torch.Tensor) -> bool:
@@ -87,7 +113,7 @@ class BlockFile:
         for name, p in named:
             start, stop = ranges[name]
             self.views[name] = data[start:stop].view(p.dtype).view(p.shape)
-            self.views[name].pages = Pages(self.mapping, start, stop)  # type: ignore[attr-defined]
+            self.views[name].pages = Pages(self.mapping, start, stop, path.parent)  # type: ignore[attr-defined]
         self.nbytes = len(self.mapping)
 
     def prefetch(self) -> None:

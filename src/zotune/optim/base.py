@@ -36,7 +36,7 @@ from ..estimators.reduce import LOCAL, LossReducer
 from ..estimators.spsa import SPSA, GradientEstimate, block_coverage, direction_key, query_seeds
 from ..models.layers import transformer_layers
 from ..models.loader import model_offload
-from ..models.offload import release
+from ..models.offload import is_offloaded, release, state_like
 from .fused import FusedUpdate
 from .registry import register as _register
 
@@ -327,7 +327,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         def one(index: int, p: torch.Tensor, group: dict, state: dict) -> None:
             self.update_param(p, index, estimate, group, state)
-            release(p)  # an offloaded parameter (zotune.models.offload) leaves memory once written
+            release_all(p, state)  # an offloaded parameter and its state (zotune.models.offload) leave memory
 
         if not self.elementwise or any(p.device.type != "cpu" for _, p, _, _ in moving):
             for m in moving:
@@ -351,10 +351,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
 
     @staticmethod
-    def buffer(state: dict, name: str, p: torch.Tensor) -> torch.Tensor:
-        """Per-parameter float32 state (momentum, moments), created as zeros."""
+    def buffer(state: dict, name: str, p: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-parameter float32 state (momentum, moments), created filled with ``fill`` (zeros); an offloaded
+        parameter's in a file beside its own (``zotune.models.offload.state_like``), released with it."""
         if name not in state:
-            state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state[name] = state_like(p, fill)
         return state[name]
 
     # -- state ---------------------------------------------------------------------------
@@ -376,14 +377,32 @@ class ZOOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id in state_dict["state"]:
-                self.state[p] = {
-                    k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                    for k, v in state_dict["state"][saved_id].items()
-                }
+                self.state[p] = {k: _restored(v, p) for k, v in state_dict["state"][saved_id].items()}
         if zo is not None:
             self.seed = int(zo["seed"])
             self.steps_done = int(zo["steps_done"])
             self.skipped_steps = int(zo["skipped_steps"])
+
+
+def _restored(value: Any, p: torch.Tensor) -> Any:
+    """A saved state value of ``p``, copied: a float32 tensor of p's size into :func:`state_like` (a file for
+    an offloaded ``p``), another tensor onto p's device, anything else deep-copied."""
+    if not isinstance(value, torch.Tensor):
+        return copy.deepcopy(value)
+    if is_offloaded(p) and value.dtype == torch.float32 and value.numel() == p.numel():
+        home = state_like(p, shape=tuple(value.shape))
+        home.copy_(value)
+        release(home)
+        return home
+    return value.to(device=p.device, copy=True)
+
+
+def release_all(p: torch.Tensor, state: dict) -> None:
+    """:func:`~zotune.models.offload.release` ``p`` and the tensors of its optimizer state."""
+    release(p)
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            release(value)
 
 
 def no_closure() -> Any:

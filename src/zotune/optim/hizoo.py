@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from ..estimators.spsa import SPSA, GradientEstimate, direction_key
-from ..models.offload import release
-from .base import ZOOptimizer, require
+from ..models.offload import state_like
+from .base import ZOOptimizer, release_all, require
 
 
 class HiZOO(ZOOptimizer):
@@ -61,7 +61,7 @@ class HiZOO(ZOOptimizer):
         """The running estimate ``D`` of ``p``'s Hessian diagonal (float32, flat; ones until the first step)."""
         state = self.state[p]
         if "hessian" not in state:
-            state["hessian"] = torch.ones(p.numel(), dtype=torch.float32, device=p.device)
+            state["hessian"] = state_like(p, 1.0, shape=(p.numel(),))  # offloaded with p (models.offload)
         return state["hessian"]
 
     def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor]:
@@ -102,4 +102,4 @@ class HiZOO(ZOOptimizer):
                     estimate_h.add_(z.square() - 1, alpha=delta)
                 estimate_h.mul_(d[start:stop]).mul_(coefficient)  # alpha x the estimate, from the D probed with
                 d[start:stop].mul_(1 - self.alpha).add_(estimate_h).clamp_(min=self.hessian_floor)
-            release(p)
+            release_all(p, self.state[p])

@@ -145,10 +145,12 @@ def default_model(steps: int) -> None:
         sys.exit(1)
 
 
-def big_model(steps: int, cap_mb: int | None, in_memory: bool, tier: str = "disk", device: str = "cpu") -> None:
+def big_model(steps: int, cap_mb: int | None, in_memory: bool, tier: str = "disk", device: str = "cpu",
+              optimizer: str = "ZOSGD", fused_only: bool = False) -> None:
     directory = write_big_model(RUNS / "smollm2-1.7b-shape-random")
     extra = [f"model.name={directory}", f"train.steps={steps}", "train.batch_size=2", "train.max_length=32",
-             "eval.max_examples=2", "eval.batch_size=2", "optimizer.lr=1e-5", f"model.device={device}"]
+             "eval.max_examples=2", "eval.batch_size=2", "optimizer.lr=1e-5", f"model.device={device}",
+             f"optimizer.name={optimizer}"]
     runs, names = {}, []
     if in_memory:  # the same run with every weight on the device, uncapped: the speed to compare with
         runs["in memory, no cap"] = train(RUNS / "big-none", "none", extra)
@@ -161,6 +163,8 @@ def big_model(steps: int, cap_mb: int | None, in_memory: bool, tier: str = "disk
     variants = [("two probes", False, tier == "cpu"), ("dual forward", True, tier == "cpu")]
     if tier == "disk":
         variants.append(("dual forward + fused update", True, True))
+    if fused_only:
+        variants = variants[-1:]
     try:
         for label, dual, fused in variants:
             name = f"big-{tier}-{'fused' if fused and dual else 'dual' if dual else 'two'}"
@@ -176,7 +180,7 @@ def big_model(steps: int, cap_mb: int | None, in_memory: bool, tier: str = "disk
         if cgroup is not None:
             cgroup.rmdir()
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**30
-    print(f"\nrandom SmolLM2-1.7B shape ({size:.1f} GiB of float32 weights), ZO-SGD full, {steps} steps, "
+    print(f"\nrandom SmolLM2-1.7B shape ({size:.1f} GiB of float32 weights), {optimizer} full, {steps} steps, "
           f"batch 2 x 32 tokens, {torch.get_num_threads()} threads")
     print("| weights | peak RSS (MB) | cgroup peak (MB) | peak CUDA allocated (MB) | s/step | losses |")
     print("|---|---:|---:|---:|---:|---|")
@@ -236,12 +240,15 @@ def main() -> None:
     ap.add_argument("--tier", choices=("disk", "cpu"), default="disk",
                     help="--big: the disk tier (default) or the host tier (cpu: for a GPU, with --device cuda)")
     ap.add_argument("--device", default="cpu", help="--big: the compute device (cuda for the host tier on a GPU)")
+    ap.add_argument("--optimizer", default="ZOSGD", help="--big: the ZO optimizer (e.g. ZOAdam: its moments on disk too)")
+    ap.add_argument("--fused-only", action="store_true", help="--big: only the dual forward + fused update run")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.dual:
         dual_forward(args.steps)
     elif args.big:
-        big_model(args.steps if args.steps != 5 else 3, args.cap_mb, args.memory, args.tier, args.device)
+        big_model(args.steps if args.steps != 5 else 3, args.cap_mb, args.memory, args.tier, args.device,
+                  args.optimizer, args.fused_only)
     else:
         default_model(args.steps)
 

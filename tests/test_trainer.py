@@ -222,6 +222,10 @@ def test_keep_best_evaluates_the_best_dev_weights(tiny_model_dir, reviews_csv, t
                      tmp_path / "lean", log=lambda *_: None)
     assert lean["eval"] == summary["eval"] and lean["best_step"] == summary["best_step"]
     assert not list((tmp_path / "lean").glob("*.safetensors")) and (tmp_path / "lean" / "trajectory.bin").is_file()
+    from zotune.cli import main  # and its final weights come back from the trajectory, byte for byte
+
+    assert main(["replay", "--run", str(tmp_path / "lean"), "--out", str(tmp_path / "replayed")]) == 0
+    assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (tmp_path / "run" / "weights.safetensors").read_bytes()
 
 
 def test_test_every_records_test_metrics_and_evaluation_time(tiny_model_dir, reviews_csv, tmp_path):

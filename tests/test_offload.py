@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import subprocess
 import sys
@@ -160,6 +161,24 @@ def test_load_model_offloaded_to_a_directory_of_its_own_deletes_it_with_the_mode
     del model
     gc.collect()
     assert not directory.exists()
+
+
+def test_a_directory_left_by_a_killed_process_is_removed_by_the_next_offload(tmp_path):
+    """A DiskOffload that makes its own directory records its process; the next one removes those whose process
+    is gone (a SIGKILL skips the clean-up), and leaves a live process's and directories it did not make."""
+    from zotune.models.offload import OWNER, DiskOffload
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live, foreign = tmp_path / "offload-dead", tmp_path / "offload-live", tmp_path / "offload-foreign"
+    for d, owner in ((dead, gone.stdout.strip()), (live, str(os.getpid())), (foreign, None)):
+        d.mkdir()
+        (d / "block-000.safetensors").write_bytes(b"x" * 100)
+        if owner:
+            (d / OWNER).write_text(owner)
+    model = tiny_llama()
+    offload = DiskOffload(model, transformer_layers(model), lambda _, p: p, root=tmp_path)
+    assert not dead.exists() and live.is_dir() and foreign.is_dir()
+    assert (offload.directory / OWNER).read_text() == str(os.getpid())
 
 
 def test_training_offloaded_matches_in_memory_resumes_and_replays(tiny_model_dir, reviews_csv, tmp_path, monkeypatch,

@@ -144,7 +144,9 @@ class DiskOffload:
         if directory is None:
             root = Path(root or tempfile.gettempdir())
             root.mkdir(parents=True, exist_ok=True)
+            remove_orphans(root)
             directory = Path(tempfile.mkdtemp(prefix="offload-", dir=root))
+            (directory / OWNER).write_text(str(os.getpid()))
             weakref.finalize(self, shutil.rmtree, directory, True)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,35 @@ class DiskOffload:
         """Drop every block's pages from memory."""
         for f in self.files:
             f.drop()
+
+
+OWNER = "owner.pid"  # in a directory DiskOffload made itself: the process that made it
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Delete the directories under ``root`` that a DiskOffload made for itself (``offload-*``) in a process that
+    is gone: one killed before its clean-up (SIGKILL, out of memory) left a model's size on disk. Returns them."""
+    removed = []
+    for directory in root.glob("offload-*"):
+        try:
+            pid = int((directory / OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being made right now
+        if not _alive(pid):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_parameters(root: torch.nn.Module, views: dict[int, torch.Tensor]) -> None:

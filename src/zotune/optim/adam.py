@@ -60,4 +60,4 @@ class ZOAdam(ZOOptimizer):
             self.decay(pc, group)
             pc.addcdiv_(mc, denom, value=-step_size)
 
-        estimate.summed(index, p.numel(), chunk, p.device)
+        self.summed(estimate, index, p, state, chunk)

@@ -36,7 +36,7 @@ from ..estimators.reduce import LOCAL, LossReducer
 from ..estimators.spsa import SPSA, GradientEstimate, block_coverage, direction_key, query_seeds
 from ..models.layers import transformer_layers
 from ..models.loader import model_offload
-from ..models.offload import is_offloaded, release, state_like
+from ..models.offload import is_offloaded, release, release_span, state_directory, state_like
 from .fused import FusedUpdate
 from .registry import register as _register
 
@@ -358,6 +358,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             state[name] = state_like(p, fill)
         return state[name]
 
+    @staticmethod
+    def summed(estimate: GradientEstimate, index: int, p: torch.Tensor, state: dict,
+               fn: Callable[[int, int, torch.Tensor], None]) -> None:
+        """``estimate.summed`` over ``p``: ``fn(start, stop, grad_chunk)`` chunk by chunk. On the disk tier each
+        chunk's pages of ``p`` and of its state tensors of p's size leave memory once ``fn`` is done with them,
+        so an update holds about a chunk of them (not a whole embedding's moments)."""
+        paged = [t for t in (p, *state.values())
+                 if isinstance(t, torch.Tensor) and is_offloaded(t) and t.numel() == p.numel()]
+
+        def then_release(start: int, stop: int, g: torch.Tensor) -> None:
+            fn(start, stop, g)
+            for t in paged:
+                release_span(t, start, stop)
+
+        estimate.summed(index, p.numel(), then_release if paged else fn, p.device)
+
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus ``zo``: the seed, the steps done and the steps skipped (any pending
@@ -389,7 +405,7 @@ def _restored(value: Any, p: torch.Tensor) -> Any:
     an offloaded ``p``), another tensor onto p's device, anything else deep-copied."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
-    if is_offloaded(p) and value.dtype == torch.float32 and value.numel() == p.numel():
+    if state_directory(p) is not None and value.dtype == torch.float32 and value.numel() == p.numel():
         home = state_like(p, shape=tuple(value.shape))
         home.copy_(value)
         release(home)

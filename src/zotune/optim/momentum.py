@@ -32,7 +32,7 @@ class ZOSGDMomentum(ZOOptimizer):
         """``m <- momentum * m + grad_hat`` for one parameter; returns m (float32)."""
         m = self.buffer(state, "momentum_buffer", p)
         flat = m.view(-1)
-        estimate.summed(index, p.numel(), lambda s, e, g: flat[s:e].mul_(group["momentum"]).add_(g), p.device)
+        self.summed(estimate, index, p, state, lambda s, e, g: flat[s:e].mul_(group["momentum"]).add_(g))
         return m
 
     def update_param(

@@ -29,4 +29,4 @@ class ZOSGDSign(ZOOptimizer):
             self.decay(flat[start:stop], group)
             flat[start:stop].add_(g.sign_(), alpha=-group["lr"])
 
-        estimate.summed(index, p.numel(), chunk, p.device)
+        self.summed(estimate, index, p, state, chunk)

@@ -66,4 +66,4 @@ class SparseMeZO(ZOOptimizer):
         def chunk(start: int, stop: int, g: torch.Tensor) -> None:  # every direction summed, then one write
             flat[start:stop].add_(g, alpha=-group["lr"])
 
-        estimate.summed(index, p.numel(), chunk, p.device)
+        self.summed(estimate, index, p, state, chunk)

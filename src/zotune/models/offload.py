@@ -119,7 +119,7 @@ def map_large_allocations() -> bool:
     (``mallopt(M_MMAP_THRESHOLD)``), returned to the system when freed. By default glibc raises that threshold
     as large blocks are freed (up to 32 MB), after which the chunk-sized temporaries of the probes and updates
     come from per-thread heaps that keep their memory. Measured on the disk tier with the dual forward and the
-    fused update: 1.0 GB more resident memory than without (docs/offload.md), which the memory cap does not
+    fused update: 0.5-0.7 GB more resident memory over 3 steps of a 256 MB model (docs/offload.md), which a memory cap does not
     have. Returns whether it took effect (False off glibc)."""
     name = ctypes.util.find_library("c")
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 
 import pytest
@@ -190,6 +192,26 @@ def test_a_loss_that_stays_nan_stops_the_run_with_weights_intact(tiny_model_dir,
     assert "NaN/inf for 3 steps in a row (steps 1-3" in err and "Traceback" not in err
     header, records = read_trajectory(tmp_path / "run" / "trajectory.bin")
     assert len(records) == 3 and all(r.skipped for r in records)
+
+
+def test_a_diverged_run_ends_early_with_its_summary(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):
+    """train.divergence_ratio: once a step's loss passes that multiple of the first step's, the run ends there
+    (evaluated, summarised, replayable from its shorter trajectory) instead of spending the rest of its steps."""
+    from zotune.train import scoring
+
+    loss, calls = scoring.ChoiceScorer.loss, []
+    monkeypatch.setattr(scoring.ChoiceScorer, "loss",  # from the 3rd step's probes on, 50x the true loss
+                        lambda self, model, batch: loss(self, model, batch) * (50.0 if len(calls.append(0) or calls) > 4 else 1.0))
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), f"model.name={tiny_model_dir}", f"task.path={reviews_csv}",
+            "task.text_template={text} It was", 'task.choices={"0": " bad", "1": " good"}', "train.steps=8",
+            "train.divergence_ratio=10", "eval.zero_shot=false", "optimizer.lr=1e-6"]
+    assert main(argv) == 0
+    assert "diverged: the loss of step 3" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_at_step"] == 3 and summary["steps"] == 3 and summary["forward_passes"] == 6
+    assert len(read_trajectory(out / "trajectory.bin")[1]) == 3
+    assert main(["train", "--out", str(tmp_path / "bad"), "train.divergence_ratio=0.5"]) == 2
 
 
 def test_out_of_memory_names_the_batch_shape(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):

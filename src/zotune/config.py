@@ -159,6 +159,7 @@ class TrainConfig:
     max_length: int = 128  # prompt + continuation tokens; longer prompts are cut on the left
     objective: str = "loss"  # "loss" | "accuracy" | "f1": ZO on minus the batch metric (MeZO 3.4)
     max_skipped_in_a_row: int = 10  # stop after this many consecutive NaN/inf losses (0: never)
+    divergence_ratio: float = 0.0  # end the run early once a step's loss passes this multiple of the first step's (0: never)
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: only on SIGTERM/SIGINT)
     parallel: str = "data"  # several processes (torchrun): "data" (shard the batch) | "queries" (share the probes)
     lr_schedule: str = "constant"  # "constant" | "linear" | "cosine" (to 0 at the last step)
@@ -540,6 +541,8 @@ def _validate_train(cfg: Config) -> None:
     _require(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _require(t.max_length >= 8, "train.max_length", "must be >= 8", t.max_length)
     _require(t.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row", "must be >= 0", t.max_skipped_in_a_row)
+    _require(t.divergence_ratio == 0 or t.divergence_ratio > 1, "train.divergence_ratio", "must be 0 (never) or > 1",
+             t.divergence_ratio)
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
     _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}", t.parallel)
     _require(t.parallel == "data" or zo, "train.parallel",

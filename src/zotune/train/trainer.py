@@ -321,6 +321,7 @@ class Training:
         self.exchange = LossExchange(world, self.tcfg.parallel) if world.distributed else None
         self.ddp_bytes = {"bytes": 0}
         self.steps_here = 0
+        self.diverged_at = 0  # the step at which train.divergence_ratio ended the run (0: it did not)
 
     def start(self) -> None:
         """The resume point or a fresh start (zero-shot evaluation), the trajectory, the step."""
@@ -388,6 +389,8 @@ class Training:
                 self.steps_here += 1
                 self.after_step(step + 1, loss)
                 bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
+                if self.diverged_at:
+                    break
                 stopping = exchange.stop_agreed if exchange else stop.signal is not None
                 if stopping or self.checkpoints.due(step + 1):
                     self.settle()
@@ -401,6 +404,16 @@ class Training:
         bar.close()
         self.train_wall = progress.elapsed()
 
+    def check_divergence(self, done: int, loss: float) -> None:
+        """End the run after step ``done`` if its loss passed ``train.divergence_ratio`` times the first step's
+        (``diverged_at``, the summary's ``diverged_at_step``): a sweep's cell stops instead of spending its budget
+        on a diverged lr."""
+        ratio, losses = self.tcfg.divergence_ratio, self.progress.losses
+        if ratio and losses and loss > ratio * losses[0]:
+            self.log(f"diverged: the loss of step {done}, {loss:.4g}, is over {ratio:g}x the first step's "
+                     f"({losses[0]:.4g}); the run ends here (train.divergence_ratio)")
+            self.diverged_at = done
+
     def after_step(self, done: int, loss: float) -> None:
         """The step's bookkeeping: the NaN guard, dev and test evaluations, metrics.jsonl, a progress line."""
         tcfg, progress, session, metric = self.tcfg, self.progress, self.session, self.metric
@@ -409,6 +422,7 @@ class Training:
             raise TrainingError(f"the loss was NaN/inf for {non_finite} steps in a row (steps {done + 1 - non_finite}"
                                 f"-{done}; each was skipped, the weights are those before them): lower "
                                 "optimizer.lr / optimizer.eps, or use float32 (train.max_skipped_in_a_row)")
+        self.check_divergence(done, loss)
         progress.step = done
         progress.losses.append(loss)
         record: dict[str, Any] = {}
@@ -424,13 +438,14 @@ class Training:
         if tcfg.test_every and done % tcfg.test_every == 0 and done < tcfg.steps:
             record["test"] = session.evaluate(self.test, "test eval").metrics  # the final one follows the loop
         progress.eval_s += time.perf_counter() - t_eval
-        if self.run is not None and (record or done % tcfg.log_every == 0 or done == tcfg.steps):
+        last = done == tcfg.steps or self.diverged_at
+        if self.run is not None and (record or done % tcfg.log_every == 0 or last):
             zo = {"projected_grad": self.opt.last_record.projected_grads, "skipped_steps": self.opt.skipped_steps} if self.zo else {}
             self.run.append_jsonl("metrics.jsonl", {
                 "step": done, "loss": loss, "forward_passes": progress.forwards, "wall_s": round(progress.elapsed(), 3),
                 "eval_s": round(progress.eval_s, 3), "lr": self.opt.param_groups[0]["lr"], **zo, **record,
             })
-        if not self.interactive and (done % max(1, tcfg.steps // 10) == 0 or done == tcfg.steps):  # a line per tenth
+        if not self.interactive and (done % max(1, tcfg.steps // 10) == 0 or last):  # a line per tenth
             dev_note = f", dev {metric} {progress.dev[-1][1]:.3f}" if progress.dev and progress.dev[-1][0] == done else ""
             self.log(f"step {done}/{tcfg.steps}: loss {loss:.4f}, {progress.forwards} forward passes, "
                      f"{progress.elapsed() / done:.2f} s/step{dev_note}")
@@ -472,7 +487,7 @@ class Training:
         if not tcfg.save_weights:
             run.file(BEST_WEIGHTS).unlink(missing_ok=True)  # read by the final evaluation, kept no longer
         plot_training(
-            run.file("training.png"), list(range(1, tcfg.steps + 1)), progress.losses, progress.dev, metric,
+            run.file("training.png"), list(range(1, len(progress.losses) + 1)), progress.losses, progress.dev, metric,
             zero_shot[metric] if zero_shot else None, after.metrics[metric],
             f"{cfg.optimizer.name} on {session.data.spec.name} ({cfg.model.name}, {cfg.tuning.scheme})",
         )
@@ -490,7 +505,8 @@ class Training:
         return {
             "eval": after.metrics,
             **({"eval_zero_shot": progress.zero_shot} if progress.zero_shot else {}),
-            "steps": tcfg.steps,
+            "steps": progress.step,
+            **({"diverged_at_step": self.diverged_at} if self.diverged_at else {}),
             "forward_passes": progress.forwards,
             "skipped_steps": self.opt.skipped_steps if self.zo else 0,
             "optimizer": cfg.optimizer.name,
@@ -502,7 +518,7 @@ class Training:
             "n_train": len(self.session.data.train),
             "n_test": len(self.test),
             "train_wall_s": round(self.train_wall, 2),
-            "s_per_step": round(self.train_wall / tcfg.steps, 4),
+            "s_per_step": round(self.train_wall / max(progress.step, 1), 4),
             **peak_memory(),
             "wall_s": round(time.perf_counter() - t_start, 2),
         }

@@ -73,9 +73,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     # (config version, defaults row) -> lr where this optimizer's default differs from the ZO family's
     # (zotune.optim.factory's tables), from that version on until a later entry; e.g. ZOAdam's larger lr on full
     default_lr: dict[tuple[int, str], float] = {}
-    # config version -> constructor keywords the factory passes (under optimizer.options), from that version on
-    # until a later entry: a default the sweeps changed, kept as it was for runs recorded before (HiZOO's alpha)
-    default_options: dict[int, dict[str, Any]] = {}
+    # (config version, defaults row or "*" for every row) -> constructor keywords the factory passes (under
+    # optimizer.options), from that version on until a later entry: a default the sweeps changed, kept as it was
+    # for runs recorded before (HiZOO's alpha)
+    default_options: dict[tuple[int, str], dict[str, Any]] = {}
     default_n_queries = 1  # optimizer.n_queries when the config gives none
     default_distribution = "gaussian"  # optimizer.distribution when the config gives none
 

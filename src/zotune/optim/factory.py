@@ -59,8 +59,9 @@ MEASURED = Defaults(
     zo={**MEZO.zo, "full": (1e-4, 1e-3), "lora": (1e-3, 1e-2), "lora-fa": (3e-2, 1e-2), "top": (1e-3, 1e-3)},
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
-# config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options)
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED}
+# config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options; 6: the sign
+# and momentum lr on full, their classes' default_lr)
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED}
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -80,10 +81,20 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
     defaults = DEFAULTS_BY_VERSION[version]
     if is_zeroth_order(cfg.name):
         lr, eps = defaults.zo[scheme]
-        own = since({v: x for (v, row), x in zo_class(cfg.name).default_lr.items() if row == scheme}, version)
+        own = own_default(zo_class(cfg.name).default_lr, scheme, version)
         lr = own if own is not None else lr
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
     return (cfg.lr if cfg.lr is not None else defaults.fo[cfg.name][scheme], None)
+
+
+def own_default(table: dict[tuple[int, str], T], row: str, version: int) -> T | None:
+    """An optimizer's own default (its class's ``default_lr`` or ``default_options``) for a row of the defaults
+    tables at config ``version``: the row's entry in force (:func:`since`), else the entry for every row (``"*"``)."""
+    for key in (row, "*"):
+        found = since({v: x for (v, r), x in table.items() if r == key}, version)
+        if found is not None:
+            return found
+    return None
 
 
 def since(entries: dict[int, T], version: int) -> T | None:
@@ -108,7 +119,7 @@ def build_optimizer(
                 **{k: v for k, v in (("n_queries", cfg.n_queries), ("distribution", cfg.distribution)) if v is not None},
                 weight_decay=cfg.weight_decay,
                 **({"blockwise": True} if cfg.blockwise else {}),
-                **{**(since(zo_class(cfg.name).default_options, version) or {}), **cfg.options},
+                **{**(own_default(zo_class(cfg.name).default_options, scheme, version) or {}), **cfg.options},
             )
             return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb or 0)
         for knob in ("blockwise", "direction_cache_mb", "noise_table_mb", "dual_forward", "fused_update"):

@@ -38,7 +38,7 @@ class HiZOO(ZOOptimizer):
     """
 
     forwards_per_query = 2
-    default_options = {1: {"alpha": 1e-3}, 5: {"alpha": 1e-5}}
+    default_options = {(1, "*"): {"alpha": 1e-3}, (5, "*"): {"alpha": 1e-5}}
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, alpha: float = 1e-5,

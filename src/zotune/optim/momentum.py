@@ -19,6 +19,7 @@ class ZOSGDMomentum(ZOOptimizer):
     """
 
     elementwise = True
+    default_lr = {(6, "full"): 3e-6}  # the sweep's pick (docs/sweeps.md): the family's 1e-4 diverges through momentum
 
     def __init__(
         self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9,

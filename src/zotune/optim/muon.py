@@ -27,6 +27,7 @@ class ZOMuon(ZOSGDMomentum):
     """
 
     normalised_step = True  # each coordinate moves by about lr
+    default_lr: dict[tuple[int, str], float] = {}  # the family's (not ZOSGDMomentum's): its sweep is not done
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 

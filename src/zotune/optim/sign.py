@@ -16,6 +16,7 @@ class ZOSGDSign(ZOOptimizer):
     """
 
     normalised_step = True  # each coordinate moves by about lr
+    default_lr = {(6, "full"): 1e-3}  # the sweep's pick on the default model (docs/sweeps.md)
 
     elementwise = True
 

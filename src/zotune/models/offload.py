@@ -63,9 +63,7 @@ class Pages:
 def release(p: torch.Tensor) -> None:
     """Drop an offloaded parameter's pages from memory (its file keeps the values); nothing for
     any other tensor. Call it after reading or writing every value of a parameter."""
-    pages = getattr(p, _PAGES, None)
-    if pages is not None:
-        pages.advise(mmap.MADV_DONTNEED)
+    release_span(p, 0, p.numel())
 
 
 def release_span(p: torch.Tensor, start: int, stop: int) -> None:

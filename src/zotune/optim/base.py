@@ -403,7 +403,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 def _restored(value: Any, p: torch.Tensor) -> Any:
     """A saved state value of ``p``, copied: a float32 tensor of p's size into :func:`state_like` (a file for
-    an offloaded ``p``), another tensor onto p's device, anything else deep-copied."""
+    a ``p`` of an offloaded model, :func:`state_directory`), another tensor onto p's device, anything else
+    deep-copied."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
     if state_directory(p) is not None and value.dtype == torch.float32 and value.numel() == p.numel():

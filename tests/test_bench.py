@@ -248,6 +248,14 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     keeps["base"]["train"]["save_weights"] = True
     states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g3.yaml", keeps)), BenchDir(out))[2:]]
     assert states == ["done", "done", "done", "failed"]
+    # a grid that pins a config version matches the cells whose resolved settings it leaves as they were
+    # (version 3: the same defaults as now for these cells, lr given) and no others (version 1: ZOSGD without the
+    # noise table; AdamW's settings are the same)
+    for version, expected in ((3, ["done", "done", "done", "failed"]), (1, ["stale", "stale", "done", "failed"])):
+        pinned = tiny_grid(tiny_model_dir, reviews_csv)
+        pinned["base"]["version"] = version
+        grid = load_grid(write_grid(tmp_path / f"v{version}.yaml", pinned))
+        assert [line.split()[-1] for line in plan_lines(grid, BenchDir(out))[2:]] == expected
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
 
 

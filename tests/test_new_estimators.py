@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from zotune.cli import main
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import FZOO, LOZO, HiZOO, SparseMeZO
+from zotune.optim import FZOO, LOZO, HiZOO, SparseMeZO, ZOMuon
 from zotune.train.trainer import run_train
 
 
@@ -109,16 +109,23 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6, 7)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5, 7: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6)]
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6, 7)]
            for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "JaguarSignSGD")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4],
-                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3],
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6],
-                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4]}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4], "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3],
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6, 3e-6],
+                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-2],
+                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
+    # ZO-Muon: full rank with one two-sided query up to version 6; its paper's subspace settings from 7
+    muon = {v: build_optimizer(load_config(None, ["optimizer.name=ZOMuon", f"version={v}"]).optimizer, params, "full",
+                               seed=0, version=v) for v in (6, 7)}
+    assert (muon[6].rank, muon[6].n_queries, muon[6].forwards_per_step) == (None, 1, 2)
+    assert (muon[7].rank, muon[7].refresh, muon[7].n_queries, muon[7].forwards_per_step) == (64, 100, 4, 5)
+    assert muon[7].param_groups[0]["momentum"] == 0.0 and muon[7].param_groups[0]["plain_lr"] == 1e-7
     # a row's own entry (momentum's lr on full) leaves the other rows the family's; an entry for "*" (HiZOO's alpha)
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2
@@ -159,6 +166,54 @@ def test_lozo_perturbs_matrices_with_rank_r_within_a_lazily_refreshed_row_space(
     assert torch.linalg.matrix_rank(layer.weight.detach() - w0, atol=1e-6) <= 6  # two periods: within 2 x rank
 
 
+# -- ZO-Muon in a subspace ------------------------------------------------------------------------
+def test_zo_muon_steps_within_a_refreshed_subspace_with_unit_singular_values():
+    """Subspace ZO-Muon (its paper's): the probes move W along P U_j (rank r, columns in span(P)); the step is
+    lr * P NS(G), so its r singular values are about lr; P is redrawn every ``refresh`` steps; one-sided
+    queries cost q + 1 forwards; vectors take dense z."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))
+    target = torch.randn(40, 30)
+    opt = ZOMuon([w, b], lr=0.1, eps=1e-3, seed=0, rank=3, refresh=2, n_queries=4, one_sided=True, momentum=0.0)
+    assert opt.forwards_per_step == 5 and not opt.takes_fused_update and not opt.takes_dual_forward
+    spans = []
+    for _ in range(4):
+        w0, b0, seen = w.detach().clone(), b.detach().clone(), []
+        opt.step(lambda: seen.append((w.detach().clone(), b.detach().clone())) or ((w - target) ** 2).sum() + b.sum())
+        assert len(seen) == 5 and torch.equal(seen[0][0], w0)  # f(x), then the four probes
+        probes = torch.cat([(p - w0) / 1e-3 for p, _ in seen[1:]], dim=1)  # 40 x (4 * 30): every probe's columns
+        assert torch.linalg.matrix_rank(probes, atol=1e-3 * float(probes.abs().max())) == 3  # all within one P
+        assert (seen[1][1] != b0).all()  # the bias: dense z
+        step = torch.linalg.svdvals(w.detach() - w0)
+        assert float(step[2]) > 0.1 * 0.6 and float(step[0]) < 0.1 * 1.25 and float(step[3]) < 1e-5
+        spans.append(torch.linalg.svd(probes, full_matrices=False).U[:, :3])
+    overlap = lambda a, c: float(torch.linalg.matrix_norm(a.T @ c)) ** 2  # 3 when the spans are equal
+    assert abs(overlap(spans[0], spans[1]) - 3) < 1e-3 and abs(overlap(spans[2], spans[3]) - 3) < 1e-3
+    assert overlap(spans[1], spans[2]) < 2.5  # P redrawn after `refresh` steps
+
+
+def test_zo_muon_in_a_subspace_fits_a_matrix():
+    torch.manual_seed(0)
+    w, target = torch.nn.Parameter(torch.zeros(12, 10)), torch.randn(12, 10)
+    loss = lambda: ((w.detach() - target) ** 2).sum()  # noqa: E731
+    start = float(loss())
+    opt = ZOMuon([w], lr=0.1, seed=0, rank=2, refresh=5, n_queries=4, one_sided=True, momentum=0.0)
+    for _ in range(300):
+        opt.step(loss)
+    assert float(loss()) < 0.4 * start
+
+
+def test_zo_muon_resets_its_subspace_momentum_with_the_basis():
+    w = torch.nn.Parameter(torch.randn(20, 10))
+    opt = ZOMuon([w], lr=1e-2, seed=0, rank=2, refresh=3, momentum=0.9)
+    norms = []
+    for _ in range(4):
+        opt.step(lambda: (w ** 2).sum())
+        norms.append(float(opt.state[w]["subspace_momentum"].norm()))
+    assert opt.state[w]["subspace_momentum"].shape == (2, 10)
+    assert norms[3] < norms[2]  # step 3 starts a period: the buffer holds that step's estimate only
+
+
 # -- every new method through the trainer and `zotune replay` ---------------------------------------
 @pytest.mark.parametrize("extra", [
     ["optimizer.name=SparseMeZO", "optimizer.options={sparsity: 0.8}", "optimizer.n_queries=2"],
@@ -169,7 +224,9 @@ def test_lozo_perturbs_matrices_with_rank_r_within_a_lazily_refreshed_row_space(
     ["optimizer.name=HiZOO", "tuning.scheme=lora", "optimizer.options={alpha: 0.1}"],
     ["optimizer.name=LOZO", "optimizer.n_queries=2", "optimizer.options={rank: 2, refresh: 2}"],
     ["optimizer.name=LOZO", "tuning.scheme=lora"],
-], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora", "lozo-full", "lozo-lora"])
+    ["optimizer.name=ZOMuon", "optimizer.options={rank: 2, refresh: 2}"],
+], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora", "lozo-full", "lozo-lora",
+        "muon-subspace"])
 def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
     run = tmp_path / "run"
     run_train(run_config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-3", *extra), run, log=lambda *_: None)
@@ -183,7 +240,8 @@ def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_cs
     ("optimizer.name=LOZO", "optimizer.options={rank: 2, refresh: 3}"),  # V: a function of the step
     ("optimizer.name=FZOO", "optimizer.n_queries=2"),
     ("optimizer.name=SparseMeZO",),
-], ids=["hizoo", "lozo", "fzoo", "sparse"])
+    ("optimizer.name=ZOMuon", "optimizer.options={rank: 2, refresh: 3, momentum: 0.9}"),  # M: reset with P
+], ids=["hizoo", "lozo", "fzoo", "sparse", "muon-subspace"])
 def test_an_interrupted_run_resumes_bit_identically(tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, monkeypatch,
                                                    extra):
     from .test_resume import argv, assert_same_run, interrupt_in_process, reference

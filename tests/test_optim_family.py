@@ -30,9 +30,17 @@ class Sparse20(SparseMeZO, register=False):
         super().__init__(params, lr, sparsity=0.2, **kwargs)
 
 
+class MuonSubspace(ZOMuon, register=False):
+    """ZO-Muon in a rank-2 subspace redrawn every 2 steps, with momentum (the regression's 1 x 10 weight is no
+    larger than the rank: its dense full-rank rule; the tiny model's matrices take the subspace rule)."""
+
+    def __init__(self, params, lr, **kwargs):
+        super().__init__(params, lr, rank=2, refresh=2, momentum=0.9, **kwargs)
+
+
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
 FAMILY = [(ZOSGD, 2e-3), (ZOSGDSign, 1e-2), (ZOSGDMomentum, 5e-4), (ZOSGDConservative, 2e-3), (ZOAdam, 1e-2), (ForwardGrad, 2e-3), (Jaguar30, 1e-2), (ZOMuon, 2e-2),
-          (Sparse20, 2e-3), (FZOO, 3e-3), (HiZOO, 2e-3), (LOZO, 2e-3)]
+          (MuonSubspace, 2e-2), (Sparse20, 2e-3), (FZOO, 3e-3), (HiZOO, 2e-3), (LOZO, 2e-3)]
 IDS = [cls.__name__ for cls, _ in FAMILY]
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
+from ..optim.factory import resolved_settings
 from ..train.rundir import RUN_MARKERS
 from .grid import Cell, Grid
 
@@ -91,8 +92,10 @@ class BenchDir:
 
 def _same_config(path: Path, cell: Cell) -> bool:
     """Whether a cell's run directory holds the cell's config, compared under the defaults of the
-    config version the run was recorded with (a cell run before a new version stays done), and
-    without the keys that change which files a run keeps, not its results (``RESULT_NEUTRAL``)."""
+    config version the run was recorded with (a cell run before a new version stays done), with
+    the optimizer's settings resolved (so a grid that pins another version matches the runs whose
+    settings it does not change), and without the keys that change which files a run keeps, not
+    its results (``RESULT_NEUTRAL``)."""
     try:
         recorded = recorded_config(path)
         return _results_config(recorded) == _results_config(from_dict(cell.config, default_version=recorded.version))
@@ -104,8 +107,11 @@ RESULT_NEUTRAL = (("train", "save_weights"),)
 
 
 def _results_config(cfg: Config) -> dict:
-    """``cfg`` as a dict without the ``RESULT_NEUTRAL`` keys."""
+    """``cfg`` as a dict without the ``RESULT_NEUTRAL`` keys, its version's defaults filled into the optimizer's
+    lr, eps and options, and the version itself left out (what it decides is then in the dict)."""
     data = cfg.to_dict()
     for section, key in RESULT_NEUTRAL:
         data[section].pop(key)
+    data["optimizer"].update(resolved_settings(cfg))
+    data.pop("version")
     return data

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -60,8 +60,8 @@ MEASURED = Defaults(
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
 # config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options; 6: the sign
-# and momentum lr on full, their classes' default_lr)
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED}
+# and momentum lr on full, their classes' default_lr; 7: ZO-Muon's paper settings, its class's)
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED, 7: MEASURED}
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -85,6 +85,17 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
         lr = own if own is not None else lr
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
     return (cfg.lr if cfg.lr is not None else defaults.fo[cfg.name][scheme], None)
+
+
+def resolved_settings(cfg: Config) -> dict[str, Any]:
+    """A run config's optimizer ``lr``, ``eps`` and ``options`` with the defaults of its config version filled in
+    (its class's own default options under the config's): what the run's optimizer is built with."""
+    lr, eps = run_hparams(cfg)
+    options = dict(cfg.optimizer.options)
+    if is_zeroth_order(cfg.optimizer.name):
+        own = own_default(zo_class(cfg.optimizer.name).default_options, defaults_row(cfg.tuning), cfg.version)
+        options = {**(own or {}), **options}
+    return {"lr": lr, "eps": eps, "options": options}
 
 
 def own_default(table: dict[tuple[int, str], T], row: str, version: int) -> T | None:
@@ -111,16 +122,13 @@ def build_optimizer(
     lr, eps = resolved_hparams(cfg, scheme, version)
     try:
         if is_zeroth_order(cfg.name):
-            opt = zo_class(cfg.name)(
-                params,
-                lr=lr,
-                eps=eps,
-                seed=seed,
+            options = {  # the class's own defaults, then the config's
+                **(own_default(zo_class(cfg.name).default_options, scheme, version) or {}),
                 **{k: v for k, v in (("n_queries", cfg.n_queries), ("distribution", cfg.distribution)) if v is not None},
-                weight_decay=cfg.weight_decay,
                 **({"blockwise": True} if cfg.blockwise else {}),
-                **{**(own_default(zo_class(cfg.name).default_options, scheme, version) or {}), **cfg.options},
-            )
+                **cfg.options,
+            }
+            opt = zo_class(cfg.name)(params, lr=lr, eps=eps, seed=seed, weight_decay=cfg.weight_decay, **options)
             return opt.cache_directions(cfg.direction_cache_mb).noise_table(cfg.noise_table_mb or 0)
         for knob in ("blockwise", "direction_cache_mb", "noise_table_mb", "dual_forward", "fused_update"):
             if getattr(cfg, knob):
@@ -130,16 +138,18 @@ def build_optimizer(
         raise ConfigError(f"optimizer {cfg.name}: {str(err).splitlines()[0]}") from None
 
 
-def forwards_per_step(cfg: OptimizerConfig, n_blocks: int = 1) -> int:
+def forwards_per_step(cfg: OptimizerConfig, n_blocks: int = 1, scheme: str = "full",
+                      version: int = CONFIG_VERSION) -> int:
     """Forward passes one step of ``cfg``'s optimizer costs, known without a model.
 
     First-order steps count 1 (the forward; its backward is not a forward pass). A zeroth-order
     count is the class's own ``forwards_per_step``, read from a stand-in instance over one-element
     parameters (``n_blocks`` param groups, the blocks of ``optimizer.blockwise``), so it cannot
     drift from what the trainer counts, and what the class refuses (e.g. block-wise) is a
-    ConfigError here too; the class-specific ``options`` do not change it."""
+    ConfigError here too. ``scheme`` (a row of the defaults tables) and ``version`` pick the class's own default
+    options, which may set its queries (ZO-Muon's since version 7), and ``options`` may too."""
     groups = [{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(n_blocks if cfg.blockwise else 1)]
     stand_in = OptimizerConfig(name=cfg.name, lr=0.0, n_queries=cfg.n_queries, distribution=cfg.distribution,
-                               blockwise=cfg.blockwise)
-    opt = build_optimizer(stand_in, groups, "full", seed=0)  # ConfigError for what the class refuses
+                               blockwise=cfg.blockwise, options=dict(cfg.options))
+    opt = build_optimizer(stand_in, groups, scheme, seed=0, version=version)  # ConfigError for what the class refuses
     return opt.forwards_per_step if is_zeroth_order(cfg.name) else 1

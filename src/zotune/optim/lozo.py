@@ -4,14 +4,16 @@ structures"): low-rank perturbations of the weight matrices, their row space ref
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 
 import torch
 
 from ..estimators.directions import mix
 from .base import require
+from .low_rank import gaussian, low_rank_shape
 from .sgd import ZOSGD
+
+LOZO_TAG = 0x4C4F5A4F  # names LOZO's factors among a key's draws
 
 
 class LOZO(ZOSGD):
@@ -42,29 +44,12 @@ class LOZO(ZOSGD):
                          weight_decay=weight_decay, **options)
         self.rank, self.refresh = rank, refresh
 
-    def factor(self, key: int, rows: int, device: torch.device) -> torch.Tensor:
-        """A ``rows x rank`` Gaussian factor named by ``key`` (float32)."""
-        gen = torch.Generator().manual_seed(mix(key, 0x4C4F5A4F))
-        return torch.randn(rows, self.rank, generator=gen).to(device)
-
     def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor] | None:
         """LOZO: ``U V^T / sqrt(r)`` (``V`` of the current period) for a matrix larger than the rank; None (dense z)
         otherwise."""
         if p.dim() != 2 or min(p.shape) <= self.rank:
             return None  # a vector (or a matrix no larger than the rank): dense z
         m, n = p.shape
-        v = self.factor(mix(self.seed, index, self.steps_done // self.refresh), n, p.device) / math.sqrt(self.rank)
-        factors: dict[int, torch.Tensor] = {}
-        lock = threading.Lock()
-
-        def low_rank(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
-                     out: torch.Tensor) -> torch.Tensor:
-            with lock:
-                if key not in factors:
-                    factors[key] = self.factor(key, m, device)
-            u = factors[key]
-            first, last = start // n, (stop - 1) // n
-            block = (u[first : last + 1] @ v.T).view(-1)  # the rows the chunk overlaps
-            return out.copy_(block[start - first * n : stop - first * n])
-
-        return low_rank
+        period = mix(self.seed, index, self.steps_done // self.refresh)
+        v = gaussian(period, n, self.rank, p.device, LOZO_TAG) / math.sqrt(self.rank)
+        return low_rank_shape(n, lambda key: gaussian(key, m, self.rank, p.device, LOZO_TAG), lambda key: v.T)

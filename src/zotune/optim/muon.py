@@ -1,46 +1,83 @@
-"""ZO-Muon: Muon's orthogonalised momentum on the SPSA estimate."""
+"""ZO-Muon: Muon's orthogonalised step on the SPSA estimate, over the full matrix or, as in ZO-Muon's
+paper, within a random subspace."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from ..estimators.spsa import GradientEstimate
+from ..estimators.spsa import SPSA, GradientEstimate, direction_key
+from ..estimators.directions import mix
+from .base import require
+from .low_rank import gaussian, low_rank_shape, orthonormal_basis
 from .momentum import ZOSGDMomentum
 from .newton_schulz import newton_schulz
 
+COEFFICIENTS_TAG = 0x4D554F4E  # names ZO-Muon's r x n factors among a key's draws
+UPDATE_CHUNK = 1 << 20  # values of W written at once by a subspace step (rows of P @ O)
+
 
 class ZOMuon(ZOSGDMomentum):
-    """``M <- momentum * M + grad_hat``; for a matrix ``W <- W - lr * scale * NS(M)`` with
+    """Two modes, by ``rank``.
+
+    **Full rank** (``rank=None``; the default up to config version 6, DESIGN.md's ZO-Muon):
+    ``M <- momentum * M + grad_hat``; for a matrix ``W <- W - lr * scale * NS(M)`` with
     ``scale = sqrt(max(1, rows / cols))`` and ``NS`` five Newton-Schulz iterations; parameters
     of other shapes (norms, biases) take the momentum step ``W <- W - lr * M``, and so do the
     matrices of a param group with ``orthogonalize: False``: as in Muon, the token embeddings
     and the LM head are not hidden layers (``param_groups_for`` puts them in such a group;
     orthogonalising a 49152 x 576 embedding would also cost more than the two forwards).
-
     The SPSA estimate ``g * z`` is a random matrix scaled by ``g``; orthogonalised, every
     singular value of the step is about ``lr * scale`` whatever the size of ``g``: the step
     length is fixed, as in a sign method. ``M`` is float32. That step length suits no plain
     momentum step, so those parameters take ``plain_lr`` when given (as Muon pairs itself with
     AdamW at its own lr); otherwise ``lr``.
+
+    **Subspace** (``rank=r``; ZO-Muon as Lang et al. 2026 define it, "Powering up zeroth-order
+    training via subspace gradient orthogonalization", and their code): a matrix ``W`` (m x n,
+    both sides larger than ``r``) is perturbed along ``P U_j`` with ``P`` (m x r) a random
+    orthonormal basis drawn anew every ``refresh`` steps and ``U_j`` (r x n) Gaussian, one per
+    query. The estimate stays in the subspace and is orthogonalised there (an r x n
+    Newton-Schulz, cheap at any size, so embeddings are treated like every other matrix):
+
+        G = (1/q) sum_j g_j U_j;   M <- momentum * M + G  (M reset when P is);   W <- W - lr * P NS(M)
+
+    The paper's runs take ``q = 4`` one-sided queries (``one_sided``: ``g_j = (f(x + eps P U_j)
+    - f(x)) / eps``, ``q + 1`` forwards), no momentum, ``r = 64``, ``refresh = 100``, lr 1e-2;
+    config version 7 makes these its defaults. Other parameters (vectors, smaller matrices) take
+    the full-rank rule with dense ``z``. ``P`` comes from (seed, parameter, period) and ``U_j``
+    from the direction's key: a replay rebuilds both.
     """
 
     normalised_step = True  # each coordinate moves by about lr
-    default_lr: dict[tuple[int, str], float] = {}  # the family's (not ZOSGDMomentum's): its sweep is not done
+    # version 7: the paper's subspace ZO-Muon (its LLM command: lr 1e-2, 4 one-sided queries, r 64, refresh 100;
+    # the norms' step there is 1e-7: they barely move). Up to 6: full rank at the family's lr.
+    default_lr = {(7, "*"): 1e-2}
+    default_options = {(7, "*"): {"rank": 64, "refresh": 100, "one_sided": True, "momentum": 0.0, "plain_lr": 1e-7}}
+    default_n_queries = {1: 1, 7: 4}
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 
     def __init__(
         self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.95, ns_steps: int = 5,
-        plain_lr: float | None = None, **options,
+        plain_lr: float | None = None, rank: int | None = None, refresh: int = 100, one_sided: bool = False,
+        **options,
     ):
-        if not isinstance(ns_steps, int) or ns_steps < 1:
-            raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
-        if plain_lr is not None and not (isinstance(plain_lr, (int, float)) and plain_lr >= 0):
-            raise ValueError(f"plain_lr must be a number >= 0, got {plain_lr!r}")
+        require(isinstance(ns_steps, int) and ns_steps >= 1, f"ns_steps must be an int >= 1, got {ns_steps!r}")
+        require(plain_lr is None or (isinstance(plain_lr, (int, float)) and plain_lr >= 0),
+                f"plain_lr must be a number >= 0, got {plain_lr!r}")
+        require(rank is None or (isinstance(rank, int) and rank >= 1), f"rank must be an int >= 1 or None, got {rank!r}")
+        require(isinstance(refresh, int) and refresh >= 1, f"refresh must be an int >= 1, got {refresh!r}")
+        require(not (one_sided and options.get("blockwise")), "one-sided ZO-Muon does not offer block-wise ZO")
         super().__init__(params, lr=lr, eps=eps, seed=seed, momentum=momentum,
                          defaults=dict(ns_steps=ns_steps, orthogonalize=True, plain_lr=plain_lr), **options)
+        self.rank, self.refresh = rank, refresh
+        if one_sided:  # q probes f(x + eps z_j) and f(x): q + 1 forwards
+            self.estimator = SPSA(self.eps, self.n_queries, sampler=self.estimator.sampler, one_sided=True)
+            self.forwards_per_query = 1
+        self._bases: dict[int, torch.Tensor] = {}  # this step's P of each subspace matrix, by parameter index
 
     @classmethod
     def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
@@ -57,11 +94,37 @@ class ZOMuon(ZOSGDMomentum):
             out += [{**group, "params": embedding, "orthogonalize": False}] if embedding else []
         return out
 
+    @property
+    def takes_fused_update(self) -> bool:
+        """Full rank only: a subspace step's directions are its own."""
+        return self.rank is None and super().takes_fused_update
+
+    def in_subspace(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` takes the subspace rule: a matrix both of whose sides exceed the rank."""
+        return self.rank is not None and p.ndim == 2 and min(p.shape) > self.rank
+
+    def direction_shape(self, index: int, p: torch.Tensor, state: dict) -> Callable[..., torch.Tensor] | None:
+        """``P U_j`` for a subspace matrix (``P`` of the current period, kept for the step's update); None (dense z)
+        otherwise."""
+        if not self.in_subspace(p):
+            return None
+        m, n = p.shape
+        basis = orthonormal_basis(mix(self.seed, index, self.steps_done // self.refresh), m, self.rank, p.device)
+        self._bases[index] = basis
+        return low_rank_shape(n, lambda key: basis, lambda key: self.coefficients(key, n, p.device))
+
+    def coefficients(self, key: int, n: int, device: torch.device) -> torch.Tensor:
+        """``U`` (r x n) of the direction named by ``key``."""
+        return gaussian(key, self.rank, n, device, COEFFICIENTS_TAG)
+
     def update_param(
         self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict
     ) -> None:
-        """ZO-Muon: ``lr * scale * NS(M)`` for a matrix of an orthogonalised group; the momentum step (at
-        ``plain_lr`` when given) for every other parameter."""
+        """ZO-Muon: the subspace step for a subspace matrix; ``lr * scale * NS(M)`` for a matrix of an
+        orthogonalised group; the momentum step (at ``plain_lr`` when given) for every other parameter."""
+        if self.in_subspace(p):
+            self.subspace_step(p, index, estimate, group, state)
+            return
         m = self.accumulate(p, index, estimate, group, state)
         self.decay(p, group)
         if p.ndim != 2 or not group["orthogonalize"]:  # norms, biases, embeddings: momentum SGD
@@ -69,3 +132,21 @@ class ZOMuon(ZOSGDMomentum):
             return
         scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
         p.add_(newton_schulz(m, group["ns_steps"]), alpha=-group["lr"] * scale)
+
+    def subspace_step(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> None:
+        """``W <- W - lr * P NS(M)``, ``M`` (r x n, float32) the momentum of ``G = sum_j w_j U_j`` in this period's
+        subspace (just ``G`` without momentum); ``P NS(M)`` is written a block of rows at a time."""
+        basis = self._bases.pop(index)
+        n = p.shape[1]
+        g = torch.zeros(self.rank, n, device=p.device)
+        for seed, weight in estimate.terms(index):
+            g.add_(self.coefficients(direction_key(seed, index), n, p.device), alpha=weight)
+        if group["momentum"]:
+            if self.steps_done % self.refresh == 0 or "subspace_momentum" not in state:
+                state["subspace_momentum"] = torch.zeros_like(g)  # a new basis: the old momentum is in another space
+            g = state["subspace_momentum"].mul_(group["momentum"]).add_(g)
+        step = newton_schulz(g, group["ns_steps"])
+        self.decay(p, group)
+        rows = max(1, UPDATE_CHUNK // n)
+        for start in range(0, p.shape[0], rows):
+            p[start : start + rows].add_((basis[start : start + rows] @ step).to(p.dtype), alpha=-group["lr"])

@@ -198,7 +198,7 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     assert table_row(report, "Peak memory", "ZOSGD")[0].strip("*") == f"{round(memory):,}"
     assert table_row(report, "Forward passes", "AdamW")[0] == "8 (8 steps)"
     assert "equal forward-pass budget of 8" in report and failed in report.split("## Failed cells")[1]
-    for png in ("accuracy_vs_forward_passes.png", "accuracy_vs_memory.png"):
+    for png in ("accuracy_vs_forward_passes.png", "accuracy_vs_memory.png", "forwards_to_dev_level.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
     assert "Peak GPU memory" not in report and "peak_cuda_allocated_mb" not in header
 

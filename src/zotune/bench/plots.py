@@ -5,6 +5,8 @@
   (``train.eval_every``), the test score before (zero-shot, x = 0) and after training, and the
   training loss against forward passes below (mean over seeds);
 - ``accuracy_vs_memory.png``: score against peak memory, one point per row and column;
+- ``forwards_to_dev_level.png``: per column, the forward passes each row needed to first reach each of the
+  grid's ``dev_levels`` (bars: the mean over the seeds that reached it, dots: each seed, k/n above);
 - ``accuracy_vs_queries.png``: score against the query budget q (axis ``optimizer.n_queries``);
 - ``alignment_gap.png``: score with and without task alignment (axis ``task.align``);
 - ``memory_vs_seq_len.png``: from the grid's ``memory_csv`` (a ``zotune memory`` CSV), when given.
@@ -31,6 +33,8 @@ def write_plots(grid: Grid, results: list[Result], root: Path) -> list[tuple[str
         return []
     drawn = [learning_curves(grid, ok, root / "accuracy_vs_forward_passes.png"),
              accuracy_vs_memory(grid, ok, root / "accuracy_vs_memory.png")]
+    if grid.dev_levels:
+        drawn.append(forwards_to_dev_level(grid, ok, root / "forwards_to_dev_level.png"))
     if "optimizer.n_queries" in grid.axes:
         drawn.append(accuracy_vs_queries(grid, ok, root / "accuracy_vs_queries.png"))
     if "task.align" in grid.axes:
@@ -124,6 +128,8 @@ def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str,
             xs, losses = mean_by_x([(rec["forward_passes"], rec["loss"]) for rec in r.records] for r in group)
             if xs:
                 bottom.plot(xs, _smooth(losses), color=color, label=label)
+        for level in grid.dev_levels:
+            top.axhline(level, color="grey", linestyle=":", linewidth=1)
         top.set_title(layout.col_label(col))
         top.set_ylabel(f"{metric} (lines: dev; stars: test)" if any(
             "dev" in rec for r in results for rec in r.records) else f"test {metric}")
@@ -154,6 +160,40 @@ def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[s
     ax.grid(alpha=0.3)
     _legend(fig, ax)
     return _save(fig, path, "Score against peak memory")
+
+
+def forwards_to_dev_level(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """Per column, grouped bars: for each of the grid's ``dev_levels``, the forward passes each row's cells needed to
+    first reach it (mean over the cells that did; a dot per cell; ``k/n`` of them above the bar, ``0/n`` where none
+    did); returns ``(file name, title)``."""
+    layout = Layout.of(grid.axes, results)
+    fig, axes = _panels(len(layout.col_keys))
+    levels, n_rows = list(grid.dev_levels), len(layout.row_keys)
+    width = 0.8 / max(1, n_rows)
+    for j, col in enumerate(layout.col_keys):
+        ax = axes[0][j]
+        for i, row in enumerate(layout.row_keys):
+            group = layout.groups.get((row, col), [])
+            if not group:
+                continue
+            color = _color(i, n_rows)
+            for k, level in enumerate(levels):
+                x = k + (i - (n_rows - 1) / 2) * width
+                hits = [h for r in group if (h := r.forwards_to_dev(level)) is not None]
+                if hits:
+                    ax.bar(x, statistics.fmean(hits), width, color=color, alpha=0.75,
+                           label=layout.row_label(row) if k == 0 else None)
+                    ax.plot([x] * len(hits), hits, ".", color="black", markersize=4)
+                elif k == 0:
+                    ax.bar(x, 0, width, color=color, label=layout.row_label(row))  # in the legend all the same
+                ax.annotate(f"{len(hits)}/{len(group)}", (x, max(hits, default=0)), ha="center", va="bottom", fontsize=6,
+                            xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(levels)), [f"dev >= {level:g}" for level in levels])
+        ax.set_ylabel("forward passes to first reach it (fewer is better)")
+        ax.set_title(layout.col_label(col))
+        ax.grid(alpha=0.3, axis="y")
+    _legend(fig, axes[0][0])
+    return _save(fig, path, f"Forward passes to reach a dev score ({grid.budget.short()})")
 
 
 def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:

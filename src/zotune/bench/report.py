@@ -70,11 +70,7 @@ def reach_format(level: float) -> Format:
     """A :data:`Format`: the forward passes at the first dev evaluation that reached ``level`` (the task's metric),
     the mean over the group's cells that reached it, with ``(k/n)`` when not all did (then never the best)."""
     def fmt(results: list[Result]) -> tuple[float | None, str]:
-        hits = []
-        for r in results:
-            hits.append(next((rec["forward_passes"] for rec in r.records
-                              if rec.get("dev", {}).get(r.metric, -1.0) >= level - 1e-9), None))
-        reached = [h for h in hits if h is not None]
+        reached = [h for r in results if (h := r.forwards_to_dev(level)) is not None]
         if not results:
             return None, ""
         if not reached:

@@ -65,6 +65,11 @@ class Result:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+    def forwards_to_dev(self, level: float) -> int | None:
+        """Forward passes at the first dev evaluation that reached ``level`` (the task's metric); None if none did."""
+        return next((rec["forward_passes"] for rec in self.records
+                     if rec.get("dev", {}).get(self.metric, -1.0) >= level - 1e-9), None)
+
 
 def collect(grid: Grid, bench: BenchDir) -> list[Result]:
     """Every cell's result, in grid order (a cell never run counts as failed: ``not run``)."""

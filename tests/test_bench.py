@@ -258,6 +258,18 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         assert [line.split()[-1] for line in plan_lines(grid, BenchDir(out))[2:]] == expected
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
 
+    # --report-only: the report of the cells finished so far, a third seed's cells "not run yet", nothing run
+    more = tiny_grid(tiny_model_dir, reviews_csv)
+    more["axes"]["seed"] = [0, 1, 2]
+    assert main(["bench", "--grid", str(write_grid(tmp_path / "g4.yaml", more)), "--out", str(out), "--report-only"]) == 0
+    report = (out / "report.md").read_text()
+    assert "6 cells, 3 ok, 1 failed, 2 not run yet." in report
+    assert report.split("## Not run yet (2 of 6 cells)")[1].split("##")[0].strip() == \
+        "`optimizer=ZOSGD,seed=2`, `optimizer=AdamW,seed=2`"
+    assert not (out / "cells" / "optimizer=ZOSGD,seed=2").exists()
+    with pytest.raises(ConfigError, match="holds no bench run"):
+        run_bench(grid_path, tmp_path / "empty", report_only=True)
+
 
 def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, tmp_path, capsys):
     """`zotune bench --grid G key=value`: applied to every cell last (an axis becomes one value);

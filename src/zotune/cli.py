@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", metavar="DIR", required=True, help="bench directory (finished cells are skipped)")
     bn.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
     bn.add_argument("--dry-run", action="store_true", help="list the cells, their model, task, steps and state; run nothing")
+    bn.add_argument("--report-only", action="store_true",
+                    help="write results.csv, report.md and the plots from the cells finished so far; run nothing")
     bn.add_argument("overrides", nargs="*", metavar="key=value",
                     help="applied to every cell, last (e.g. model.name=DIR: the grid on another model)")
     _add_memory_parser(subs)
@@ -138,7 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from .bench import run_bench
 
-        return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run, overrides=args.overrides)
+        return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run, overrides=args.overrides,
+                         report_only=args.report_only)
 
     if args.command == "export":
         from .train.export import run_export

@@ -31,12 +31,19 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 Format = Callable[[list[Result]], tuple[float | None, str]]  # a group -> (value compared for "best", text)
 
 
+def missing(results: list[Result]) -> str:
+    """What a group without a value shows: "" (no cells), "not run" (none has run yet) or "failed"."""
+    if not results:
+        return ""
+    return "not run" if all(r.not_run for r in results) else "failed"
+
+
 def score_format(results: list[Result]) -> tuple[float | None, str]:
     """A group's test scores as ``mean ± std`` (with ``k/n ok`` when some cells failed); compared by the mean,
     rounded to 3 digits."""
     values = [r.score for r in results if r.score is not None]
     if not values:
-        return None, "failed" if results else ""
+        return None, missing(results)
     mean, std = mean_std(values)
     text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
     if len(values) < len(results):
@@ -49,7 +56,7 @@ def number_format(key: str, digits: int = 0) -> Format:
     def fmt(results: list[Result]) -> tuple[float | None, str]:
         values = [v for r in results if (v := r.get(key)) is not None]
         if not values:
-            return None, "failed" if results else ""
+            return None, missing(results)
         mean = round(statistics.fmean(values), digits)
         return mean, f"{mean:,.{digits}f}"
     return fmt
@@ -60,7 +67,7 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
     compared."""
     ok = [r for r in results if r.ok]
     if not ok:
-        return None, "failed" if results else ""
+        return None, missing(results)
     fwd = sorted({int(r.get("forward_passes") or 0) for r in ok})
     steps = sorted({int(r.get("steps") or 0) for r in ok})
     return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps)"
@@ -165,9 +172,11 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     metrics = list(dict.fromkeys(r.metric for r in results))
     seeds = grid.axes.get(SEED_AXIS)
     over = f"mean ± std over seeds {', '.join(map(str, seeds))}" if seeds and len(seeds) > 1 else "one seed"
-    n_ok = sum(r.ok for r in results)
+    n_ok, n_waiting = sum(r.ok for r in results), sum(r.not_run for r in results)
+    waiting = f", {n_waiting} not run yet" if n_waiting else ""
     lines = [f"# {grid.description or f'Benchmark grid {grid.path.name}'}", "",
-             f"`zotune bench --grid {grid.path}`: {len(results)} cells, {n_ok} ok, {len(results) - n_ok} failed.", "",
+             f"`zotune bench --grid {grid.path}`: {len(results)} cells, {n_ok} ok, "
+             f"{len(results) - n_ok - n_waiting} failed{waiting}.", "",
              *budget_lines(grid, results), ""]
     if layout.fixed:
         lines += ["Every cell: " + ", ".join(f"{k} {v}" for k, v in layout.fixed.items()) + ".", ""]
@@ -189,9 +198,13 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
         lines += [f"## Forward passes to reach dev {metrics[0] if len(metrics) == 1 else 'score'} >= {level:g} "
                   "(first dev evaluation at the level; mean over seeds, (k/n) when not every seed reached it)", "",
                   *markdown_table(layout, reach_format(level), "min"), ""]
-    failed = [r for r in results if not r.ok]
+    failed = [r for r in results if not r.ok and not r.not_run]
     if failed:
         lines += ["## Failed cells", "", *[f"- `{r.cell.name}`: {r.outcome.error}" for r in failed], ""]
+    waiting = [r for r in results if r.not_run]
+    if waiting:
+        lines += [f"## Not run yet ({len(waiting)} of {len(results)} cells)", "",
+                  ", ".join(f"`{r.cell.name}`" for r in waiting), ""]
     if plots:
         lines += ["## Plots", "", *[f"![{title}]({name})" for name, title in plots], ""]
     return lines

@@ -15,6 +15,7 @@ from .grid import Cell, Grid, axis_label, value_label
 
 COLUMN_AXES = ("model.name", "task", "task.name", "tuning.scheme")  # ZO-Bench's columns; the rest are rows
 SEED_AXIS = "seed"
+NOT_RUN = "not run"  # the error of a cell without an outcome (its status is "failed", as the contract's CSV has it)
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Result:
     def ok(self) -> bool:
         """Whether the cell finished (its summary was read)."""
         return self.summary is not None
+
+    @property
+    def not_run(self) -> bool:
+        """Whether the cell has no outcome yet (never run, or still running: ``zotune bench --report-only``)."""
+        return self.outcome.error == NOT_RUN
 
     @cached_property
     def metric(self) -> str:
@@ -75,7 +81,7 @@ def collect(grid: Grid, bench: BenchDir) -> list[Result]:
     """Every cell's result, in grid order (a cell never run counts as failed: ``not run``)."""
     results = []
     for cell in grid.cells:
-        outcome = bench.outcome(cell) or Outcome("failed", "not run")
+        outcome = bench.outcome(cell) or Outcome("failed", NOT_RUN)
         summary_path = bench.run_dir(cell) / "summary.json"
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
         results.append(Result(cell, outcome, summary, bench.run_dir(cell)))

@@ -255,9 +255,11 @@ def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
 
 def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
               log: Callable[[str], None] = say, interactive: bool | None = None,
-              overrides: tuple[str, ...] | list[str] = ()) -> int:
+              overrides: tuple[str, ...] | list[str] = (), report_only: bool = False) -> int:
     """``zotune bench``: validate the grid, run the unfinished cells, write results.csv, report.md
-    and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed."""
+    and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed. ``report_only``: the
+    report of the cells finished so far (the others "not run yet"; a grid run in pieces, or still running),
+    nothing run."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     grid = load_grid(grid_path, overrides)
@@ -265,6 +267,12 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
     if dry_run:
         for line in plan_lines(grid, bench):
             log(line)
+        return 0
+    if report_only:
+        if not (bench.root / "cells").is_dir():
+            raise ConfigError(f"--out {bench.root} holds no bench run to report on")
+        report = write_report(grid, bench)
+        log(f"report of {sum(bench.state(c) == 'done' for c in grid.cells)} finished cells of {len(grid.cells)}: {report}")
         return 0
     bench.prepare(grid)
     todo = [cell for cell in grid.cells if bench.state(cell) != "done"]

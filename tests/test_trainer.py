@@ -175,6 +175,18 @@ def test_hybrid_bad_input(tiny_model_dir, reviews_csv, tmp_path, override, needl
         run_train(config(tiny_model_dir, reviews_csv, override), tmp_path / "run", log=lambda *_: None)
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.options={rank: 0}", "rank must be an int >= 1"),
+    ("optimizer.options={no_such_option: 1}", "no_such_option"),
+])
+def test_bad_optimizer_options_fail_before_anything_loads(reviews_csv, tmp_path, override, needle):
+    """The optimizer is checked first: a model path that does not exist is not reached."""
+    cfg = load_config(None, ["model.name=/no/such/model", f"task.path={reviews_csv}", "optimizer.name=ZOMuon", override])
+    with pytest.raises(ConfigError, match=needle):
+        run_train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_hybrid_needs_a_zo_optimizer():
     with pytest.raises(ConfigError, match="zeroth-order"):
         load_config(None, ["tuning.hybrid.zo_layers=1", "optimizer.name=AdamW"])

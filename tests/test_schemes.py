@@ -415,6 +415,19 @@ def test_guard_catches_an_update_that_rounds_away():
     assert len(calls) == 4  # 2 queries x 2 probes
 
 
+def test_guard_sizes_an_orthogonalised_step_by_its_entries():
+    """ZO-Muon moves an entry of an m x n matrix by far less than lr: in a rank-8 subspace, lr * sqrt(8 / (m n)).
+    At lr 0.1 on bfloat16 weights near 1, a sign rule's step registers; ZO-Muon's (about 2e-3) mostly does not."""
+    w = torch.rand(256, 64).add_(0.5).bfloat16()
+    settings = ("optimizer.eps=1", "optimizer.lr=0.1")
+    assert check_precision(guard_config("optimizer.name=ZOSGDSign", *settings), [w], closure=None).update_lost < 0.1
+    with pytest.raises(ConfigError, match=r"leave [5-9]\d% .* about 0.0022\*z per coordinate"):
+        check_precision(guard_config("optimizer.name=ZOMuon", "optimizer.options={rank: 8}", *settings), [w], closure=None)
+    full_rank = check_precision(guard_config("optimizer.name=ZOMuon", "optimizer.options={rank: null}", *settings), [w],
+                                closure=None)  # entries of about lr / sqrt(256) * 2
+    assert 0.1 < full_rank.update_lost < 0.5 and full_rank.step == pytest.approx(0.1 * 2 / 16)
+
+
 def test_guard_stops_a_collapsing_half_precision_run(tiny_model_dir, reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="would leave .* unchanged"):
         run_train(run_config(tiny_model_dir, reviews_csv, "model.dtype=float16", "optimizer.lr=1e-9"),

@@ -123,6 +123,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.fused: FusedUpdate | None = None  # the layers' updates kept for the next forward (fuse_update)
 
     @classmethod
+    def coordinate_sizes(cls, shape: torch.Size, options: dict[str, Any]) -> tuple[float, float]:
+        """(probe, update) size of one coordinate of a parameter of ``shape``, per unit of ``eps`` and of the step
+        (``lr * |g|``, or ``lr`` for a ``normalised_step`` rule), under the class's ``options``: (1, 1) for a plain
+        z. The half-precision guard (tuning/precision.py) scales its sample by them."""
+        return 1.0, 1.0
+
+    @classmethod
     def param_groups_for(cls, model: torch.nn.Module, params: list) -> list:
         """How this optimizer wants ``model``'s trainable ``params`` (tensors or groups) grouped;
         the trainer calls it before construction. Default: as given."""

@@ -94,6 +94,19 @@ class ZOMuon(ZOSGDMomentum):
             out += [{**group, "params": embedding, "orthogonalize": False}] if embedding else []
         return out
 
+    @classmethod
+    def coordinate_sizes(cls, shape: torch.Size, options: dict) -> tuple[float, float]:
+        """A matrix's entries move far less than lr: an orthogonalised step (singular values 1) of m x n has entries
+        of about ``1 / sqrt(max(m, n))`` (times ``scale``); in the subspace, ``sqrt(r / (m n))``, and the probe
+        ``P U`` has entries of about ``sqrt(r / m)``. Vectors: (1, 1)."""
+        rank = options.get("rank")
+        if len(shape) != 2:
+            return 1.0, 1.0
+        m, n = shape
+        if rank is not None and min(m, n) > rank:
+            return math.sqrt(rank / m), math.sqrt(rank / (m * n))
+        return 1.0, math.sqrt(max(1.0, m / n)) / math.sqrt(max(m, n))
+
     @property
     def takes_fused_update(self) -> bool:
         """Full rank only: a subspace step's directions are its own."""

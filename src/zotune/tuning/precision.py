@@ -12,7 +12,8 @@ half-precision trainable tensor, with the engine's own kernel (``torch.add`` of 
 the weight's dtype). The step size ``lr * |g|`` uses the typical projected gradient ``|g|``,
 measured by :func:`typical_projected_grad` with a few SPSA probes on a training batch (for
 the sign / Adam / Muon rules, whose per-coordinate step is about ``lr`` whatever ``g`` is, the
-step is ``lr``). :func:`check_precision` turns the report into a ConfigError (or a warning,
+step is ``lr``, times the optimizer's ``coordinate_sizes``: an orthogonalised matrix step, ZO-Muon's,
+moves an entry by far less). :func:`check_precision` turns the report into a ConfigError (or a warning,
 ``tuning.precision_check``) when more than ``THRESHOLD`` of the coordinates would not move.
 
 The remedy for the adapter schemes is ``tuning.trainable_dtype: float32``: LoRA / prefix /
@@ -21,6 +22,7 @@ prompt weights in float32 over a half-precision base (a linear head is always fl
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ import torch
 from ..config import OWN_WEIGHTS_SCHEMES, Config
 from ..errors import ConfigError
 from ..estimators.spsa import SPSA
-from ..optim.factory import run_hparams
+from ..optim.factory import resolved_settings, run_hparams
 from ..optim.registry import zo_class
 
 HALF = (torch.float16, torch.bfloat16)
@@ -48,22 +50,25 @@ class PrecisionReport:
     numel: int  # their coordinates
     probe_lost: float  # share of coordinates where w + eps*z == w
     update_lost: float | None  # share where w - step*z == w (None: step unknown)
-    step: float | None  # the step size used: lr * |g| (or lr)
+    step: float | None  # the step size used: lr * |g| (or lr), times the per-coordinate sizes (mean over coordinates)
 
 
 def precision_report(
     params: list[torch.Tensor], eps: float | None, step: float | None,
     distribution: str = "gaussian", samples: int = SAMPLES, seed: int = _SEED,
+    sizes: Callable[[torch.Size], tuple[float, float]] | None = None,
 ) -> PrecisionReport | None:
     """Shares of the half-precision trainable coordinates that a probe of size ``eps`` and an
     update of size ``step`` (times z) leave unchanged. None if no trainable weight is in half
-    precision. ``eps`` / ``step`` None: that part is not measured (reported as 0 / None)."""
+    precision. ``eps`` / ``step`` None: that part is not measured (reported as 0 / None).
+    ``sizes``: a tensor's (probe, update) size per coordinate relative to those, by its shape (an
+    optimizer's ``coordinate_sizes``; 1, 1 when not given)."""
     half = [p for p in params if p.dtype in HALF and p.numel()]
     if not half:
         return None
     gen = torch.Generator().manual_seed(seed)
     total = sum(p.numel() for p in half)
-    probe = update = 0.0
+    probe = update = mean_step = 0.0
     for p in half:
         flat = p.detach().reshape(-1)
         idx = torch.randint(0, flat.numel(), (min(samples, flat.numel()),), generator=gen, device="cpu")
@@ -74,12 +79,14 @@ def precision_report(
             z = torch.randn(len(idx), generator=gen)
         z = z.to(flat.device)
         weight = p.numel() / total
+        probe_size, update_size = sizes(p.shape) if sizes is not None else (1.0, 1.0)
         if eps is not None:
-            probe += weight * _unchanged(w, z, eps)
+            probe += weight * _unchanged(w, z, eps * probe_size)
         if step is not None:
-            update += weight * _unchanged(w, z, -step)
+            update += weight * _unchanged(w, z, -step * update_size)
+            mean_step += weight * step * update_size
     return PrecisionReport(sorted({str(p.dtype).removeprefix("torch.") for p in half}), total, probe,
-                           update if step is not None else None, step)
+                           update if step is not None else None, mean_step if step is not None else None)
 
 
 def _unchanged(w: torch.Tensor, z: torch.Tensor, scale: float) -> float:
@@ -111,14 +118,16 @@ def check_precision(cfg: Config, params: list[torch.Tensor], closure: Callable[[
     lr, eps = run_hparams(cfg)
     probe_eps = None if cls.needs_forward_ad else eps  # a JVP has no probe
     dist = cfg.optimizer.distribution
-    report = precision_report(params, probe_eps, None, dist)
+    options = resolved_settings(cfg)["options"]
+    sizes = functools.partial(cls.coordinate_sizes, options=options)
+    report = precision_report(params, probe_eps, None, dist, sizes=sizes)
     if report.probe_lost <= THRESHOLD and lr > 0:
         step = lr if cls.normalised_step else None
         if step is None and closure is not None:
             g = typical_projected_grad(closure, params, eps, dist)
             step = None if g is None else lr * g
         if step is not None:
-            report = precision_report(params, probe_eps, step, dist)
+            report = precision_report(params, probe_eps, step, dist, sizes=sizes)
     problem = _problem(report, lr, eps)
     if problem is None:
         return report
@@ -138,7 +147,7 @@ def _problem(report: PrecisionReport, lr: float, eps: float) -> tuple[str, str] 
         return what, "optimizer.eps"
     if report.update_lost is not None and report.update_lost > THRESHOLD:
         what = (f"zeroth-order training in {dtypes} would leave {report.update_lost:.0%} of the trainable "
-                f"coordinates unchanged at every step (the step lr*|g|*z, about {report.step:.2g}*z with "
+                f"coordinates unchanged at every step (the step, about {report.step:.2g}*z per coordinate with "
                 f"optimizer.lr={lr:g}, is under half an ulp of the weights)")
         return what, "optimizer.lr"
     return None

@@ -36,8 +36,8 @@ class Cell:
 
     @property
     def diverged(self) -> bool:
-        if self.marked_diverged:
-            return True
+        if self.marked_diverged or (self.summary or {}).get("diverged_at_step") is not None:
+            return True  # kept marked, or ended by train.divergence_ratio (perhaps before its first logged loss)
         finite = [x for x in self.losses if math.isfinite(x)]
         return len(finite) < len(self.losses) or (bool(finite) and max(finite) > 10 * finite[0])
 

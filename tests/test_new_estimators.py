@@ -109,23 +109,24 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6, 7)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5, 7: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6, 7)]
-           for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "JaguarSignSGD")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
-                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4], "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3],
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6, 3e-6],
-                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-2],
-                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
-    # ZO-Muon: full rank with one two-sided query up to version 6; its paper's subspace settings from 7
-    muon = {v: build_optimizer(load_config(None, ["optimizer.name=ZOMuon", f"version={v}"]).optimizer, params, "full",
-                               seed=0, version=v) for v in (6, 7)}
-    assert (muon[6].rank, muon[6].n_queries, muon[6].forwards_per_step) == (None, 1, 2)
-    assert (muon[7].rank, muon[7].refresh, muon[7].n_queries, muon[7].forwards_per_step) == (64, 100, 4, 5)
-    assert muon[7].param_groups[0]["momentum"] == 0.0 and muon[7].param_groups[0]["plain_lr"] == 1e-7
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6)]
+           for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "ZOMuonSubspace",
+                        "JaguarSignSGD")}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4],
+                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3],
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6],
+                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "ZOMuonSubspace": [1e-2] * 6,
+                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4]}
+    # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
+    muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)
+    assert (muon.rank, muon.n_queries, muon.forwards_per_step, muon.param_groups[0]["momentum"]) == (None, 1, 2, 0.95)
+    sub = build_optimizer(load_config(None, ["optimizer.name=ZOMuonSubspace"]).optimizer, params, "full", seed=0)
+    assert (sub.rank, sub.refresh, sub.n_queries, sub.forwards_per_step) == (64, 100, 4, 5)
+    assert sub.param_groups[0]["momentum"] == 0.0 and sub.param_groups[0]["plain_lr"] == 1e-7
     # a row's own entry (momentum's lr on full) leaves the other rows the family's; an entry for "*" (HiZOO's alpha)
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2
@@ -168,7 +169,7 @@ def test_lozo_perturbs_matrices_with_rank_r_within_a_lazily_refreshed_row_space(
 
 # -- ZO-Muon in a subspace ------------------------------------------------------------------------
 def test_zo_muon_steps_within_a_refreshed_subspace_with_unit_singular_values():
-    """Subspace ZO-Muon (its paper's): the probes move W along P U_j (rank r, columns in span(P)); the step is
+    """Subspace ZO-Muon (Lang et al.'s): the probes move W along P U_j (rank r, columns in span(P)); the step is
     lr * P NS(G), so its r singular values are about lr; P is redrawn every ``refresh`` steps; one-sided
     queries cost q + 1 forwards; vectors take dense z."""
     torch.manual_seed(0)
@@ -224,7 +225,7 @@ def test_zo_muon_resets_its_subspace_momentum_with_the_basis():
     ["optimizer.name=HiZOO", "tuning.scheme=lora", "optimizer.options={alpha: 0.1}"],
     ["optimizer.name=LOZO", "optimizer.n_queries=2", "optimizer.options={rank: 2, refresh: 2}"],
     ["optimizer.name=LOZO", "tuning.scheme=lora"],
-    ["optimizer.name=ZOMuon", "optimizer.options={rank: 2, refresh: 2}"],
+    ["optimizer.name=ZOMuonSubspace", "optimizer.options={rank: 2, refresh: 2}"],
 ], ids=["sparse-full", "sparse-lora", "fzoo-full", "fzoo-lora", "hizoo-full", "hizoo-lora", "lozo-full", "lozo-lora",
         "muon-subspace"])
 def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_csv, tmp_path, extra):
@@ -240,7 +241,7 @@ def test_new_methods_train_and_replay_bit_identically(tiny_model_dir, reviews_cs
     ("optimizer.name=LOZO", "optimizer.options={rank: 2, refresh: 3}"),  # V: a function of the step
     ("optimizer.name=FZOO", "optimizer.n_queries=2"),
     ("optimizer.name=SparseMeZO",),
-    ("optimizer.name=ZOMuon", "optimizer.options={rank: 2, refresh: 3, momentum: 0.9}"),  # M: reset with P
+    ("optimizer.name=ZOMuonSubspace", "optimizer.options={rank: 2, refresh: 3, momentum: 0.9}"),  # M: reset with P
 ], ids=["hizoo", "lozo", "fzoo", "sparse", "muon-subspace"])
 def test_an_interrupted_run_resumes_bit_identically(tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, monkeypatch,
                                                    extra):

@@ -9,7 +9,8 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
-from zotune.optim import (FZOO, LOZO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum,
+from zotune.optim import (FZOO, LOZO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOMuonSubspace,
+                          ZOSGDConservative, ZOSGDMomentum,
                           ZOSGDSign, newton_schulz)
 from zotune.optim.factory import build_optimizer
 
@@ -30,12 +31,12 @@ class Sparse20(SparseMeZO, register=False):
         super().__init__(params, lr, sparsity=0.2, **kwargs)
 
 
-class MuonSubspace(ZOMuon, register=False):
-    """ZO-Muon in a rank-2 subspace redrawn every 2 steps, with momentum (the regression's 1 x 10 weight is no
-    larger than the rank: its dense full-rank rule; the tiny model's matrices take the subspace rule)."""
+class MuonSubspace(ZOMuonSubspace, register=False):
+    """ZO-Muon in a rank-2 subspace redrawn every 2 steps, with momentum, two-sided (the regression's 1 x 10
+    weight is no larger than the rank: its dense full-rank rule; the tiny model's matrices take the subspace rule)."""
 
     def __init__(self, params, lr, **kwargs):
-        super().__init__(params, lr, rank=2, refresh=2, momentum=0.9, **kwargs)
+        super().__init__(params, lr, rank=2, refresh=2, momentum=0.9, one_sided=False, **kwargs)
 
 
 # (class, lr) chosen so that 300 steps make clear progress on the regression below
@@ -131,7 +132,7 @@ def test_adam_validation():
 def test_factory_builds_each_by_name_with_options():
     model = torch.nn.Linear(2, 1)
     for name in ("ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon",
-                 "SparseMeZO", "FZOO", "HiZOO", "LOZO", "SGD", "AdamW"):
+                 "ZOMuonSubspace", "SparseMeZO", "FZOO", "HiZOO", "LOZO", "SGD", "AdamW"):
         cfg = load_config(None, [f"optimizer.name={name}"]).optimizer
         assert type(build_optimizer(cfg, model.parameters(), "full", seed=0)).__name__ == name
     cfg = load_config(None, ["optimizer.name=ZOSGDMomentum", "optimizer.options={momentum: 0.5}"]).optimizer

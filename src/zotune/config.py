@@ -31,14 +31,13 @@ OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own w
 PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
-# The defaults' generations: 7: ZO-Muon as its paper defines it, in a subspace (its class's default_lr,
-# default_options and default_n_queries); 6: the sign and momentum sweeps' learning rates on full fine-tuning (their classes'
+# The defaults' generations: 6: the sign and momentum sweeps' learning rates on full fine-tuning (their classes'
 # default_lr); 5: HiZOO's measured alpha (its class's default_options); 4: FZOO's measured lr (its class's default_lr); 3: learning rates
 # measured on the default model (zotune.optim.factory); 2: the noise table by default
 # (DEFAULT_NOISE_TABLE_MB); 1: before versions
-CONFIG_VERSION = 7
+CONFIG_VERSION = 6
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
-VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+VERSIONS = (1, 2, 3, 4, 5, 6)
 DEFAULT_NOISE_TABLE_MB = 64.0
 DROPOUT = ("off", "model_default")  # train.dropout
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor
@@ -270,13 +269,9 @@ def default_freeze_a(version: int, optimizer: OptimizerConfig) -> bool:
 # (section, key, default(version, optimizer)): the keys whose default depends on the config version
 def default_n_queries(version: int, optimizer: OptimizerConfig) -> int:
     """``optimizer.n_queries`` when the config gives none: the optimizer class's ``default_n_queries``
-    (1, as MeZO; FZOO's step needs a batch of probes), or, where it is ``{version: n}``, the entry of the
-    latest version <= ``version`` (ZO-Muon: 4 since 7); 1 for first-order optimizers."""
+    (1, as MeZO; FZOO's step needs a batch of probes); 1 for first-order optimizers."""
     cls = zo_class(optimizer.name)
-    if cls is None:
-        return 1
-    n = cls.default_n_queries
-    return n[max(v for v in n if v <= version)] if isinstance(n, dict) else n
+    return cls.default_n_queries if cls is not None else 1
 
 
 def default_distribution(version: int, optimizer: OptimizerConfig) -> str:

@@ -10,11 +10,11 @@ from .conservative import ZOSGDConservative
 from .adam import ZOAdam
 from .forward_grad import ForwardGrad
 from .jaguar import JaguarSignSGD
-from .muon import ZOMuon
+from .muon import ZOMuon, ZOMuonSubspace
 from .sparse import SparseMeZO
 from .fzoo import FZOO
 from .hizoo import HiZOO
 from .lozo import LOZO
 from .newton_schulz import newton_schulz
 
-__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "SparseMeZO", "FZOO", "HiZOO", "LOZO", "newton_schulz"]
+__all__ = ["ZOOptimizer", "StepRecord", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOSGDConservative", "ZOAdam", "ForwardGrad", "JaguarSignSGD", "ZOMuon", "ZOMuonSubspace", "SparseMeZO", "FZOO", "HiZOO", "LOZO", "newton_schulz"]

@@ -77,7 +77,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # optimizer.options), from that version on until a later entry: a default the sweeps changed, kept as it was
     # for runs recorded before (HiZOO's alpha)
     default_options: dict[tuple[int, str], dict[str, Any]] = {}
-    default_n_queries: int | dict[int, int] = 1  # optimizer.n_queries when the config gives none (by version)
+    default_n_queries = 1  # optimizer.n_queries when the config gives none
     default_distribution = "gaussian"  # optimizer.distribution when the config gives none
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:

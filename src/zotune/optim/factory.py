@@ -60,8 +60,8 @@ MEASURED = Defaults(
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
 # config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options; 6: the sign
-# and momentum lr on full, their classes' default_lr; 7: ZO-Muon's paper settings, its class's)
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED, 7: MEASURED}
+# and momentum lr on full, their classes' default_lr)
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED}
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -147,7 +147,7 @@ def forwards_per_step(cfg: OptimizerConfig, n_blocks: int = 1, scheme: str = "fu
     parameters (``n_blocks`` param groups, the blocks of ``optimizer.blockwise``), so it cannot
     drift from what the trainer counts, and what the class refuses (e.g. block-wise) is a
     ConfigError here too. ``scheme`` (a row of the defaults tables) and ``version`` pick the class's own default
-    options, which may set its queries (ZO-Muon's since version 7), and ``options`` may too."""
+    options, and ``options`` may set what the count depends on (ZO-Muon's ``one_sided``)."""
     groups = [{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(n_blocks if cfg.blockwise else 1)]
     stand_in = OptimizerConfig(name=cfg.name, lr=0.0, n_queries=cfg.n_queries, distribution=cfg.distribution,
                                blockwise=cfg.blockwise, options=dict(cfg.options))

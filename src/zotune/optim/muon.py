@@ -20,9 +20,10 @@ UPDATE_CHUNK = 1 << 20  # values of W written at once by a subspace step (rows o
 
 
 class ZOMuon(ZOSGDMomentum):
-    """Two modes, by ``rank``.
+    """ZO-Muon as Veprikov et al. 2025 define it ("Leveraging coordinate momentum in SignSGD and Muon:
+    memory-optimized zero-order"; DESIGN.md), with the subspace of Lang et al. 2026 as an option.
 
-    **Full rank** (``rank=None``; the default up to config version 6, DESIGN.md's ZO-Muon):
+    **Full rank** (``rank=None``, the default):
     ``M <- momentum * M + grad_hat``; for a matrix ``W <- W - lr * scale * NS(M)`` with
     ``scale = sqrt(max(1, rows / cols))`` and ``NS`` five Newton-Schulz iterations; parameters
     of other shapes (norms, biases) take the momentum step ``W <- W - lr * M``, and so do the
@@ -35,8 +36,7 @@ class ZOMuon(ZOSGDMomentum):
     momentum step, so those parameters take ``plain_lr`` when given (as Muon pairs itself with
     AdamW at its own lr); otherwise ``lr``.
 
-    **Subspace** (``rank=r``; ZO-Muon as Lang et al. 2026 define it, "Powering up zeroth-order
-    training via subspace gradient orthogonalization", and their code): a matrix ``W`` (m x n,
+    **Subspace** (``rank=r``; :class:`ZOMuonSubspace` has its paper's settings): a matrix ``W`` (m x n,
     both sides larger than ``r``) is perturbed along ``P U_j`` with ``P`` (m x r) a random
     orthonormal basis drawn anew every ``refresh`` steps and ``U_j`` (r x n) Gaussian, one per
     query. The estimate stays in the subspace and is orthogonalised there (an r x n
@@ -44,19 +44,13 @@ class ZOMuon(ZOSGDMomentum):
 
         G = (1/q) sum_j g_j U_j;   M <- momentum * M + G  (M reset when P is);   W <- W - lr * P NS(M)
 
-    The paper's runs take ``q = 4`` one-sided queries (``one_sided``: ``g_j = (f(x + eps P U_j)
-    - f(x)) / eps``, ``q + 1`` forwards), no momentum, ``r = 64``, ``refresh = 100``, lr 1e-2;
-    config version 7 makes these its defaults. Other parameters (vectors, smaller matrices) take
-    the full-rank rule with dense ``z``. ``P`` comes from (seed, parameter, period) and ``U_j``
-    from the direction's key: a replay rebuilds both.
+    ``one_sided``: ``g_j = (f(x + eps z_j) - f(x)) / eps``, ``q + 1`` forwards. Other parameters
+    (vectors, smaller matrices) take the full-rank rule with dense ``z``. ``P`` comes from (seed,
+    parameter, period) and ``U_j`` from the direction's key: a replay rebuilds both.
     """
 
     normalised_step = True  # each coordinate moves by about lr
-    # version 7: the paper's subspace ZO-Muon (its LLM command: lr 1e-2, 4 one-sided queries, r 64, refresh 100;
-    # the norms' step there is 1e-7: they barely move). Up to 6: full rank at the family's lr.
-    default_lr = {(7, "*"): 1e-2}
-    default_options = {(7, "*"): {"rank": 64, "refresh": 100, "one_sided": True, "momentum": 0.0, "plain_lr": 1e-7}}
-    default_n_queries = {1: 1, 7: 4}
+    default_lr: dict[tuple[int, str], float] = {}  # the family's: its sweep moved nothing (docs/sweeps.md)
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 
@@ -163,3 +157,25 @@ class ZOMuon(ZOSGDMomentum):
         rows = max(1, UPDATE_CHUNK // n)
         for start in range(0, p.shape[0], rows):
             p[start : start + rows].add_((basis[start : start + rows] @ step).to(p.dtype), alpha=-group["lr"])
+
+
+class ZOMuonSubspace(ZOMuon):
+    """ZO-Muon as Lang et al. 2026 define it ("Powering up zeroth-order training via subspace gradient
+    orthogonalization"; their code, OPTML-Group/ZO-Muon): :class:`ZOMuon`'s subspace rule with the settings of
+    the paper's LLM command: rank 64, the basis redrawn every 100 steps, 4 one-sided queries (5 forwards a
+    step), no momentum, lr 1e-2, and the vectors (norms) stepped at 1e-7."""
+
+    default_lr = {(1, "*"): 1e-2}
+    default_n_queries = 4
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = default_n_queries,
+                 rank: int = 64, refresh: int = 100, one_sided: bool = True, momentum: float = 0.0,
+                 plain_lr: float | None = 1e-7, **options):
+        require(isinstance(rank, int) and rank >= 1, f"rank must be an int >= 1, got {rank!r}")
+        super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, rank=rank, refresh=refresh,
+                         one_sided=one_sided, momentum=momentum, plain_lr=plain_lr, **options)
+
+    @classmethod
+    def coordinate_sizes(cls, shape: torch.Size, options: dict) -> tuple[float, float]:
+        """:meth:`ZOMuon.coordinate_sizes` at this class's default rank unless the options give one."""
+        return super().coordinate_sizes(shape, {"rank": 64, **options})

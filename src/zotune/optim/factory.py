@@ -89,13 +89,19 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
 
 def resolved_settings(cfg: Config) -> dict[str, Any]:
     """A run config's optimizer ``lr``, ``eps`` and ``options`` with the defaults of its config version filled in
-    (its class's own default options under the config's): what the run's optimizer is built with."""
+    (its class's own default options under the config's), and hybrid ZO-FO's first-order lr (``hybrid_fo_lr``,
+    None without it): what the run's optimizers are built with."""
     lr, eps = run_hparams(cfg)
     options = dict(cfg.optimizer.options)
     if is_zeroth_order(cfg.optimizer.name):
         own = own_default(zo_class(cfg.optimizer.name).default_options, defaults_row(cfg.tuning), cfg.version)
         options = {**(own or {}), **options}
-    return {"lr": lr, "eps": eps, "options": options}
+    hybrid = cfg.tuning.hybrid
+    fo_lr = None
+    if hybrid.zo_layers is not None:  # the first-order half's lr, by the same version
+        fo = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
+        fo_lr = resolved_hparams(fo, defaults_row(cfg.tuning), cfg.version)[0]
+    return {"lr": lr, "eps": eps, "options": options, "hybrid_fo_lr": fo_lr}
 
 
 def own_default(table: dict[tuple[int, str], T], row: str, version: int) -> T | None:

@@ -62,7 +62,7 @@ from zotune.train.stepper import make_step
 from zotune.train.trainer import Session
 
 FAMILY = tuple(name for name in ZEROTH_ORDER if name not in ("ZOSGD", "ForwardGrad"))
-UPDATES = ("ZOSGD", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "JaguarSignSGD")  # update math timed alone
+UPDATES = ("ZOSGD", "ZOSGDMomentum", "ZOAdam", "ZOMuon", "ZOMuonSubspace", "JaguarSignSGD")  # update math timed alone
 LR, EPS, SEED = 1e-12, 1e-3, 0
 TABLE_MB = 64  # the noise table of the ZOSGD-table column
 

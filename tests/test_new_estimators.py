@@ -109,18 +109,20 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6, 7)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5, 7: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6)]
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6, 7)]
            for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "ZOMuonSubspace",
                         "JaguarSignSGD")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3], "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4],
-                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3],
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6],
-                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4], "ZOMuonSubspace": [1e-2] * 6,
-                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4]}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3, 3e-3],
+                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-3],
+                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3],
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6, 3e-6],
+                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4], "ZOMuonSubspace": [1e-2] * 7,
+                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
     # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
     muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)
     assert (muon.rank, muon.n_queries, muon.forwards_per_step, muon.param_groups[0]["momentum"]) == (None, 1, 2, 0.95)
@@ -130,6 +132,7 @@ def test_defaults_follow_the_config_version():
     # a row's own entry (momentum's lr on full) leaves the other rows the family's; an entry for "*" (HiZOO's alpha)
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2
+    assert resolved_hparams(OptimizerConfig(name="ZOAdam"), "lora-fa", 7)[0] == 3e-2
     assert build_optimizer(OptimizerConfig(name="HiZOO"), params, "lora-fa", seed=0, version=6).alpha == 1e-5
 
 

@@ -324,7 +324,8 @@ def cell_forwards_per_step(cfg: Config) -> int | None:
     """Forward passes a training step of ``cfg`` counts (as the trainer does: a first-order
     step 1; hybrid ZO-FO adds its FO step's 1). None for block-wise ZO, whose count is
     per-block queries times the model's layers (+1), known only once the model is loaded."""
-    per_step = forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)  # also refuses block-wise for the optimizers without it
+    # also refuses block-wise for the optimizers without it
+    per_step = forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)
     if cfg.optimizer.blockwise:
         return None
     return per_step + (1 if cfg.tuning.hybrid.zo_layers is not None else 0)

@@ -186,8 +186,8 @@ def forwards_to_dev_level(grid: Grid, results: list[Result], path: Path) -> tupl
                     ax.plot([x] * len(hits), hits, ".", color="black", markersize=4)
                 elif k == 0:
                     ax.bar(x, 0, width, color=color, label=layout.row_label(row))  # in the legend all the same
-                ax.annotate(f"{len(hits)}/{len(group)}", (x, max(hits, default=0)), ha="center", va="bottom", fontsize=6,
-                            xytext=(0, 2), textcoords="offset points")
+                ax.annotate(f"{len(hits)}/{len(group)}", (x, max(hits, default=0)), ha="center", va="bottom",
+                            fontsize=6, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(levels)), [f"dev >= {level:g}" for level in levels])
         ax.set_ylabel("forward passes to first reach it (fewer is better)")
         ax.set_title(layout.col_label(col))

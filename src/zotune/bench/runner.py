@@ -272,7 +272,8 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         if not (bench.root / "cells").is_dir():
             raise ConfigError(f"--out {bench.root} holds no bench run to report on")
         report = write_report(grid, bench)
-        log(f"report of {sum(bench.state(c) == 'done' for c in grid.cells)} finished cells of {len(grid.cells)}: {report}")
+        finished = sum(bench.state(c) == "done" for c in grid.cells)
+        log(f"report of {finished} finished cells of {len(grid.cells)}: {report}")
         return 0
     bench.prepare(grid)
     todo = [cell for cell in grid.cells if bench.state(cell) != "done"]

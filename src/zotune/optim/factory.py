@@ -92,16 +92,20 @@ def resolved_settings(cfg: Config) -> dict[str, Any]:
     (its class's own default options under the config's), and hybrid ZO-FO's first-order lr (``hybrid_fo_lr``,
     None without it): what the run's optimizers are built with."""
     lr, eps = run_hparams(cfg)
-    options = dict(cfg.optimizer.options)
-    if is_zeroth_order(cfg.optimizer.name):
-        own = own_default(zo_class(cfg.optimizer.name).default_options, defaults_row(cfg.tuning), cfg.version)
-        options = {**(own or {}), **options}
+    options = {**class_options(cfg.optimizer.name, defaults_row(cfg.tuning), cfg.version), **cfg.optimizer.options}
     hybrid = cfg.tuning.hybrid
     fo_lr = None
     if hybrid.zo_layers is not None:  # the first-order half's lr, by the same version
         fo = OptimizerConfig(name=hybrid.fo_optimizer, lr=hybrid.fo_lr)
         fo_lr = resolved_hparams(fo, defaults_row(cfg.tuning), cfg.version)[0]
     return {"lr": lr, "eps": eps, "options": options, "hybrid_fo_lr": fo_lr}
+
+
+def class_options(name: str, row: str, version: int) -> dict[str, Any]:
+    """The constructor options a zeroth-order class sets by default for a row and config version (its
+    ``default_options``; none for a first-order optimizer): the config's ``options`` go over them."""
+    cls = zo_class(name)
+    return dict(own_default(cls.default_options, row, version) or {}) if cls is not None else {}
 
 
 def own_default(table: dict[tuple[int, str], T], row: str, version: int) -> T | None:
@@ -129,7 +133,7 @@ def build_optimizer(
     try:
         if is_zeroth_order(cfg.name):
             options = {  # the class's own defaults, then the config's
-                **(own_default(zo_class(cfg.name).default_options, scheme, version) or {}),
+                **class_options(cfg.name, scheme, version),
                 **{k: v for k, v in (("n_queries", cfg.n_queries), ("distribution", cfg.distribution)) if v is not None},
                 **({"blockwise": True} if cfg.blockwise else {}),
                 **cfg.options,

@@ -62,7 +62,8 @@ class ZOMuon(ZOSGDMomentum):
         require(isinstance(ns_steps, int) and ns_steps >= 1, f"ns_steps must be an int >= 1, got {ns_steps!r}")
         require(plain_lr is None or (isinstance(plain_lr, (int, float)) and plain_lr >= 0),
                 f"plain_lr must be a number >= 0, got {plain_lr!r}")
-        require(rank is None or (isinstance(rank, int) and rank >= 1), f"rank must be an int >= 1 or None, got {rank!r}")
+        require(rank is None or (isinstance(rank, int) and rank >= 1),
+                f"rank must be an int >= 1 or None, got {rank!r}")
         require(isinstance(refresh, int) and refresh >= 1, f"refresh must be an int >= 1, got {refresh!r}")
         require(not (one_sided and options.get("blockwise")), "one-sided ZO-Muon does not offer block-wise ZO")
         super().__init__(params, lr=lr, eps=eps, seed=seed, momentum=momentum,
@@ -167,9 +168,10 @@ class ZOMuonSubspace(ZOMuon):
 
     default_lr = {(1, "*"): 1e-2}
     default_n_queries = 4
+    default_rank = 64
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = default_n_queries,
-                 rank: int = 64, refresh: int = 100, one_sided: bool = True, momentum: float = 0.0,
+                 rank: int = default_rank, refresh: int = 100, one_sided: bool = True, momentum: float = 0.0,
                  plain_lr: float | None = 1e-7, **options):
         require(isinstance(rank, int) and rank >= 1, f"rank must be an int >= 1, got {rank!r}")
         super().__init__(params, lr=lr, eps=eps, seed=seed, n_queries=n_queries, rank=rank, refresh=refresh,
@@ -178,4 +180,4 @@ class ZOMuonSubspace(ZOMuon):
     @classmethod
     def coordinate_sizes(cls, shape: torch.Size, options: dict) -> tuple[float, float]:
         """:meth:`ZOMuon.coordinate_sizes` at this class's default rank unless the options give one."""
-        return super().coordinate_sizes(shape, {"rank": 64, **options})
+        return super().coordinate_sizes(shape, {"rank": cls.default_rank, **options})

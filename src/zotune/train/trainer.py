@@ -285,7 +285,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     under DDP; evaluation is sharded by batches; the ranks compare parameter digests at the
     start, at every evaluation and at the end."""
     _check_world(cfg, world)
-    forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)  # bad options: before loading
+    # bad optimizer options: one line before anything loads
+    forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)
     log = log if world.is_main else _quiet
     t_start = time.perf_counter()
     # rank 0 first: it owns the run directory; its errors stop every rank once; it alone prints warnings

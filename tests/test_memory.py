@@ -109,6 +109,7 @@ def test_command_writes_csv_md_png(tiny_model_dir, tmp_path, capsys):
     (["--config", "/no/such.yaml"], "config file not found"),
     (["optimizer.lr=-1"], "optimizer.lr"),
     (["--lengths", "64,512"], "sequence length 512 is beyond"),  # the tiny model reads 256 positions
+    (["optimizer.options={rank: 0}", "--optimizers", "LOZO", "--lengths", "16"], "optimizer LOZO: rank must be an int >= 1"),
 ])
 def test_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "mem"

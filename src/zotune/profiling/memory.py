@@ -55,6 +55,7 @@ from ..bench.runner import run_cells
 from ..config import SCHEMES, Config, from_dict, unresolved_versioned_defaults
 from ..errors import ConfigError
 from ..models.loader import resolve_source
+from ..optim.factory import defaults_row, forwards_per_step
 from ..optim.registry import is_zeroth_order, optimizer_names
 from ..train.stepper import make_step
 from ..train.trainer import Session
@@ -371,6 +372,11 @@ def run_memory(
         raise ConfigError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     device = resolve_device(device)
     check_length(max(sizes), max_positions(cfg.model.name), cfg.model.name)
+    cells = plan(names, scheme_names, sizes, batch_size, steps, device)
+    for cell in cells:  # bad optimizer options: one line before any cell loads the model
+        if cell.optimizer != INFERENCE:
+            config = cell_config(cfg, cell)
+            forwards_per_step(config.optimizer, scheme=defaults_row(config.tuning), version=config.version)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
@@ -381,7 +387,6 @@ def run_memory(
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    cells = plan(names, scheme_names, sizes, batch_size, steps, device)
     title = f"{cfg.model.name} ({cfg.model.dtype}), batch {batch_size}, {steps} step{'s' * (steps != 1)}, {device}"
     bench, runs = BenchDir(out), {cell: bench_cell(cfg, cell) for cell in cells}
     bench.prepare_cells(list(runs.values()))

@@ -27,24 +27,45 @@ def orthonormal_basis(key: int, rows: int, rank: int, device: torch.device) -> t
     return (q * torch.where(signs == 0, 1.0, signs)).to(device)
 
 
+_local = threading.local()
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """``numel`` values of this thread's scratch buffer for ``like``'s dtype and device (grown when too small)."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    key = (like.dtype, like.device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
 def low_rank_shape(n: int, left: Factor, right: Factor) -> Callable[..., torch.Tensor]:
     """The direction shape (``directions.Shape`` with the key first) of ``Z = left(key) @ right(key)`` for a
     matrix with ``n`` columns: a chunk of the flat ``Z`` is computed from the factors' rows it overlaps.
-    Each factor is drawn once per key and kept for the step (the shape lives as long as the step)."""
-    drawn: dict[tuple[int, int], torch.Tensor] = {}
+    Each factor is kept for the key last asked for only: a probe reads one key's chunks, an update one
+    key's after another, so each is drawn once per pass, and a step of q queries holds one set of
+    factors rather than q (for a rank-64 ZO-Muon on the default model, 170 MB less)."""
+    drawn: dict[int, tuple[int, torch.Tensor]] = {}  # which factor -> (key, its value)
     lock = threading.Lock()
 
     def factor(which: int, fn: Factor, key: int) -> torch.Tensor:
         with lock:
-            if (which, key) not in drawn:
-                drawn[which, key] = fn(key)
-            return drawn[which, key]
+            kept = drawn.get(which)
+            if kept is None or kept[0] != key:
+                kept = drawn[which] = (key, fn(key))
+            return kept[1]
 
     def shape(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
               out: torch.Tensor) -> torch.Tensor:
         rows, cols = factor(0, left, key), factor(1, right, key)
         first, last = start // n, (stop - 1) // n
-        block = (rows[first : last + 1] @ cols).view(-1)  # the rows of Z the chunk overlaps
-        return out.copy_(block[start - first * n : stop - first * n])
+        if start % n == 0 and stop % n == 0 and out.dtype == cols.dtype and out.is_contiguous():
+            # whole rows (a whole matrix, most often): written in place, no second copy of Z
+            return torch.mm(rows[first : last + 1], cols, out=out.view(-1, n)).view(-1)
+        # the rows of Z the chunk overlaps, into this thread's scratch: a chunk's worth of memory, taken once
+        # (temporaries freed on the sampler's threads fragment the heap: 200 MB more RSS for a rank-64 ZO-Muon)
+        block = torch.mm(rows[first : last + 1], cols, out=_scratch((last + 1 - first) * n, cols).view(-1, n))
+        return out.copy_(block.view(-1)[start - first * n : stop - first * n])
 
     return shape

@@ -1,4 +1,4 @@
-"""Command-line front end: ``zotune train | eval | replay | export | tasks | setup | memory | bench``.
+"""Command-line front end: ``zotune train | eval | replay | export | tasks | optimizers | setup | memory | bench``.
 
 User errors (bad config, missing file or model, empty data) print one line
 ``zotune: error: ...`` and exit with status 2; nothing is destroyed.
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", metavar="FILE", help="weights to export (default: the run's weights.safetensors)")
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     subs.add_parser("tasks", help="list built-in tasks and where their data comes from here")
+    opts = subs.add_parser("optimizers", help="list the optimizers: forward passes per step, default lr / eps by scheme")
+    opts.add_argument("--version", type=int, metavar="N", dest="config_version",
+                      help="the defaults of config version N (default: the current one, which new runs get)")
     subs.add_parser("setup", help="fetch the default data and prepare the embedded model (once)")
     bn = subs.add_parser("bench", help="run a benchmark grid of train cells; results.csv, report.md, plots")
     bn.add_argument("--grid", metavar="FILE", required=True, help="the grid YAML (see configs/bench/)")
@@ -126,6 +129,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise ConfigError(f"zotune {args.command} runs in one process: of the commands, only train runs under torchrun")
     if args.command == "tasks":
         _print_tasks()
+        return 0
+
+    if args.command == "optimizers":
+        from .config import CONFIG_VERSION
+        from .optim.catalog import catalog, render
+
+        version = CONFIG_VERSION if args.config_version is None else args.config_version
+        print(render(catalog(version), version))
         return 0
 
     if args.command == "setup":

@@ -19,6 +19,8 @@ class ZOAdam(ZOOptimizer):
     ``adam_eps``.
     """
 
+    summary = "ZO-Adam: Adam's moments on the SPSA estimate (ZO-Bench)"
+
     normalised_step = True  # each coordinate moves by about lr
     # Adam's step: larger than SGD's on full; 1e-3 since version 7, its sweep's pick past the first grid's edge
     # (docs/sweeps.md: dev 0.719, test 0.695, against 1e-4's 0.562 / 0.515)

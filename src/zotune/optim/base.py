@@ -66,6 +66,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # update_param touches only its own parameter and state, elementwise: parameters may be
     # updated concurrently (rules with matrix maths, e.g. Newton-Schulz, set False)
     elementwise = False
+    summary = ""  # one line for `zotune optimizers`: the method and its source
     # each coordinate moves by about lr whatever the estimate (sign rules, Adam, Newton-Schulz): the
     # half-precision guard (tuning/precision.py) sizes an update by lr instead of lr x estimate
     normalised_step = False

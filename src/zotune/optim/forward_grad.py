@@ -17,6 +17,8 @@ class ForwardGrad(ZOSGD):
     ``projected_grads``.
     """
 
+    summary = "Forward-Grad: the exact directional derivative by forward-mode AD, one forward per query (Baydin et al. 2022)"
+
     forwards_per_query = 1
     needs_forward_ad = True  # the trainer switches HF models to eager attention
 

@@ -29,6 +29,8 @@ class FZOO(ZOOptimizer):
         (the others as :class:`~zotune.optim.ZOSGD`; block-wise ZO is not offered.)
     """
 
+    summary = "FZOO: a batch of one-sided Rademacher probes, the step divided by their losses' std (ICLR 2026)"
+
     forwards_per_query = 1
     normalised_step = True
     default_n_queries = 8

@@ -37,6 +37,8 @@ class HiZOO(ZOOptimizer):
         (the others as :class:`~zotune.optim.ZOSGD`; block-wise ZO is not offered.)
     """
 
+    summary = "HiZOO: probes preconditioned by a diagonal Hessian estimate, one more forward (ICLR 2025)"
+
     forwards_per_query = 2
     default_options = {(1, "*"): {"alpha": 1e-3}, (5, "*"): {"alpha": 1e-5}}
 

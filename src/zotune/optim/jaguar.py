@@ -22,6 +22,8 @@ class JaguarSignSGD(ZOOptimizer):
     ``state_dict``; the blocks are a function of (seed, step), so they replay exactly.
     """
 
+    summary = "ZO Sign-JAGUAR: sign step with coordinate momentum on a random block (Veprikov et al. 2025)"
+
     normalised_step = True  # each coordinate moves by about lr
 
     takes_noise_table = False  # its directions are coordinate masks, not values

@@ -35,6 +35,8 @@ class LOZO(ZOSGD):
         (the others as :class:`~zotune.optim.ZOSGD`.)
     """
 
+    summary = "LOZO: low-rank directions U V^T with V refreshed every few steps (ICLR 2025)"
+
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, rank: int = 2, refresh: int = 50,
                  **options):

@@ -18,6 +18,8 @@ class ZOSGDMomentum(ZOOptimizer):
     trainable parameters.
     """
 
+    summary = "ZO-SGD with heavy-ball momentum on the SPSA estimate (ZO-Bench)"
+
     elementwise = True
     default_lr = {(6, "full"): 3e-6}  # the sweep's pick (docs/sweeps.md): the family's 1e-4 diverges through momentum
 

@@ -49,6 +49,7 @@ class ZOMuon(ZOSGDMomentum):
     parameter, period) and ``U_j`` from the direction's key: a replay rebuilds both.
     """
 
+    summary = "ZO-Muon: Newton-Schulz on the momentum of the full SPSA estimate (Veprikov et al. 2025)"
     normalised_step = True  # each coordinate moves by about lr
     default_lr: dict[tuple[int, str], float] = {}  # the family's: its sweep moved nothing (docs/sweeps.md)
 
@@ -166,6 +167,7 @@ class ZOMuonSubspace(ZOMuon):
     the paper's LLM command: rank 64, the basis redrawn every 100 steps, 4 one-sided queries (5 forwards a
     step), no momentum, lr 1e-2, and the vectors (norms) stepped at 1e-7."""
 
+    summary = "ZO-Muon in a random rank-64 subspace, orthogonalised there; 4 one-sided queries (Lang et al. 2026)"
     default_lr = {(1, "*"): 1e-2}
     default_n_queries = 4
     default_rank = 64

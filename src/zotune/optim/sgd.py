@@ -24,6 +24,8 @@ class ZOSGD(ZOOptimizer):
         weight_decay: L2 penalty folded into the update, as in MeZO.
     """
 
+    summary = "MeZO / ZO-SGD: SPSA along a seeded Gaussian z, x -= lr * g * z (Malladi et al. 2023)"
+
     elementwise = True
 
     def update_param(

@@ -15,6 +15,8 @@ class ZOSGDSign(ZOOptimizer):
     smaller than for ZOSGD (ZO-Bench uses ~1e-7 for full fine-tuning of OPT).
     """
 
+    summary = "ZO-SGD-Sign: x -= lr * sign(g * z) (ZO-Bench, Zhang et al. 2024)"
+
     normalised_step = True  # each coordinate moves by about lr
     default_lr = {(6, "full"): 1e-3}  # the sweep's pick on the default model (docs/sweeps.md)
 

@@ -31,6 +31,8 @@ class SparseMeZO(ZOOptimizer):
         (the others as :class:`~zotune.optim.ZOSGD`.)
     """
 
+    summary = "Sparse-MeZO: perturbs and updates only the small-magnitude weights (NeurIPS 2025)"
+
     elementwise = True
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,

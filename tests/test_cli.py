@@ -55,22 +55,25 @@ def test_tasks_lists_sources():
     assert "rotten_tomatoes" in proc.stdout and "sst2" in proc.stdout and "source here" in proc.stdout
 
 
-def test_optimizers_lists_every_optimizer_with_its_versioned_defaults():
+def test_optimizers_lists_every_optimizer_with_its_versioned_defaults(capsys):
+    from zotune.cli import main
     from zotune.config import CONFIG_VERSION
     from zotune.optim.registry import ZEROTH_ORDER, optimizer_names
 
-    proc = zotune("optimizers")
-    assert proc.returncode == 0, proc.stderr
-    table = proc.stdout.split("\n\n")[0].splitlines()[1:]  # the table, before the notes and the summaries
+    assert main(["optimizers"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()[1:]  # the table, before the notes and the summaries
     rows = {line.split()[0]: line.split() for line in table}
     assert set(optimizer_names()) <= set(rows)
     assert rows["FZOO"][1:5] == ["ZO", "9", "3e-3", "/"] and rows["AdamW"][1:4] == ["FO", "1", "1e-5"]
-    assert f"config version {CONFIG_VERSION} (new runs)" in proc.stdout
+    assert f"config version {CONFIG_VERSION} (new runs)" in out
     assert all(cls.summary for cls in ZEROTH_ORDER.values())  # every optimizer says what it is and where from
-    old = zotune("optimizers", "--version", "2")  # MeZO's published values
-    assert old.returncode == 0 and "(runs recorded under it keep them)" in old.stdout
-    assert old.stdout.splitlines()[1].split()[:5] == ["ZOSGD", "ZO", "2", "1e-6", "/"]
-    assert_one_line_error(zotune("optimizers", "--version", "99"), "--version must be one of")
+    assert main(["optimizers", "--version", "2"]) == 0  # MeZO's published values
+    old = capsys.readouterr().out
+    assert "(runs recorded under it keep them)" in old and old.splitlines()[1].split()[:5] == ["ZOSGD", "ZO", "2", "1e-6", "/"]
+    assert main(["optimizers", "--version", "99"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("zotune: error: --version must be one of")
 
 
 def test_train_and_eval_from_the_command_line(tiny_model_dir, reviews_csv, tmp_path):

@@ -259,7 +259,7 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
 
     # --report-only: the report of the cells finished so far, a third seed's cells "not run yet", nothing run
-    more = tiny_grid(tiny_model_dir, reviews_csv)
+    more = {**tiny_grid(tiny_model_dir, reviews_csv), "dev_levels": [0.001]}
     more["axes"]["seed"] = [0, 1, 2]
     assert main(["bench", "--grid", str(write_grid(tmp_path / "g4.yaml", more)), "--out", str(out), "--report-only"]) == 0
     report = (out / "report.md").read_text()
@@ -267,6 +267,8 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     assert report.split("## Not run yet (2 of 6 cells)")[1].split("##")[0].strip() == \
         "`optimizer=ZOSGD,seed=2`, `optimizer=AdamW,seed=2`"
     assert not (out / "cells" / "optimizer=ZOSGD,seed=2").exists()
+    reach = table_row(report, "Forward passes to reach dev accuracy >= 0.001", "AdamW")[0]
+    assert reach == f"{first_dev('optimizer=AdamW,seed=0', 0.001):,} (1/2)"  # of the cells that ran: seed 2 waits
     with pytest.raises(ConfigError, match="holds no bench run"):
         run_bench(grid_path, tmp_path / "empty", report_only=True)
 

@@ -75,11 +75,14 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
 
 def reach_format(level: float) -> Format:
     """A :data:`Format`: the forward passes at the first dev evaluation that reached ``level`` (the task's metric),
-    the mean over the group's cells that reached it, with ``(k/n)`` when not all did (then never the best)."""
+    the mean over the group's cells that reached it, with ``(k/n)`` when not all of the ``n`` that ran did (then
+    never the best); cells not run yet are not counted (a report of a grid run in pieces)."""
     def fmt(results: list[Result]) -> tuple[float | None, str]:
-        reached = [h for r in results if (h := r.forwards_to_dev(level)) is not None]
-        if not results:
-            return None, ""
+        ran = [r for r in results if not r.not_run]
+        if not ran:
+            return None, missing(results)
+        reached = [h for r in ran if (h := r.forwards_to_dev(level)) is not None]
+        results = ran
         if not reached:
             return None, f"- (0/{len(results)})"
         mean = round(statistics.fmean(reached))

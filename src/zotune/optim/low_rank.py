@@ -45,7 +45,7 @@ def low_rank_shape(n: int, left: Factor, right: Factor) -> Callable[..., torch.T
     matrix with ``n`` columns: a chunk of the flat ``Z`` is computed from the factors' rows it overlaps.
     Each factor is kept for the key last asked for only: a probe reads one key's chunks, an update one
     key's after another, so each is drawn once per pass, and a step of q queries holds one set of
-    factors rather than q (for a rank-64 ZO-Muon on the default model, 170 MB less)."""
+    factors rather than q (for a rank-64 ZO-Muon of 4 queries on the default model, about 130 MB less)."""
     drawn: dict[int, tuple[int, torch.Tensor]] = {}  # which factor -> (key, its value)
     lock = threading.Lock()
 
@@ -64,7 +64,7 @@ def low_rank_shape(n: int, left: Factor, right: Factor) -> Callable[..., torch.T
             # whole rows (a whole matrix, most often): written in place, no second copy of Z
             return torch.mm(rows[first : last + 1], cols, out=out.view(-1, n)).view(-1)
         # the rows of Z the chunk overlaps, into this thread's scratch: a chunk's worth of memory, taken once
-        # (temporaries freed on the sampler's threads fragment the heap: 200 MB more RSS for a rank-64 ZO-Muon)
+        # (chunk-sized temporaries freed on the sampler's threads fragment the heap, which shows in the peak RSS)
         block = torch.mm(rows[first : last + 1], cols, out=_scratch((last + 1 - first) * n, cols).view(-1, n))
         return out.copy_(block.view(-1)[start - first * n : stop - first * n])
 

@@ -7,8 +7,11 @@ Each sweep is a ``zotune bench`` grid run into ``runs/sweep/<name>``:
 This script reads whatever cells exist there (finished or not) and prints, per sweep, one row per
 cell: dev accuracy at every evaluation, the best dev accuracy and its step, test accuracy with the
 best-dev weights (``train.keep_best``), the last training loss, and the pick: the best dev
-accuracy, ties broken by the mean dev accuracy over the evaluations (the steadier cell). A cell
-without a summary is marked unfinished, and one whose loss passed 10x its first is marked diverged.
+accuracy, ties broken by the mean dev accuracy over the evaluations (the steadier cell). A setting
+run with several seeds (more seeds of a sweep ``X`` may come from a tie-break grid run into
+``runs/sweep/X-tie``, shown in X's table) is ranked by its best dev averaged over its seeds, then
+by its mean dev over all their evaluations. A cell without a summary is marked unfinished, and one
+whose loss passed 10x its first is marked diverged.
 
     .venv/bin/python benchmarks/sweeps.py                      # every sweep under runs/sweep
     .venv/bin/python benchmarks/sweeps.py zosgd-lora zosgd-top # some of them
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SWEEPS = Path("runs/sweep")
+MORE_SEEDS = "-tie"  # runs/sweep/X-tie: more seeds of sweep X's settings (a tie-break), shown in X's table
 
 
 @dataclass
@@ -45,10 +49,19 @@ class Cell:
     def best(self) -> tuple[float, int] | None:
         return max(((acc, -step) for step, acc in self.dev), default=None)
 
-    def rank_key(self) -> tuple[float, float]:
-        if self.diverged or not self.dev:
-            return (-1.0, -1.0)
-        return (max(a for _, a in self.dev), sum(a for _, a in self.dev) / len(self.dev))
+    @property
+    def setting(self) -> str:
+        """The cell's name without its seed: the cells of one setting run with several seeds share it."""
+        return ",".join(part for part in self.name.split(",") if not part.startswith("seed="))
+
+
+def rank_key(cells: list[Cell]) -> tuple[float, float]:
+    """A setting's rank: its best dev accuracy averaged over its seeds, then its mean dev over all their
+    evaluations; a diverged or unevaluated cell counts -1 (one seed: the best dev, then the mean dev)."""
+    if any(c.diverged or not c.dev for c in cells):
+        return (-1.0, -1.0)
+    accs = [a for c in cells for _, a in c.dev]
+    return (sum(max(a for _, a in c.dev) for c in cells) / len(cells), sum(accs) / len(accs))
 
 
 def read_cell(path: Path) -> Cell:
@@ -102,7 +115,8 @@ def table(sweep: Path, kept: list[Cell] = ()) -> str:
     that have no directory here."""
     if not (sweep / "cells").is_dir():
         return f"### {sweep.name}\n\n(not run yet)\n"
-    cells = [read_cell(p) for p in (sweep / "cells").iterdir() if p.is_dir()]
+    more = sweep.parent / f"{sweep.name}{MORE_SEEDS}" / "cells"
+    cells = [read_cell(p) for d in (sweep / "cells", more) if d.is_dir() for p in d.iterdir() if p.is_dir()]
     cells += [c for c in kept if c.name not in {local.name for local in cells}]
     cells.sort(key=lambda c: _order(c.name))
     if not cells:
@@ -114,7 +128,10 @@ def table(sweep: Path, kept: list[Cell] = ()) -> str:
             if line.startswith("description:"):
                 description = line.partition(":")[2].strip().strip('"')
     steps = sorted({s for c in cells for s, _ in c.dev})
-    pick = max(cells, key=Cell.rank_key)
+    settings: dict[str, list[Cell]] = {}
+    for c in cells:
+        settings.setdefault(c.setting, []).append(c)
+    picked = max(settings, key=lambda s: rank_key(settings[s]))
     lines = [f"### {sweep.name}: {description}" if description else f"### {sweep.name}", "",
              f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) | test, best-dev weights | last loss | |",
              "|---|---|---|---:|---:|---|"]
@@ -125,7 +142,7 @@ def table(sweep: Path, kept: list[Cell] = ()) -> str:
         test = f"{c.summary['eval']['accuracy']:.3f}" if c.summary and "eval" in c.summary else "-"
         loss = f"{c.losses[-1]:.3f}" if c.losses else "-"
         status = ("diverged" if c.diverged else "unfinished" if c.summary is None else "")
-        if c is pick and not c.diverged and c.dev:
+        if c.setting == picked and not c.diverged and c.dev:
             status = "**picked**" + (" (unfinished)" if c.summary is None else "")
         lines.append(f"| {c.name} | {dev} | {best} | {test} | {loss} | {status} |")
     return "\n".join(lines) + "\n"
@@ -139,7 +156,8 @@ def main() -> None:
                         help=f"also write the tables into this file, between {BEGIN} and {END} (appended if absent), "
                              "keeping the tables there of sweeps that have no directory here")
     args = parser.parse_args()
-    root_names = sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir()) if args.root.is_dir() else []
+    root_names = sorted(p.name for p in args.root.iterdir() if (p / "cells").is_dir() and not p.name.endswith(MORE_SEEDS)
+                        ) if args.root.is_dir() else []
     old = args.markdown.read_text() if args.markdown and args.markdown.is_file() else ""
     sections = read_sections(old)
     tables = {n: table(args.root / n, kept_cells(sections.get(n, ""))) for n in (args.sweeps or root_names)}

@@ -103,26 +103,27 @@ def test_hizoo_estimates_the_hessian_diagonal_of_a_quadratic():
 
 def test_defaults_follow_the_config_version():
     """A default holds from its config version until a later one changes it: HiZOO's alpha (1e-3 until
-    version 4, the sweep's 1e-5 since 5; the library's own default is the current one), FZOO's and ZOAdam's
-    lr; what the config gives wins."""
+    version 4, the sweep's 1e-5 since 5; the library's own default is the current one), FZOO's, ZOAdam's and
+    ZOMuonSubspace's lr; what the config gives wins."""
     from zotune.config import CONFIG_VERSION, OptimizerConfig
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6, 7)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5, 7: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 6, 7, 8)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 6: 1e-5, 7: 1e-5, 8: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6, 7)]
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in (1, 2, 3, 4, 5, 6, 7, 8)]
            for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "ZOMuonSubspace",
                         "JaguarSignSGD")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3, 3e-3],
-                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-3],
-                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
-                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3],
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6, 3e-6],
-                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4], "ZOMuonSubspace": [1e-2] * 7,
-                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4, 3e-3, 3e-3, 3e-3, 3e-3, 3e-3],
+                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3],
+                   "ZOSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-3, 1e-3, 1e-3],
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 3e-6, 3e-6, 3e-6],
+                   "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+                   "ZOMuonSubspace": [1e-2] * 7 + [3e-1],
+                   "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
     # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
     muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)
     assert (muon.rank, muon.n_queries, muon.forwards_per_step, muon.param_groups[0]["momentum"]) == (None, 1, 2, 0.95)
@@ -133,6 +134,7 @@ def test_defaults_follow_the_config_version():
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2
     assert resolved_hparams(OptimizerConfig(name="ZOAdam"), "lora-fa", 7)[0] == 3e-2
+    assert resolved_hparams(OptimizerConfig(name="ZOMuonSubspace"), "lora-fa", 8)[0] == 1e-2  # "*": the paper's
     assert build_optimizer(OptimizerConfig(name="HiZOO"), params, "lora-fa", seed=0, version=6).alpha == 1e-5
 
 

@@ -36,9 +36,9 @@ BASELINES = ("zero_shot", "icl", "linear_probe")
 # default_lr); 5: HiZOO's measured alpha (its class's default_options); 4: FZOO's measured lr (its class's default_lr); 3: learning rates
 # measured on the default model (zotune.optim.factory); 2: the noise table by default
 # (DEFAULT_NOISE_TABLE_MB); 1: before versions
-CONFIG_VERSION = 7
+CONFIG_VERSION = 8
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
-VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 DEFAULT_NOISE_TABLE_MB = 64.0
 DROPOUT = ("off", "model_default")  # train.dropout
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor

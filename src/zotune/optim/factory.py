@@ -60,8 +60,9 @@ MEASURED = Defaults(
     fo={"SGD": {**MEZO.fo["SGD"], "full": 1e-3}, "AdamW": dict(MEZO.fo["AdamW"])},
 )
 # config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options; 6: the sign
-# and momentum lr on full, their classes' default_lr; 7: ZO-Adam's lr on full, its class's)
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, 3: MEASURED, 4: MEASURED, 5: MEASURED, 6: MEASURED, 7: MEASURED}
+# and momentum lr on full, their classes' default_lr; 7: ZO-Adam's lr on full, its class's; 8: ZOMuonSubspace's lr
+# on full, its class's)
+DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, **{v: MEASURED for v in range(3, 9)}}
 
 
 def defaults_row(tuning: TuningConfig) -> str:

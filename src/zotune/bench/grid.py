@@ -43,7 +43,7 @@ from typing import Any
 
 from ..config import BASELINES, Config, from_dict, parse_override, read_yaml, set_dotted
 from ..errors import ConfigError
-from ..optim.factory import defaults_row, forwards_per_step
+from ..optim.factory import run_forwards_per_step
 from ..tasks import task_spec
 
 GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv", "dev_levels")
@@ -325,7 +325,7 @@ def cell_forwards_per_step(cfg: Config) -> int | None:
     step 1; hybrid ZO-FO adds its FO step's 1). None for block-wise ZO, whose count is
     per-block queries times the model's layers (+1), known only once the model is loaded."""
     # also refuses block-wise for the optimizers without it
-    per_step = forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)
+    per_step = run_forwards_per_step(cfg)
     if cfg.optimizer.blockwise:
         return None
     return per_step + (1 if cfg.tuning.hybrid.zo_layers is not None else 0)

@@ -82,12 +82,11 @@ def reach_format(level: float) -> Format:
         if not ran:
             return None, missing(results)
         reached = [h for r in ran if (h := r.forwards_to_dev(level)) is not None]
-        results = ran
         if not reached:
-            return None, f"- (0/{len(results)})"
+            return None, f"- (0/{len(ran)})"
         mean = round(statistics.fmean(reached))
-        every = len(reached) == len(results)
-        return (mean if every else None), f"{mean:,}" + ("" if every else f" ({len(reached)}/{len(results)})")
+        every = len(reached) == len(ran)
+        return (mean if every else None), f"{mean:,}" + ("" if every else f" ({len(reached)}/{len(ran)})")
     return fmt
 
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..config import CONFIG_VERSION, Config, OptimizerConfig, TuningConfig
+from ..config import CONFIG_VERSION, VERSIONS, Config, OptimizerConfig, TuningConfig
 from ..errors import ConfigError
 from .registry import FIRST_ORDER, is_zeroth_order, zo_class
 
@@ -62,7 +62,7 @@ MEASURED = Defaults(
 # config version -> defaults (4: FZOO's own lr; 5: HiZOO's alpha, its class's default_options; 6: the sign
 # and momentum lr on full, their classes' default_lr; 7: ZO-Adam's lr on full, its class's; 8: ZOMuonSubspace's lr
 # on full, its class's)
-DEFAULTS_BY_VERSION = {1: MEZO, 2: MEZO, **{v: MEASURED for v in range(3, 9)}}
+DEFAULTS_BY_VERSION = {v: MEZO if v < 3 else MEASURED for v in VERSIONS}
 
 
 def defaults_row(tuning: TuningConfig) -> str:
@@ -74,6 +74,12 @@ def defaults_row(tuning: TuningConfig) -> str:
 def run_hparams(cfg: Config) -> tuple[float, float | None]:
     """(lr, eps) of a run config, defaults by its config version and tuning."""
     return resolved_hparams(cfg.optimizer, defaults_row(cfg.tuning), cfg.version)
+
+
+def run_forwards_per_step(cfg: Config) -> int:
+    """:func:`forwards_per_step` of a run config (its tuning's row, its config version): a ConfigError, before
+    anything loads, for optimizer options the class refuses."""
+    return forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)
 
 
 def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VERSION) -> tuple[float, float | None]:

@@ -55,7 +55,7 @@ from ..bench.runner import run_cells
 from ..config import SCHEMES, Config, from_dict, unresolved_versioned_defaults
 from ..errors import ConfigError
 from ..models.loader import resolve_source
-from ..optim.factory import defaults_row, forwards_per_step
+from ..optim.factory import run_forwards_per_step
 from ..optim.registry import is_zeroth_order, optimizer_names
 from ..train.stepper import make_step
 from ..train.trainer import Session
@@ -375,8 +375,7 @@ def run_memory(
     cells = plan(names, scheme_names, sizes, batch_size, steps, device)
     for cell in cells:  # bad optimizer options: one line before any cell loads the model
         if cell.optimizer != INFERENCE:
-            config = cell_config(cfg, cell)
-            forwards_per_step(config.optimizer, scheme=defaults_row(config.tuning), version=config.version)
+            run_forwards_per_step(cell_config(cfg, cell))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")

@@ -31,7 +31,7 @@ from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
 from ..optim.base import ZOOptimizer
-from ..optim.factory import build_optimizer, defaults_row, forwards_per_step, run_hparams
+from ..optim.factory import build_optimizer, defaults_row, run_forwards_per_step, run_hparams
 from ..optim.registry import is_zeroth_order, zo_class
 from ..tasks import Example, TaskData, load_task, task_spec
 from ..trajectory import FILENAME as TRAJECTORY
@@ -286,7 +286,7 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     start, at every evaluation and at the end."""
     _check_world(cfg, world)
     # bad optimizer options: one line before anything loads
-    forwards_per_step(cfg.optimizer, scheme=defaults_row(cfg.tuning), version=cfg.version)
+    run_forwards_per_step(cfg)
     log = log if world.is_main else _quiet
     t_start = time.perf_counter()
     # rank 0 first: it owns the run directory; its errors stop every rank once; it alone prints warnings

@@ -21,77 +21,15 @@ whose loss passed 10x its first is marked diverged.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from zotune.bench.sweep import SweepCell, read_cell, sweep_table
 
 SWEEPS = Path("runs/sweep")
 MORE_SEEDS = "-tie"  # runs/sweep/X-tie: more seeds of sweep X's settings (a tie-break), shown in X's table
 
 
-@dataclass
-class Cell:
-    name: str
-    dev: list[tuple[int, float]] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    summary: dict | None = None
-    marked_diverged: bool = False  # a row kept from the document, marked diverged there
-
-    @property
-    def diverged(self) -> bool:
-        if self.marked_diverged or (self.summary or {}).get("diverged_at_step") is not None:
-            return True  # kept marked, or ended by train.divergence_ratio (perhaps before its first logged loss)
-        finite = [x for x in self.losses if math.isfinite(x)]
-        return len(finite) < len(self.losses) or (bool(finite) and max(finite) > 10 * finite[0])
-
-    @property
-    def best(self) -> tuple[float, int] | None:
-        return max(((acc, -step) for step, acc in self.dev), default=None)
-
-    @property
-    def setting(self) -> str:
-        """The cell's name without its seed: the cells of one setting run with several seeds share it."""
-        return ",".join(part for part in self.name.split(",") if not part.startswith("seed="))
-
-
-def rank_key(cells: list[Cell]) -> tuple[float, float]:
-    """A setting's rank: its best dev accuracy averaged over its seeds, then its mean dev over all their
-    evaluations; a diverged or unevaluated cell counts -1 (one seed: the best dev, then the mean dev)."""
-    if any(c.diverged or not c.dev for c in cells):
-        return (-1.0, -1.0)
-    accs = [a for c in cells for _, a in c.dev]
-    return (sum(max(a for _, a in c.dev) for c in cells) / len(cells), sum(accs) / len(accs))
-
-
-def read_cell(path: Path) -> Cell:
-    cell = Cell(path.name)
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                cell.losses.append(float(record["loss"]))
-            if "dev" in record:
-                cell.dev.append((record["step"], record["dev"]["accuracy"]))
-    if (path / "summary.json").is_file():
-        cell.summary = json.loads((path / "summary.json").read_text())
-    return cell
-
-
-def _order(name: str) -> list:
-    """Cells in the order of their axis values, numbers as numbers ("lr=1e-05,seed=0")."""
-    key = []
-    for part in name.split(","):
-        value = part.partition("=")[2]
-        try:
-            key.append((0, float(value), ""))
-        except ValueError:
-            key.append((1, 0.0, value))
-    return key
-
-
-def kept_cells(section: str) -> list[Cell]:
+def kept_cells(section: str) -> list[SweepCell]:
     """The cells of a table this script wrote (a ``### name`` section of the document), read back from
     its rows: what a sweep's earlier cells, run on another machine, contribute to its table now."""
     lines = [line for line in section.splitlines() if line.startswith("| ")]
@@ -101,7 +39,7 @@ def kept_cells(section: str) -> list[Cell]:
     cells = []
     for line in lines[1:]:
         name, dev, _, test, loss, status = (part.strip() for part in line.strip().strip("|").split("|"))
-        cell = Cell(name, marked_diverged="diverged" in status)
+        cell = SweepCell(name, marked_diverged="diverged" in status)
         cell.dev = [(step, float(v)) for step, v in zip(steps, dev.split(" / ")) if v.strip() != "-"]
         cell.losses = [float(loss)] if loss != "-" else []
         if "unfinished" not in status:
@@ -110,42 +48,21 @@ def kept_cells(section: str) -> list[Cell]:
     return cells
 
 
-def table(sweep: Path, kept: list[Cell] = ()) -> str:
-    """The sweep's table: its cells under ``sweep/cells``, and the ``kept`` cells (from the document)
-    that have no directory here."""
+def table(sweep: Path, kept: list[SweepCell] = ()) -> str:
+    """The sweep's table: its cells under ``sweep/cells`` (and ``sweep-tie/cells``), and the ``kept`` cells (from
+    the document) that have no directory here."""
     if not (sweep / "cells").is_dir():
         return f"### {sweep.name}\n\n(not run yet)\n"
     more = sweep.parent / f"{sweep.name}{MORE_SEEDS}" / "cells"
     cells = [read_cell(p) for d in (sweep / "cells", more) if d.is_dir() for p in d.iterdir() if p.is_dir()]
     cells += [c for c in kept if c.name not in {local.name for local in cells}]
-    cells.sort(key=lambda c: _order(c.name))
-    if not cells:
-        return f"### {sweep.name}\n\n(no cells yet)\n"
     description = ""
     grid = sweep / "grid.yaml"
     if grid.is_file():
         for line in grid.read_text().splitlines():
             if line.startswith("description:"):
                 description = line.partition(":")[2].strip().strip('"')
-    steps = sorted({s for c in cells for s, _ in c.dev})
-    settings: dict[str, list[Cell]] = {}
-    for c in cells:
-        settings.setdefault(c.setting, []).append(c)
-    picked = max(settings, key=lambda s: rank_key(settings[s]))
-    lines = [f"### {sweep.name}: {description}" if description else f"### {sweep.name}", "",
-             f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) | test, best-dev weights | last loss | |",
-             "|---|---|---|---:|---:|---|"]
-    for c in cells:
-        by_step = dict(c.dev)
-        dev = " / ".join(f"{by_step[s]:.3f}" if s in by_step else "-" for s in steps)
-        best = f"{c.best[0]:.3f} ({-c.best[1]})" if c.best else "-"
-        test = f"{c.summary['eval']['accuracy']:.3f}" if c.summary and "eval" in c.summary else "-"
-        loss = f"{c.losses[-1]:.3f}" if c.losses else "-"
-        status = ("diverged" if c.diverged else "unfinished" if c.summary is None else "")
-        if c.setting == picked and not c.diverged and c.dev:
-            status = "**picked**" + (" (unfinished)" if c.summary is None else "")
-        lines.append(f"| {c.name} | {dev} | {best} | {test} | {loss} | {status} |")
-    return "\n".join(lines) + "\n"
+    return sweep_table(f"{sweep.name}: {description}" if description else sweep.name, cells)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Command-line front end: ``zotune train | eval | replay | export | tasks | optimizers | setup | memory | bench``.
+"""Command-line front end: ``zotune train | eval | replay | export | tasks | optimizers | setup | memory | bench |
+sweep``.
 
 User errors (bad config, missing file or model, empty data) print one line
 ``zotune: error: ...`` and exit with status 2; nothing is destroyed.
@@ -77,7 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("overrides", nargs="*", metavar="key=value",
                     help="applied to every cell, last (e.g. model.name=DIR: the grid on another model)")
     _add_memory_parser(subs)
+    _add_sweep_parser(subs)
     return parser
+
+
+def _add_sweep_parser(subs) -> None:
+    """``zotune sweep``: defaults (None here) are those of zotune.bench.sweep.run_sweep."""
+    sw = subs.add_parser("sweep", help="a learning-rate sweep of a train config, picked by dev score; the picked config")
+    _add_run_args(sw)
+    sw.add_argument("--lr", metavar="A,B", help="learning rates (default: four half-decades around the default lr, "
+                                                "e.g. 1e-5,3e-5,1e-4,3e-4)")
+    sw.add_argument("--eps", metavar="A,B", help="perturbation sizes, swept with every lr (default: the config's)")
+    sw.add_argument("--seeds", metavar="A,B", help="seeds of every setting (default: the config's seed)")
+    sw.add_argument("--steps", type=int, metavar="N", help="steps per cell (default: 100)")
+    sw.add_argument("--eval-every", type=int, metavar="N", help="steps between dev evaluations (default: steps / 4)")
+    sw.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
 
 
 def _version() -> str:
@@ -153,6 +169,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run, overrides=args.overrides,
                          report_only=args.report_only)
+
+    if args.command == "sweep":
+        from .bench.sweep import parse_values, run_sweep
+
+        options = {k: v for k, v in (("steps", args.steps), ("eval_every", args.eval_every)) if v is not None}
+        return run_sweep(
+            args.config, args.out, lrs=args.lr and parse_values(args.lr, "--lr"),
+            eps=args.eps and parse_values(args.eps, "--eps"),
+            seeds=args.seeds and parse_values(args.seeds, "--seeds", int, positive=False), jobs=args.jobs,
+            overrides=args.overrides, overwrite=args.overwrite, dry_run=args.dry_run, **options)
 
     if args.command == "export":
         from .train.export import run_export

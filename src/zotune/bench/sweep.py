@@ -1,0 +1,258 @@
+"""``zotune sweep``: a learning-rate sweep of one train config, picked by dev score (MeZO's protocol).
+
+The sweep is a ``zotune bench`` grid written into ``--out`` (``grid.yaml``): the config as its base,
+``optimizer.lr`` (and ``optimizer.eps`` when given) and ``seed`` as its axes, a short budget of steps,
+dev evaluations every ``eval_every`` steps with the best-on-dev weights kept (``train.keep_best``) and
+a diverged cell ended early (``train.divergence_ratio``). Its cells are ordinary run directories under
+``cells/``; a finished cell is skipped when the same sweep (or one with more values) runs again.
+
+The pick: the setting with the best dev score averaged over its seeds, ties broken by its mean dev score
+over all evaluations (the steadier setting); a diverged or never-evaluated cell ranks last. ``sweep.md``
+holds the table, ``picked.yaml`` the config with the picked values, ready for the long run::
+
+    zotune sweep --config my.yaml --out runs/sweep/mine --lr 1e-5,3e-5,1e-4,3e-4
+    zotune train --config runs/sweep/mine/picked.yaml --out runs/mine train.steps=2000
+
+``benchmarks/sweeps.py`` builds the tables of docs/sweeps.md with the same reading and ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import from_dict, parse_override, read_yaml, set_dotted
+from ..errors import ConfigError
+from ..optim.factory import resolved_settings
+from ..optim.registry import is_zeroth_order
+from ..tasks import task_spec
+from .benchdir import BenchDir
+from .grid import load_grid
+from .runner import run_bench, say
+
+DEFAULT_STEPS = 100  # the sweeps of docs/sweeps.md: 100 ZO steps
+DIVERGENCE_RATIO = 10.0  # a cell whose loss passes 10x its first step's ends there
+PICKED, TABLE = "picked.yaml", "sweep.md"
+
+
+@dataclass
+class SweepCell:
+    """What the ranking reads of one cell: its dev scores by step, its losses, its summary (None: unfinished)."""
+
+    name: str
+    dev: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    summary: dict | None = None
+    metric: str = "accuracy"
+    marked_diverged: bool = False  # read back from a table that marked it so
+
+    @property
+    def diverged(self) -> bool:
+        """Ended by ``train.divergence_ratio``, a non-finite loss, or a loss over 10x the first one."""
+        if self.marked_diverged or (self.summary or {}).get("diverged_at_step") is not None:
+            return True
+        finite = [x for x in self.losses if math.isfinite(x)]
+        return len(finite) < len(self.losses) or (bool(finite) and max(finite) > DIVERGENCE_RATIO * finite[0])
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        """(best dev score, minus its step): the earliest of equal scores ranks first."""
+        return max(((score, -step) for step, score in self.dev), default=None)
+
+    @property
+    def test(self) -> float | None:
+        """The final test score (with the best-dev weights under ``train.keep_best``)."""
+        return ((self.summary or {}).get("eval") or {}).get(self.metric)
+
+    @property
+    def setting(self) -> str:
+        """The cell's name without its seed: the cells of one setting run with several seeds share it."""
+        return ",".join(part for part in self.name.split(",") if not part.startswith("seed="))
+
+
+def read_cell(path: Path, metric: str = "accuracy") -> SweepCell:
+    """A cell's run directory (finished or not) -> :class:`SweepCell`."""
+    cell = SweepCell(path.name, metric=metric)
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                cell.losses.append(float(record["loss"]))
+            if metric in record.get("dev", {}):
+                cell.dev.append((record["step"], record["dev"][metric]))
+    if (path / "summary.json").is_file():
+        cell.summary = json.loads((path / "summary.json").read_text())
+    return cell
+
+
+def rank_key(cells: Sequence[SweepCell]) -> tuple[float, float]:
+    """A setting's rank: its best dev score averaged over its seeds, then its mean dev over all their
+    evaluations; a diverged or unevaluated cell makes it -1."""
+    if any(c.diverged or not c.dev for c in cells):
+        return (-1.0, -1.0)
+    scores = [s for c in cells for _, s in c.dev]
+    return (sum(max(s for _, s in c.dev) for c in cells) / len(cells), sum(scores) / len(scores))
+
+
+def pick(cells: Sequence[SweepCell]) -> str | None:
+    """The picked setting (:attr:`SweepCell.setting`), or None when every setting diverged or has no dev score."""
+    settings: dict[str, list[SweepCell]] = {}
+    for c in cells:
+        settings.setdefault(c.setting, []).append(c)
+    ranked = {s: rank_key(cs) for s, cs in settings.items()}
+    best = max(ranked, key=ranked.get, default=None)
+    return best if best is not None and ranked[best][0] >= 0 else None
+
+
+def cell_order(name: str) -> list:
+    """Cells in the order of their axis values, numbers as numbers (``lr=1e-05,seed=0``)."""
+    key = []
+    for part in name.split(","):
+        value = part.partition("=")[2]
+        try:
+            key.append((0, float(value), ""))
+        except ValueError:
+            key.append((1, 0.0, value))
+    return key
+
+
+def sweep_table(title: str, cells: Sequence[SweepCell]) -> str:
+    """The markdown table of a sweep: a row per cell (dev at every evaluation, best dev and its step, test,
+    last loss), the picked setting's rows marked."""
+    cells = sorted(cells, key=lambda c: cell_order(c.name))
+    if not cells:
+        return f"### {title}\n\n(no cells yet)\n"
+    picked = pick(cells)
+    steps = sorted({s for c in cells for s, _ in c.dev})
+    lines = [f"### {title}", "",
+             f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) | test, best-dev weights | last loss | |",
+             "|---|---|---|---:|---:|---|"]
+    for c in cells:
+        by_step = dict(c.dev)
+        dev = " / ".join(f"{by_step[s]:.3f}" if s in by_step else "-" for s in steps)
+        best = f"{c.best[0]:.3f} ({-c.best[1]})" if c.best else "-"
+        test = f"{c.test:.3f}" if c.test is not None else "-"
+        loss = f"{c.losses[-1]:.3f}" if c.losses else "-"
+        status = "diverged" if c.diverged else "unfinished" if c.summary is None else ""
+        if c.setting == picked:
+            status = "**picked**" + (" (unfinished)" if c.summary is None else "")
+        lines.append(f"| {c.name} | {dev} | {best} | {test} | {loss} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- zotune sweep ----------------------------------------------------------------------------
+def parse_values(text: str, flag: str, kind: Callable[[str], Any] = float, positive: bool = True) -> list:
+    """``1e-5,3e-5`` -> [1e-05, 3e-05]: distinct values (> 0 for ``positive``), a one-line ConfigError otherwise."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} needs at least one value")
+    if positive and any(not v > 0 or not math.isfinite(v) for v in values):
+        raise ConfigError(f"{flag} values must be > 0, got {text!r}")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"{flag} lists a value twice: {text!r}")
+    return values
+
+
+def around(lr: float) -> list[float]:
+    """Four half-decade values around ``lr``: lr / 10, lr / 3, lr, 3 lr, on the 1-3-10 ladder (1e-4 ->
+    1e-5, 3e-5, 1e-4, 3e-4)."""
+    rung = round(2 * math.log10(lr))
+    return [float(f"{10 ** ((rung + j) / 2):.0e}") for j in (-2, -1, 0, 1)]
+
+
+def sweep_grid(raw: dict[str, Any], lrs: list[float], eps: list[float] | None, seeds: list[int], steps: int,
+               eval_every: int) -> dict[str, Any]:
+    """The bench grid of a sweep of the config mapping ``raw``."""
+    base = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy, plain data
+    set_dotted(base, "train.eval_every", eval_every)
+    set_dotted(base, "train.keep_best", True)
+    if not (base.get("train") or {}).get("divergence_ratio"):
+        set_dotted(base, "train.divergence_ratio", DIVERGENCE_RATIO)
+    axes: dict[str, list] = {"optimizer.lr": lrs}
+    if eps:
+        axes["optimizer.eps"] = eps
+    axes["seed"] = seeds
+    what = "lr" + (" x eps" if eps else "")
+    return {"description": f"{what} sweep, {steps} steps, picked by dev", "base": base, "axes": axes,
+            "budget": {"steps": steps}}
+
+
+def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | None = None,
+              eps: list[float] | None = None, seeds: Sequence[int] | None = None, steps: int = DEFAULT_STEPS,
+              eval_every: int | None = None, jobs: int = 1, overrides: Sequence[str] = (), overwrite: bool = False,
+              dry_run: bool = False, log: Callable[[str], None] = say) -> int:
+    """``zotune sweep``: run (or resume) the sweep, print its table and pick, write ``sweep.md`` and
+    ``picked.yaml``. Exit status 0 with a pick, 1 without one (every setting diverged) or when a cell failed.
+    Every input is checked before anything is written; ``dry_run`` writes nothing."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    eval_every = eval_every if eval_every is not None else max(1, steps // 4)
+    if not 1 <= eval_every <= steps:
+        raise ConfigError(f"--eval-every must be between 1 and --steps ({steps}), got {eval_every}")
+    raw = read_yaml(Path(config)) if config is not None else {}
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    cfg = from_dict(raw)
+    if eps and not is_zeroth_order(cfg.optimizer.name):
+        raise ConfigError(f"--eps sweeps a zeroth-order optimizer's perturbation; {cfg.optimizer.name} has none")
+    lrs = lrs or around(resolved_settings(cfg)["lr"])
+    grid = sweep_grid(raw, lrs, eps, list(seeds) if seeds else [cfg.seed], steps, eval_every)
+    out = Path(out)
+    bench = BenchDir(out)
+    with tempfile.TemporaryDirectory() as tmp:  # every cell validated, stale ones found, before anything is written
+        draft = Path(tmp) / "grid.yaml"
+        draft.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+        cells = load_grid(draft).cells
+        if dry_run:  # the listing names the grid file a real run writes
+            return run_bench(draft, out, dry_run=True, log=lambda line: log(line.replace(str(draft), str(out / "grid.yaml"))))
+    stale = [c.name for c in cells if bench.state(c) == "stale"]
+    if stale and not overwrite:
+        raise ConfigError(f"{out} holds a sweep with other settings (cells {', '.join(stale)}): use another --out, "
+                          "or --overwrite to run those cells again")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    status = run_bench(out / "grid.yaml", out, jobs=jobs, log=log)
+    metric = task_spec(cfg.task).metric
+    swept = [read_cell(bench.run_dir(c), metric) for c in cells]
+    text = sweep_table(f"{out.name}: {grid['description']} ({metric})", swept)
+    (out / TABLE).write_text(text, encoding="utf-8")
+    log(text)
+    picked = pick(swept)
+    if picked is None:
+        log("no pick: every setting diverged or has no dev score; try smaller learning rates (--lr)")
+        return 1
+    write_picked(out / PICKED, raw, cfg.version, picked)
+    chosen = [c for c in swept if c.setting == picked]
+    dev = sum(c.best[0] for c in chosen) / len(chosen)
+    log(f"picked: {picked} (best dev {metric} {dev:.3f}{' averaged over seeds' if len(chosen) > 1 else ''}); "
+        f"its config: {out / PICKED}")
+    values = dict(part.split("=", 1) for part in picked.split(","))
+    for axis, ladder in (("lr", lrs), ("eps", eps or [])):
+        if len(ladder) > 1 and float(values[axis]) in (min(ladder), max(ladder)):
+            log(f"note: the picked {axis} ({values[axis]}) is at the edge of the grid: a value beyond it may do better")
+    return status
+
+
+def write_picked(path: Path, raw: dict[str, Any], version: int, picked: str) -> None:
+    """The swept config with the picked setting's lr (and eps), pinned to the config version the sweep ran with
+    (its defaults): the long run's config."""
+    chosen = {"version": version, **yaml.safe_load(yaml.safe_dump(raw))}
+    for part in picked.split(","):
+        axis, value = part.split("=", 1)
+        set_dotted(chosen, f"optimizer.{axis}", float(value))
+    path.write_text(yaml.safe_dump(chosen, sort_keys=False), encoding="utf-8")

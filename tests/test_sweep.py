@@ -1,0 +1,105 @@
+"""``zotune sweep``: the ranking rule, the lr ladder, and a sweep of a tiny model run, resumed, refused and picked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from zotune.bench.sweep import SweepCell, around, parse_values, pick, rank_key, run_sweep, sweep_table
+from zotune.cli import main
+from zotune.errors import ConfigError
+
+
+def cell(name: str, dev: list[float], losses: tuple[float, ...] = (0.7, 0.6), done: bool = True) -> SweepCell:
+    return SweepCell(name, dev=[(25 * (i + 1), d) for i, d in enumerate(dev)], losses=list(losses),
+                     summary={"eval": {"accuracy": 0.5}} if done else None)
+
+
+def test_the_best_dev_wins_and_ties_go_to_the_steadier_setting():
+    early_peak = cell("lr=0.001,seed=0", [0.75, 0.5, 0.5, 0.5])
+    steady = cell("lr=0.0001,seed=0", [0.7, 0.75, 0.75, 0.75])
+    assert rank_key([early_peak])[0] == rank_key([steady])[0] == 0.75
+    assert pick([early_peak, steady]) == "lr=0.0001"
+    assert pick([early_peak, steady, cell("lr=0.01,seed=0", [0.5, 0.8])]) == "lr=0.01"
+
+
+def test_seeds_are_averaged_and_a_diverged_seed_sinks_its_setting():
+    cells = [cell("lr=0.001,seed=0", [0.8]), cell("lr=0.001,seed=1", [0.6]),  # mean best 0.7
+             cell("lr=0.0001,seed=0", [0.75]), cell("lr=0.0001,seed=1", [0.7])]  # mean best 0.725
+    assert pick(cells) == "lr=0.0001"
+    cells[3] = cell("lr=0.0001,seed=1", [0.9], losses=(0.7, 8.0))  # loss > 10x the first: diverged
+    assert cells[3].diverged and rank_key(cells[2:]) == (-1.0, -1.0)
+    assert pick(cells) == "lr=0.001"
+    assert pick([cell("lr=1,seed=0", [0.9], losses=(0.7, float("nan"))), cell("lr=2,seed=0", [])]) is None
+
+
+def test_the_table_marks_the_pick_and_unfinished_cells():
+    text = sweep_table("s", [cell("lr=0.01,seed=0", [0.5, 0.6], done=False), cell("lr=0.001,seed=0", [0.5, 0.55])])
+    rows = [line for line in text.splitlines() if line.startswith("| lr=")]
+    assert rows[0].startswith("| lr=0.001,seed=0 | 0.500 / 0.550 | 0.550 (50) | 0.500 |")  # ordered by value
+    assert rows[1].endswith("| **picked** (unfinished) |")
+
+
+@pytest.mark.parametrize("lr, ladder", [(1e-4, [1e-5, 3e-5, 1e-4, 3e-4]), (3e-2, [3e-3, 1e-2, 3e-2, 1e-1]),
+                                        (1e-6, [1e-7, 3e-7, 1e-6, 3e-6])])
+def test_the_default_grid_is_four_half_decades_around_the_default_lr(lr, ladder):
+    assert around(lr) == ladder
+
+
+@pytest.mark.parametrize("text, message", [("1e-3,x", "comma-separated"), ("", "at least one"),
+                                           ("1e-3,-1", "> 0"), ("1e-3,0.001", "twice")])
+def test_bad_value_lists_are_one_line_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_values(text, "--lr")
+
+
+def test_a_sweep_runs_picks_resumes_and_refuses_to_clobber(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "optimizer": {"name": "ZOSGD"},
+        "task": {"path": str(reviews_csv), "text_template": "{text} It was", "choices": {"0": " bad", "1": " good"},
+                 "k_shot": 4},
+        "train": {"batch_size": 4, "log_every": 1}, "eval": {"batch_size": 8, "max_examples": 8}}))
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+
+    assert run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, dry_run=True, log=lines.append) == 0
+    assert not out.exists() and any("lr=0.1,seed=0" in line and "todo" in line for line in lines)
+
+    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, log=lines.append)
+    grid = yaml.safe_load((out / "grid.yaml").read_text())
+    assert grid["axes"] == {"optimizer.lr": [1e-3, 1e-1], "seed": [0]} and grid["budget"] == {"steps": 4}
+    assert grid["base"]["train"]["keep_best"] is True and grid["base"]["train"]["eval_every"] == 1  # 4 steps / 4
+
+    def rank(name):  # the rule, from the cell's own records
+        dev = [json.loads(x)["dev"]["accuracy"] for x in (out / "cells" / name / "metrics.jsonl").read_text().splitlines()
+               if "dev" in json.loads(x)]
+        assert len(dev) == 4
+        return max(dev), sum(dev) / len(dev)
+
+    expected = max(["lr=0.001", "lr=0.1"], key=lambda s: rank(f"{s},seed=0"))
+    picked = yaml.safe_load((out / "picked.yaml").read_text())
+    assert picked["optimizer"] == {"name": "ZOSGD", "lr": float(expected.split("=")[1])}
+    assert picked["version"] >= 8 and picked["train"] == {"batch_size": 4, "log_every": 1}  # the user's own settings
+    assert f"picked: {expected} " in lines[-1 if "note:" not in lines[-1] else -2]
+    assert "**picked**" in (out / "sweep.md").read_text()
+    assert any("note: the picked lr" in line for line in lines)  # two values: the pick is always at an edge
+
+    lines.clear()
+    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, log=lines.append)  # the same sweep again: nothing re-run
+    assert any("2 finished (skipped), 0 to run" in line for line in lines)
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds a sweep with other settings"):
+        run_sweep(config, out, lrs=[1e-3], steps=2, log=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "x"), "--lr", "1e-3,oops"]) == 2
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "x"), "--eps", "1e-3",
+                 "optimizer.name=AdamW"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["zotune: error: --lr takes comma-separated floats, got '1e-3,oops'",
+                   "zotune: error: --eps sweeps a zeroth-order optimizer's perturbation; AdamW has none"]
+    assert not (tmp_path / "x").exists()

@@ -30,7 +30,7 @@ import yaml
 
 from ..config import from_dict, parse_override, read_yaml, set_dotted
 from ..errors import ConfigError
-from ..optim.factory import resolved_settings
+from ..optim.factory import defaults_row, resolved_settings
 from ..optim.registry import is_zeroth_order
 from ..tasks import task_spec
 from .benchdir import BenchDir
@@ -172,8 +172,8 @@ def around(lr: float) -> list[float]:
 
 
 def sweep_grid(raw: dict[str, Any], lrs: list[float], eps: list[float] | None, seeds: list[int], steps: int,
-               eval_every: int) -> dict[str, Any]:
-    """The bench grid of a sweep of the config mapping ``raw``."""
+               eval_every: int, label: str = "") -> dict[str, Any]:
+    """The bench grid of a sweep of the config mapping ``raw`` (``label``: what it tunes, for the description)."""
     base = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy, plain data
     set_dotted(base, "train.eval_every", eval_every)
     set_dotted(base, "train.keep_best", True)
@@ -183,9 +183,8 @@ def sweep_grid(raw: dict[str, Any], lrs: list[float], eps: list[float] | None, s
     if eps:
         axes["optimizer.eps"] = eps
     axes["seed"] = seeds
-    what = "lr" + (" x eps" if eps else "")
-    return {"description": f"{what} sweep, {steps} steps, picked by dev", "base": base, "axes": axes,
-            "budget": {"steps": steps}}
+    what = ("lr x eps" if eps else "lr") + " sweep" + (f": {label}" if label else "")
+    return {"description": f"{what}, {steps} steps, picked by dev", "base": base, "axes": axes, "budget": {"steps": steps}}
 
 
 def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | None = None,
@@ -209,7 +208,8 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     if eps and not is_zeroth_order(cfg.optimizer.name):
         raise ConfigError(f"--eps sweeps a zeroth-order optimizer's perturbation; {cfg.optimizer.name} has none")
     lrs = lrs or around(resolved_settings(cfg)["lr"])
-    grid = sweep_grid(raw, lrs, eps, list(seeds) if seeds else [cfg.seed], steps, eval_every)
+    label = f"{cfg.optimizer.name}, {defaults_row(cfg.tuning)}, {task_spec(cfg.task).name}"
+    grid = sweep_grid(raw, lrs, eps, list(seeds) if seeds else [cfg.seed], steps, eval_every, label)
     out = Path(out)
     bench = BenchDir(out)
     with tempfile.TemporaryDirectory() as tmp:  # every cell validated, stale ones found, before anything is written

@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sweep_parser(subs) -> None:
     """``zotune sweep``: defaults (None here) are those of zotune.bench.sweep.run_sweep."""
     sw = subs.add_parser("sweep", help="a learning-rate sweep of a train config, picked by dev score; the picked config")
-    _add_run_args(sw)
+    sw.add_argument("--config", metavar="FILE", help="the train config to sweep (every key has a default)")
+    sw.add_argument("--out", metavar="DIR", required=True,
+                    help="sweep directory: a bench directory, sweep.md, picked.yaml (finished cells are skipped)")
+    sw.add_argument("--overwrite", action="store_true", help="run again the cells --out holds with other settings")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. task.name=sst2")
     sw.add_argument("--lr", metavar="A,B", help="learning rates (default: four half-decades around the default lr, "
                                                 "e.g. 1e-5,3e-5,1e-4,3e-4)")
     sw.add_argument("--eps", metavar="A,B", help="perturbation sizes, swept with every lr (default: the config's)")

@@ -209,12 +209,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 default_version: int = CONFIG_VERSION) -> Config:
     """Read a YAML config (optional), apply ``a.b=value`` overrides, validate (see
     :func:`from_dict` for ``default_version``)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
+    return from_dict(raw_config(path, overrides), default_version)
+
+
+def raw_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping of a YAML config (optional, ``{}`` without one) with ``a.b=value`` overrides applied, not
+    validated: what :func:`load_config` validates."""
+    raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         set_dotted(raw, *parse_override(item))
-    return from_dict(raw, default_version)
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, Any]:

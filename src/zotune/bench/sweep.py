@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ..config import from_dict, parse_override, read_yaml, set_dotted
+from ..config import from_dict, raw_config, set_dotted
 from ..errors import ConfigError
 from ..optim.factory import defaults_row, resolved_settings
 from ..optim.registry import is_zeroth_order
@@ -110,6 +110,11 @@ def pick(cells: Sequence[SweepCell]) -> str | None:
     ranked = {s: rank_key(cs) for s, cs in settings.items()}
     best = max(ranked, key=ranked.get, default=None)
     return best if best is not None and ranked[best][0] >= 0 else None
+
+
+def setting_values(setting: str) -> dict[str, str]:
+    """``lr=3e-05,eps=0.001`` -> {"lr": "3e-05", "eps": "0.001"}."""
+    return dict(part.split("=", 1) for part in setting.split(","))
 
 
 def cell_order(name: str) -> list:
@@ -201,20 +206,19 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     eval_every = eval_every if eval_every is not None else max(1, steps // 4)
     if not 1 <= eval_every <= steps:
         raise ConfigError(f"--eval-every must be between 1 and --steps ({steps}), got {eval_every}")
-    raw = read_yaml(Path(config)) if config is not None else {}
-    for item in overrides:
-        set_dotted(raw, *parse_override(item))
+    raw = raw_config(config, overrides)
     cfg = from_dict(raw)
     if eps and not is_zeroth_order(cfg.optimizer.name):
         raise ConfigError(f"--eps sweeps a zeroth-order optimizer's perturbation; {cfg.optimizer.name} has none")
     lrs = lrs or around(resolved_settings(cfg)["lr"])
     label = f"{cfg.optimizer.name}, {defaults_row(cfg.tuning)}, {task_spec(cfg.task).name}"
     grid = sweep_grid(raw, lrs, eps, list(seeds) if seeds else [cfg.seed], steps, eval_every, label)
+    grid_text = yaml.safe_dump(grid, sort_keys=False)
     out = Path(out)
     bench = BenchDir(out)
     with tempfile.TemporaryDirectory() as tmp:  # every cell validated, stale ones found, before anything is written
         draft = Path(tmp) / "grid.yaml"
-        draft.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+        draft.write_text(grid_text, encoding="utf-8")
         cells = load_grid(draft).cells
         if dry_run:  # the listing names the grid file a real run writes
             return run_bench(draft, out, dry_run=True, log=lambda line: log(line.replace(str(draft), str(out / "grid.yaml"))))
@@ -225,7 +229,7 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    (out / "grid.yaml").write_text(grid_text, encoding="utf-8")
     status = run_bench(out / "grid.yaml", out, jobs=jobs, log=log)
     metric = task_spec(cfg.task).metric
     swept = [read_cell(bench.run_dir(c), metric) for c in cells]
@@ -238,10 +242,10 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
         return 1
     write_picked(out / PICKED, raw, cfg.version, picked)
     chosen = [c for c in swept if c.setting == picked]
-    dev = sum(c.best[0] for c in chosen) / len(chosen)
+    dev = rank_key(chosen)[0]  # its best dev, averaged over its seeds
     log(f"picked: {picked} (best dev {metric} {dev:.3f}{' averaged over seeds' if len(chosen) > 1 else ''}); "
         f"its config: {out / PICKED}")
-    values = dict(part.split("=", 1) for part in picked.split(","))
+    values = setting_values(picked)
     for axis, ladder in (("lr", lrs), ("eps", eps or [])):
         if len(ladder) > 1 and float(values[axis]) in (min(ladder), max(ladder)):
             log(f"note: the picked {axis} ({values[axis]}) is at the edge of the grid: a value beyond it may do better")
@@ -252,7 +256,6 @@ def write_picked(path: Path, raw: dict[str, Any], version: int, picked: str) -> 
     """The swept config with the picked setting's lr (and eps), pinned to the config version the sweep ran with
     (its defaults): the long run's config."""
     chosen = {"version": version, **yaml.safe_load(yaml.safe_dump(raw))}
-    for part in picked.split(","):
-        axis, value = part.split("=", 1)
+    for axis, value in setting_values(picked).items():
         set_dotted(chosen, f"optimizer.{axis}", float(value))
     path.write_text(yaml.safe_dump(chosen, sort_keys=False), encoding="utf-8")

@@ -128,8 +128,9 @@ class DirectionSampler:
         self._spare: dict[tuple[int, torch.device], list[torch.Tensor]] = {}  # cleared chunks' buffers
         self._cache_lock = threading.Lock()
         self.table_numel = 0  # values in the noise table (0: none, every chunk drawn); see use_table
-        # the dual forward (lockstep.py): a chunk drawn by the + probe is kept until the - probe takes it
-        self.reuse_once = False
+        # the dual forward (lockstep.py): a chunk of these keys (the query's probes') drawn by the + probe is
+        # kept until the - probe takes it; other keys' chunks (a pending update's, fused.py) are not kept
+        self.reuse_keys: frozenset[int] = frozenset()
         self._once: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
         # key -> Shape: a step's directions that are not plain draws (set by the optimizer for the step's
@@ -199,7 +200,8 @@ class DirectionSampler:
         name = (key, index, length, device)
         if self.cache_numel and (hit := self._cache.get(name)) is not None:
             return hit
-        if self.reuse_once:
+        reuse = key in self.reuse_keys
+        if reuse:
             with self._cache_lock:
                 hit = self._once.pop(name, None)
             if hit is not None:  # the + probe's chunk, for the - probe: handed out once, then dropped
@@ -212,7 +214,7 @@ class DirectionSampler:
                     self._cache[name] = spare.pop().copy_(z) if spare else z.clone()
                     self._cached += length
                     return z
-        if self.reuse_once:
+        if reuse:
             with self._cache_lock:
                 self._once[name] = z.clone()
         return z
@@ -220,7 +222,7 @@ class DirectionSampler:
     def end_reuse_once(self) -> None:
         """Stop keeping drawn chunks for a second use, and drop the ones kept."""
         with self._cache_lock:
-            self.reuse_once = False
+            self.reuse_keys = frozenset()
             self._once.clear()
 
     def _draw(self, key: int, index: int, length: int, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,7 @@ so the two losses are bit-identical to two separate probes (tested for every opt
 takes it). What changes is locality: a layer's weights are read by both probes while they are in
 memory (on the disk tier, each layer is read once per query instead of twice), and a chunk of z
 drawn by the + probe is handed to the - probe instead of drawn again (``DirectionSampler``'s
-``reuse_once``).
+``reuse_keys``: the query's probe keys, not a pending update's).
 
 The threads switch on the layers' forward hooks (prepended, so that they run before any other
 hook of the layer, e.g. the disk tier's, which drops a layer's pages once the second probe has

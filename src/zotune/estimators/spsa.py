@@ -214,7 +214,7 @@ class SPSA:
             with pert:
                 return loss_value(closure())
 
-        self.sampler.reuse_once = True
+        self.sampler.reuse_keys = frozenset(keys[pos] for pos in chosen)  # not a pending update's (fused.py)
         try:
             plus, minus = self.lockstep.run(lambda: probe(perturbations[0]), lambda: probe(perturbations[1]))
         finally:

@@ -17,7 +17,7 @@ from zotune.optim import FZOO, ZOSGD, ForwardGrad
 from zotune.train.trainer import _engine_mode
 
 from .conftest import counting_draws, tiny_llama
-from .test_optim_family import FAMILY, IDS, prepared
+from .test_optim_family import FAMILY, prepared
 
 TWO_SIDED = [(cls, lr) for cls, lr in FAMILY if cls not in (FZOO, ForwardGrad)]
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -502,7 +502,7 @@ class Training:
 
     def summary(self, after: EvalResult, best: tuple[int, float] | None, t_start: float) -> dict[str, Any]:
         """summary.json's figures."""
-        cfg, tcfg, progress, metric = self.cfg, self.tcfg, self.progress, self.metric
+        cfg, progress, metric = self.cfg, self.progress, self.metric
         lr, eps = self.hparams
         return {
             "eval": after.metrics,

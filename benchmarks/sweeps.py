@@ -35,7 +35,7 @@ def kept_cells(section: str) -> list[SweepCell]:
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     if not lines or "dev at steps" not in lines[0]:
         return []
-    steps = [int(x) for x in lines[0].split("|")[2].replace("dev at steps", "").split("/")]
+    steps = [int(x) for x in lines[0].split("|")[2].replace("dev at steps", "").split("/") if x.strip()]
     cells = []
     for line in lines[1:]:
         name, dev, _, test, loss, status = (part.strip() for part in line.strip().strip("|").split("|"))

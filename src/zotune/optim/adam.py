@@ -23,8 +23,8 @@ class ZOAdam(ZOOptimizer):
 
     normalised_step = True  # each coordinate moves by about lr
     # Adam's step: larger than SGD's on full; 1e-3 since version 7, its sweep's pick past the first grid's edge
-    # (docs/sweeps.md: dev 0.719, test 0.695, against 1e-4's 0.562 / 0.515)
-    default_lr = {(1, "full"): 1e-5, (3, "full"): 1e-4, (7, "full"): 1e-3}
+    # (docs/sweeps.md: dev 0.719, test 0.695, against 1e-4's 0.562 / 0.515); on LoRA-FA 1e-2 since version 9
+    default_lr = {(1, "full"): 1e-5, (3, "full"): 1e-4, (7, "full"): 1e-3, (9, "lora-fa"): 1e-2}
 
     elementwise = True
 

@@ -36,8 +36,9 @@ class FZOO(ZOOptimizer):
     default_n_queries = 8
     default_distribution = "rademacher"
     # its step moves each coordinate by about lr / sqrt(N): the family's lr (1e-4) barely moves it; 3e-3 is
-    # its sweep's pick on full fine-tuning (docs/sweeps.md: dev 0.812 at 450 forward passes), since version 4
-    default_lr = {(4, "full"): 3e-3}
+    # its sweep's pick on full fine-tuning (docs/sweeps.md: dev 0.812 at 450 forward passes), since version 4;
+    # on LoRA-FA (B's entries, A frozen) 1e-1 since version 9 (dev 0.781 at 225 forward passes)
+    default_lr = {(4, "full"): 3e-3, (9, "lora-fa"): 1e-1}
     elementwise = True
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = default_n_queries,

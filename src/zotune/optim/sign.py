@@ -18,7 +18,8 @@ class ZOSGDSign(ZOOptimizer):
     summary = "ZO-SGD-Sign: x -= lr * sign(g * z) (ZO-Bench, Zhang et al. 2024)"
 
     normalised_step = True  # each coordinate moves by about lr
-    default_lr = {(6, "full"): 1e-3}  # the sweep's pick on the default model (docs/sweeps.md)
+    # the sweeps' picks on the default model (docs/sweeps.md): full since version 6, LoRA-FA since 9
+    default_lr = {(6, "full"): 1e-3, (9, "lora-fa"): 1e-2}
 
     elementwise = True
 

@@ -124,10 +124,11 @@ def test_defaults_follow_the_config_version():
                    "ZOMuon": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
                    "ZOMuonSubspace": [1e-2] * 7 + [3e-1] * 2,
                    "JaguarSignSGD": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]}
-    # version 9: the LoRA-FA sweeps' picks of ZO-Adam, ZO-SGD-Sign and FZOO; the others keep the family's 3e-2
+    # version 9: the LoRA-FA sweeps' picks of ZO-Adam, ZO-SGD-Sign, FZOO and JAGUAR; the others keep the family's 3e-2
     lora_fa = {name: [resolved_hparams(OptimizerConfig(name=name), "lora-fa", v)[0] for v in (3, 8, 9)]
-               for name in ("ZOAdam", "ZOSGDSign", "FZOO", "ZOSGD", "LOZO")}
+               for name in ("ZOAdam", "ZOSGDSign", "FZOO", "JaguarSignSGD", "ZOSGD", "LOZO")}
     assert lora_fa == {"ZOAdam": [3e-2, 3e-2, 1e-2], "ZOSGDSign": [3e-2, 3e-2, 1e-2], "FZOO": [3e-2, 3e-2, 1e-1],
+                       "JaguarSignSGD": [3e-2, 3e-2, 1e-2],
                        "ZOSGD": [3e-2] * 3, "LOZO": [3e-2] * 3}
     # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
     muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)

@@ -25,6 +25,7 @@ class JaguarSignSGD(ZOOptimizer):
     summary = "ZO Sign-JAGUAR: sign step with coordinate momentum on a random block (Veprikov et al. 2025)"
 
     normalised_step = True  # each coordinate moves by about lr
+    default_lr = {(9, "lora-fa"): 1e-2}  # its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4
 
     takes_noise_table = False  # its directions are coordinate masks, not values
 

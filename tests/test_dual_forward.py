@@ -124,13 +124,16 @@ def test_a_pending_update_applied_inside_the_dual_forward_keeps_none_of_its_chun
         sampler, kept, peak = opt.estimator.sampler, [], [0]
         plain, end = sampler.plain, sampler.end_reuse_once
 
+        def stashed() -> int:  # values of z kept for the - probe
+            return sum(t.numel() for t in sampler._once.values())
+
         def watched(*args, **kwargs):
             z = plain(*args, **kwargs)
-            peak[0] = max(peak[0], sum(t.numel() for t in sampler._once.values()))
+            peak[0] = max(peak[0], stashed())
             return z
 
         def ending():  # what the step kept that no probe took
-            kept.append(sum(t.numel() for t in sampler._once.values()))
+            kept.append(stashed())
             end()
 
         sampler.plain, sampler.end_reuse_once = watched, ending

@@ -32,7 +32,7 @@ PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
 # The defaults' generations: 9: the LoRA-FA sweeps' learning rates done so far (ZO-Adam, ZO-SGD-Sign, FZOO, JAGUAR:
-# their classes' default_lr); 7: ZO-Adam's lr on full fine-tuning, from its extended sweep (its class's
+# their classes' default_lr); 8: ZOMuonSubspace's lr on full fine-tuning (its class's); 7: ZO-Adam's lr on full fine-tuning, from its extended sweep (its class's
 # default_lr); 6: the sign and momentum sweeps' learning rates on full fine-tuning (their classes'
 # default_lr); 5: HiZOO's measured alpha (its class's default_options); 4: FZOO's measured lr (its class's default_lr); 3: learning rates
 # measured on the default model (zotune.optim.factory); 2: the noise table by default

@@ -272,6 +272,27 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     with pytest.raises(ConfigError, match="holds no bench run"):
         run_bench(grid_path, tmp_path / "empty", report_only=True)
 
+    # --archive: the report and each finished cell's record (config, summary, metrics, trajectory; no weights)
+    # outlive --out; a new --out with the same archive starts from the archived cells and runs only the rest
+    kept = tmp_path / "docs" / "bench"
+    assert main(["bench", "--grid", str(grid_path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
+    assert (kept / "report.md").read_text() == (out / "report.md").read_text()
+    assert (kept / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert sorted(p.name for p in kept.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
+    assert sorted(p.name for p in (kept / "cells").iterdir()) == sorted(ok)
+    zo_cell = "optimizer=ZOSGD,seed=0"
+    assert sorted(p.name for p in (kept / "cells" / zo_cell).iterdir()) == \
+        ["config.yaml", "metrics.jsonl", "summary.json", "trajectory.bin"]
+    fresh = tmp_path / "fresh"
+    lines.clear()
+    assert run_bench(grid_path, fresh, log=lines.append, interactive=False, archive=kept) == 1  # the failed cell again
+    assert lines[0] == f"3 finished cells copied in from {kept}" and lines[1].endswith("4 cells, 3 finished (skipped), 1 to run")
+    assert [r["eval.accuracy"] for r in read_csv(fresh / "results.csv")] == [r["eval.accuracy"] for r in read_csv(out / "results.csv")]
+    assert main(["replay", "--run", str(kept / "cells" / zo_cell), "--out", str(tmp_path / "replayed")]) == 0
+    assert json.loads((tmp_path / "replayed" / "summary.json").read_text())["replayed_steps"] == 4
+    with pytest.raises(ConfigError, match="another directory than --out"):
+        run_bench(grid_path, fresh, archive=fresh)
+
 
 def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, tmp_path, capsys):
     """`zotune bench --grid G key=value`: applied to every cell last (an axis becomes one value);

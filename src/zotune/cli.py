@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--dry-run", action="store_true", help="list the cells, their model, task, steps and state; run nothing")
     bn.add_argument("--report-only", action="store_true",
                     help="write results.csv, report.md and the plots from the cells finished so far; run nothing")
+    bn.add_argument("--archive", metavar="DIR",
+                    help="keep the results beyond --out: copy in the cells finished in DIR first, then copy the report "
+                         "and each finished cell's config, summary, metrics and trajectory (no weights) into DIR")
     bn.add_argument("overrides", nargs="*", metavar="key=value",
                     help="applied to every cell, last (e.g. model.name=DIR: the grid on another model)")
     _add_memory_parser(subs)
@@ -172,7 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .bench import run_bench
 
         return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run, overrides=args.overrides,
-                         report_only=args.report_only)
+                         report_only=args.report_only, archive=args.archive)
 
     if args.command == "sweep":
         from .bench.sweep import parse_values, run_sweep

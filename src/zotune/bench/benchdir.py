@@ -70,6 +70,32 @@ class BenchDir:
         outcome = self.outcome(cell)
         return "failed" if outcome is not None and outcome.status == "failed" else "todo"
 
+    def archive_into(self, archive: BenchDir, grid: Grid) -> list[str]:
+        """Copy into ``archive`` the report (``REPORT_FILES``, the plots) and every finished cell's
+        ``ARCHIVED_FILES``: a record that outlives this directory's machine, enough to report on the
+        cells again and to replay their weights (``zotune replay`` on the trajectory). Returns the cells' names."""
+        try:
+            archive.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create {archive.root}: {err.strerror}") from None
+        for path in [self.root / name for name in REPORT_FILES] + sorted(self.root.glob("*.png")):
+            if path.is_file():
+                shutil.copyfile(path, archive.root / path.name)
+        done = [cell for cell in grid.cells if self.state(cell) == "done"]
+        for cell in done:
+            _copy_files(self.run_dir(cell), archive.run_dir(cell))
+        return [cell.name for cell in done]
+
+    def restore_from(self, archive: BenchDir, grid: Grid) -> list[str]:
+        """Copy in the cells finished in ``archive`` that are not finished here (never run, failed, or
+        interrupted), so that they count as done; returns their names. A cell that holds another config
+        here (stale) is left as it is."""
+        restored = [cell for cell in grid.cells
+                    if archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial")]
+        for cell in restored:
+            _copy_files(archive.run_dir(cell), self.run_dir(cell))
+        return [cell.name for cell in restored]
+
     def prepare(self, grid: Grid) -> None:
         """Create the layout, copy the grid file, write every cell's config."""
         if self.root.exists() and not self.root.is_dir():
@@ -88,6 +114,23 @@ class BenchDir:
             raise ConfigError(f"cannot create {self.root}: {err.strerror}") from None
         for cell in cells:
             self.config(cell).write_text(yaml.safe_dump(cell.config, sort_keys=False), encoding="utf-8")
+
+
+# A finished cell in an archive (``zotune bench --archive``): what the report reads and what replays
+# its weights; no weights, checkpoints or predictions.
+ARCHIVED_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "trajectory.bin")
+REPORT_FILES = ("report.md", "results.csv", "grid.yaml")
+
+
+def _copy_files(source: Path, dest: Path) -> None:
+    """Copy the ``ARCHIVED_FILES`` that ``source`` has into ``dest``."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, dest / name)
+    except OSError as err:
+        raise ConfigError(f"cannot copy {source} to {dest}: {err.strerror}") from None
 
 
 def _same_config(path: Path, cell: Cell) -> bool:

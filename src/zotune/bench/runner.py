@@ -253,13 +253,23 @@ def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
     return lines
 
 
+def _archive(bench: BenchDir, kept: BenchDir | None, grid: Grid, log: Callable[[str], None]) -> None:
+    """The report and the finished cells' records into ``--archive``, when given."""
+    if kept is not None:
+        cells = bench.archive_into(kept, grid)
+        log(f"archived the report and {len(cells)} finished cells in {kept.root}")
+
+
 def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
               log: Callable[[str], None] = say, interactive: bool | None = None,
-              overrides: tuple[str, ...] | list[str] = (), report_only: bool = False) -> int:
+              overrides: tuple[str, ...] | list[str] = (), report_only: bool = False,
+              archive: str | Path | None = None) -> int:
     """``zotune bench``: validate the grid, run the unfinished cells, write results.csv, report.md
     and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed. ``report_only``: the
     report of the cells finished so far (the others "not run yet"; a grid run in pieces, or still running),
-    nothing run."""
+    nothing run. ``archive``: a directory (e.g. under docs/) whose finished cells are copied in first and
+    which gets the report and every finished cell's record afterwards (:meth:`BenchDir.archive_into`):
+    a grid run in pieces on machines whose disks do not last."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     grid = load_grid(grid_path, overrides)
@@ -268,12 +278,20 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         for line in plan_lines(grid, bench):
             log(line)
         return 0
+    kept = BenchDir(archive) if archive is not None else None
+    if kept is not None and kept.root.resolve() == bench.root.resolve():
+        raise ConfigError(f"--archive must be another directory than --out ({bench.root})")
+    if kept is not None and (kept.root / "cells").is_dir():
+        bench.prepare_cells([])
+        if restored := bench.restore_from(kept, grid):
+            log(f"{len(restored)} finished cells copied in from {kept.root}")
     if report_only:
         if not (bench.root / "cells").is_dir():
             raise ConfigError(f"--out {bench.root} holds no bench run to report on")
         report = write_report(grid, bench)
         finished = sum(bench.state(c) == "done" for c in grid.cells)
         log(f"report of {finished} finished cells of {len(grid.cells)}: {report}")
+        _archive(bench, kept, grid, log)
         return 0
     bench.prepare(grid)
     todo = [cell for cell in grid.cells if bench.state(cell) != "done"]
@@ -288,6 +306,7 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
     report = write_report(grid, bench)
     failed = [c.name for c in grid.cells if (o := bench.outcome(c)) is None or o.status != "ok"]
     log(f"report: {report}")
+    _archive(bench, kept, grid, log)
     if failed:
         log(f"{len(failed)} of {len(grid.cells)} cells failed (errors in {bench.root / 'results.csv'}; logs in "
             f"{bench.root / 'logs'}): {', '.join(failed)}")

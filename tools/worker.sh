@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A background job queue for long runs (sweeps, benchmark grids, convergence runs) on a shared
+# machine: each worker pops the first line of logs/queue and runs it niced, one thread, until the
+# queue is empty or logs/stop-workers exists. Bench cells and train runs checkpoint, so a job cut
+# short resumes when its line is queued again.
+#
+#   echo '.venv/bin/zotune bench --grid configs/bench/sweep/zoadam-lora-fa.yaml --out runs/sweep/zoadam-lora-fa' >> logs/queue
+#   (setsid nohup tools/worker.sh A > /dev/null 2>&1 &)      # output: logs/A.out, log: logs/worker.log
+#   flock logs/queue.lock sed -i '1i COMMAND' logs/queue      # put a job at the front
+set -u
+cd "$(dirname "$0")/.."
+name=${1:?usage: tools/worker.sh NAME}
+mkdir -p logs
+touch logs/queue
+while [ ! -e logs/stop-workers ]; do
+  job=$(flock logs/queue.lock bash -c 'head -n 1 logs/queue; sed -i 1d logs/queue')
+  [ -z "$job" ] && break
+  echo "$(date -u +%FT%TZ) $name start: $job" >> logs/worker.log
+  OMP_NUM_THREADS=1 nice -n 10 bash -c "$job" >> "logs/$name.out" 2>&1
+  echo "$(date -u +%FT%TZ) $name done rc=$?: $job" >> logs/worker.log
+done

@@ -285,8 +285,9 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         ["config.yaml", "metrics.jsonl", "summary.json", "trajectory.bin"]
     fresh = tmp_path / "fresh"
     lines.clear()
-    assert run_bench(grid_path, fresh, log=lines.append, interactive=False, archive=kept) == 1  # the failed cell again
-    assert lines[0] == f"3 finished cells copied in from {kept}" and lines[1].endswith("4 cells, 3 finished (skipped), 1 to run")
+    assert run_bench(grid_path, fresh, log=lines.append, report_only=True, archive=kept) == 0
+    assert lines[0] == f"3 finished cells copied in from {kept}"
+    assert [line.split()[-1] for line in plan_lines(load_grid(grid_path), BenchDir(fresh))[2:]] == ["done", "done", "done", "todo"]
     assert [r["eval.accuracy"] for r in read_csv(fresh / "results.csv")] == [r["eval.accuracy"] for r in read_csv(out / "results.csv")]
     assert main(["replay", "--run", str(kept / "cells" / zo_cell), "--out", str(tmp_path / "replayed")]) == 0
     assert json.loads((tmp_path / "replayed" / "summary.json").read_text())["replayed_steps"] == 4
@@ -312,7 +313,7 @@ def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, 
     assert f"overrides: {' '.join(override)}" in listing and "eval (icl)" in listing
     assert all(str(tiny_model_dir) in line and "custom" in line for line in listing.splitlines()[2:])
 
-    assert run_bench(path, tmp_path / "b", log=lambda *_: None, interactive=False, overrides=override) == 0
+    assert run_bench(path, tmp_path / "b", jobs=2, log=lambda *_: None, interactive=False, overrides=override) == 0
     rows = {r["run_dir"]: r for r in read_csv(tmp_path / "b" / "results.csv")}
     icl = json.loads((tmp_path / "b" / "cells" / "baseline=icl,seed=0" / "summary.json").read_text())
     assert icl["baseline"] == "icl" and icl["steps"] == 0

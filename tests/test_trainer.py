@@ -76,12 +76,12 @@ def test_zo_probes_see_no_dropout(tiny_model_dir, reviews_csv):
 
 def test_zosgd_learns_the_tiny_task(tiny_model_dir, reviews_csv, tmp_path):
     """Full-parameter ZOSGD lowers the training loss on an easy task (not just noise)."""
-    cfg = config(tiny_model_dir, reviews_csv, "optimizer.lr=5e-3", "optimizer.eps=1e-2",
-                 "train.steps=150", "train.eval_every=0", "train.log_every=1", "eval.zero_shot=false",
-                 "optimizer.n_queries=4")
+    cfg = config(tiny_model_dir, reviews_csv, "optimizer.lr=1e-2", "optimizer.eps=1e-2",
+                 "train.steps=60", "train.eval_every=0", "train.log_every=1", "eval.zero_shot=false",
+                 "optimizer.n_queries=2")
     run_train(cfg, tmp_path / "run", log=lambda *_: None)
     losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10  # about 0.69 -> 0.58
     assert last < first - 0.05, (first, last)
 
 

@@ -35,6 +35,11 @@ import torch
 _MASK64 = (1 << 64) - 1
 DISTRIBUTIONS = ("gaussian", "rademacher")  # user-facing; "coordinates" is JAGUAR's block mask
 DEFAULT_CHUNK = 1 << 20
+# The last noise table drawn on each device in this process, with what it was drawn from: a table is a pure
+# function of (distribution, chunk size, size), so the next sampler that asks for the same one (the next run
+# in a process: a notebook, a test suite) takes it instead of drawing 64 MB again. At most one per device.
+_TABLES: dict[torch.device, tuple[tuple[str, int, int], torch.Tensor]] = {}
+_TABLES_LOCK = threading.Lock()
 
 
 def _splitmix64(x: int) -> int:
@@ -153,14 +158,22 @@ class DirectionSampler:
         self._tables.clear()
 
     def _table(self, device: torch.device) -> torch.Tensor:
-        """The noise table on ``device``, drawn on first use, chunk by chunk from fixed keys."""
+        """The noise table on ``device``, drawn on first use, chunk by chunk from fixed keys (or the same
+        table the process last drew, ``_TABLES``). Read-only, like every z."""
         table = self._tables.get(device)
         if table is None:
-            with self._cache_lock:
+            spec = (self.distribution, self.chunk_size, self.table_numel)
+            with self._cache_lock, _TABLES_LOCK:
                 if (table := self._tables.get(device)) is None:
-                    table = torch.empty(self.table_numel, dtype=torch.float32, device=device)
-                    for index, start, stop in self._ranges(self.table_numel):
-                        table[start:stop] = self._draw(_TABLE_KEY, index, stop - start, device)
+                    last = _TABLES.get(device)
+                    if last is not None and last[0] == spec:
+                        table = last[1]
+                    else:
+                        _TABLES.pop(device, None)  # the old table's memory goes before the new one is drawn
+                        table = torch.empty(self.table_numel, dtype=torch.float32, device=device)
+                        for index, start, stop in self._ranges(self.table_numel):
+                            table[start:stop] = self._draw(_TABLE_KEY, index, stop - start, device)
+                        _TABLES[device] = (spec, table)
                     self._tables[device] = table
         return table
 

@@ -68,7 +68,7 @@ def test_a_sweep_runs_picks_resumes_and_refuses_to_clobber(tiny_model_dir, revie
     assert run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, dry_run=True, log=lines.append) == 0
     assert not out.exists() and any("lr=0.1,seed=0" in line and "todo" in line for line in lines)
 
-    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, log=lines.append)
+    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, jobs=2, log=lines.append)
     grid = yaml.safe_load((out / "grid.yaml").read_text())
     assert grid["axes"] == {"optimizer.lr": [1e-3, 1e-1], "seed": [0]} and grid["budget"] == {"steps": 4}
     assert grid["base"]["train"]["keep_best"] is True and grid["base"]["train"]["eval_every"] == 1  # 4 steps / 4

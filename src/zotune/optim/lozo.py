@@ -36,6 +36,7 @@ class LOZO(ZOSGD):
     """
 
     summary = "LOZO: low-rank directions U V^T with V refreshed every few steps (ICLR 2025)"
+    default_lr = {(10, "lora-fa"): 1e-2}  # its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, rank: int = 2, refresh: int = 50,

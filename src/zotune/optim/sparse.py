@@ -32,6 +32,7 @@ class SparseMeZO(ZOOptimizer):
     """
 
     summary = "Sparse-MeZO: perturbs and updates only the small-magnitude weights (NeurIPS 2025)"
+    default_lr = {(11, "lora-fa"): 1e-1}  # its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4
 
     elementwise = True
 

@@ -17,5 +17,6 @@ while [ ! -e logs/stop-workers ]; do
   [ -z "$job" ] && break
   echo "$(date -u +%FT%TZ) $name start: $job" >> logs/worker.log
   OMP_NUM_THREADS=1 nice -n 10 bash -c "$job" >> "logs/$name.out" 2>&1
-  echo "$(date -u +%FT%TZ) $name done rc=$?: $job" >> logs/worker.log
+  rc=$?  # before the log line's $(date), which would set $? to its own
+  echo "$(date -u +%FT%TZ) $name done rc=$rc: $job" >> logs/worker.log
 done

@@ -278,11 +278,11 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         for line in plan_lines(grid, bench):
             log(line)
         return 0
-    kept = BenchDir(archive) if archive is not None else None
-    if kept is not None and kept.root.resolve() == bench.root.resolve():
-        raise ConfigError(f"--archive must be another directory than --out ({bench.root})")
-    if kept is not None and (kept.root / "cells").is_dir():
-        bench.prepare_cells([])
+    kept = None
+    if archive is not None:
+        kept = BenchDir(archive)
+        if kept.root.resolve() == bench.root.resolve():
+            raise ConfigError(f"--archive must be another directory than --out ({bench.root})")
         if restored := bench.restore_from(kept, grid):
             log(f"{len(restored)} finished cells copied in from {kept.root}")
     if report_only:

@@ -11,6 +11,15 @@ probing, each a ``zotune eval`` (ICL: 8 demonstrations, 512 tokens).
     .venv/bin/python benchmarks/convergence.py --baselines                   # zero-shot, ICL, linear probe
     .venv/bin/python benchmarks/convergence.py --collect                     # results.csv + plots only
 
+Run directories do not outlive a machine, and a 2,000-step run does not fit in one sitting: each
+run's ``config.yaml``, ``metrics.jsonl`` and ``trajectory.bin`` (kB, no weights) are copied into
+``docs/convergence/runs/<run>`` (with ``summary.json`` once it finishes) after it stops, and by
+``--archive`` at any time (e.g. while it runs, before a machine goes). A run with no directory under
+``--out`` starts from its archive: ``zotune train`` resumes a zeroth-order run from its trajectory
+(bit for bit, no checkpoint needed), and a finished one is only collected.
+
+    .venv/bin/python benchmarks/convergence.py --archive                     # snapshot every run into docs
+
 ``--collect`` writes ``docs/convergence/results.csv`` (one row per run and evaluation point:
 task, optimizer, scheme, seed, step, forward_passes, wall_s (training time, evaluations excluded),
 dev_accuracy, test_accuracy) and the plots ``accuracy_vs_forward_passes.png`` and
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -84,15 +94,37 @@ RUNS: dict[str, Run] = {
 }
 BASELINES = ("zero_shot", "icl", "linear_probe")
 DOCS = Path("docs/convergence")
+ARCHIVE = DOCS / "runs"
+KEPT = ("config.yaml", "metrics.jsonl", "trajectory.bin", "summary.json")  # what resumes (or reports) a run
 
 
 def zotune() -> str:
     return str(Path(sys.executable).with_name("zotune"))
 
 
+def copy_kept(source: Path, dest: Path) -> bool:
+    """Copy the ``KEPT`` files ``source`` has into ``dest``; whether it had any."""
+    files = [source / f for f in KEPT if (source / f).is_file()]
+    if files:
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, dest / f.name)
+    return bool(files)
+
+
+def archive(out: Path, names: list[str] | None = None) -> None:
+    """Snapshot the runs under ``out`` into ``ARCHIVE`` (a run being written is read as far as it got: the resume
+    cuts a torn record off)."""
+    for name in names or list(RUNS):
+        if copy_kept(out / name, ARCHIVE / name):
+            print(f"{name}: archived in {ARCHIVE / name}", file=sys.stderr)
+
+
 def run(name: str, out: Path) -> None:
     spec = RUNS[name]
     target = out / name
+    if not (target / "config.yaml").is_file() and copy_kept(ARCHIVE / name, target):
+        print(f"{name}: copied in from {ARCHIVE / name}", file=sys.stderr)
     if (target / "summary.json").is_file():
         print(f"{name}: finished", file=sys.stderr)
         return
@@ -100,7 +132,10 @@ def run(name: str, out: Path) -> None:
            f"tuning.scheme={spec.scheme}", f"seed={spec.seed}", f"train.steps={spec.steps}", f"task.name={spec.task}",
            *spec.overrides]
     print(f"{name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=False)
+    try:
+        subprocess.run(cmd, check=False)
+    finally:  # also when stopped: the run goes on from the archive next time
+        archive(out, [name])
 
 
 def baselines(out: Path) -> None:
@@ -117,7 +152,8 @@ def collect(out: Path) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, spec in RUNS.items():
-        path = out / name / "metrics.jsonl"
+        run_dir = out / name if (out / name / "metrics.jsonl").is_file() else ARCHIVE / name
+        path = run_dir / "metrics.jsonl"
         if not path.is_file():
             continue
         run_rows: dict[int, dict] = {}  # by step: one row per evaluation point
@@ -132,7 +168,7 @@ def collect(out: Path) -> None:
         for m in metrics:
             if "dev" in m or "test" in m:
                 run_rows[m["step"]] = point(m, m.get("test", {}).get("accuracy", ""))
-        summary = out / name / "summary.json"
+        summary = run_dir / "summary.json"
         if summary.is_file():  # the final test evaluation, at the last step
             s = json.loads(summary.read_text())
             run_rows[metrics[-1]["step"]] = point(metrics[-1], s["eval"]["accuracy"])
@@ -256,6 +292,7 @@ def main() -> None:
     parser.add_argument("--runs", default="", help=f"comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--archive", action="store_true", help=f"copy every run's {', '.join(KEPT)} into {ARCHIVE}")
     parser.add_argument("--out", default="runs/convergence", type=Path)
     args = parser.parse_args()
     for name in filter(None, args.runs.split(",")):
@@ -264,6 +301,8 @@ def main() -> None:
         run(name, args.out)
     if args.baselines:
         baselines(args.out)
+    if args.archive:
+        archive(args.out)
     if args.collect or args.runs or args.baselines:
         collect(args.out)
 

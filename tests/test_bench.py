@@ -155,7 +155,7 @@ def table_row(report: str, title: str, label: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
-def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp_path):
+def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp_path, capsys):
     grid_path = write_grid(tmp_path / "grid.yaml", {**tiny_grid(tiny_model_dir, reviews_csv), "dev_levels": [0.001, 1.0]})
     out = tmp_path / "bench"
     lines: list[str] = []
@@ -273,9 +273,15 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         run_bench(grid_path, tmp_path / "empty", report_only=True)
 
     # --archive: the report and each finished cell's record (config, summary, metrics, trajectory; no weights)
-    # outlive --out; a new --out with the same archive starts from the archived cells and runs only the rest
+    # outlive --out; a new --out with the same archive starts from the archived cells and runs only the rest.
+    # An unfinished ZO cell (here: cut back to step 2) is archived without a summary and resumes from its trajectory
+    going = out / "cells" / "optimizer=ZOSGD,seed=1"
+    finished_summary = json.loads((going / "summary.json").read_text())
+    (going / "summary.json").unlink()
+    (going / "metrics.jsonl").write_text("".join((going / "metrics.jsonl").read_text().splitlines(keepends=True)[:2]))
     kept = tmp_path / "docs" / "bench"
     assert main(["bench", "--grid", str(grid_path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
+    assert "2 finished cells and 1 unfinished ones" in capsys.readouterr().out
     assert (kept / "report.md").read_text() == (out / "report.md").read_text()
     assert (kept / "results.csv").read_text() == (out / "results.csv").read_text()
     assert sorted(p.name for p in kept.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
@@ -283,12 +289,18 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     zo_cell = "optimizer=ZOSGD,seed=0"
     assert sorted(p.name for p in (kept / "cells" / zo_cell).iterdir()) == \
         ["config.yaml", "metrics.jsonl", "summary.json", "trajectory.bin"]
+    assert sorted(p.name for p in (kept / "cells" / going.name).iterdir()) == ["config.yaml", "metrics.jsonl", "trajectory.bin"]
     fresh = tmp_path / "fresh"
     lines.clear()
     assert run_bench(grid_path, fresh, log=lines.append, report_only=True, archive=kept) == 0
-    assert lines[0] == f"3 finished cells copied in from {kept}"
-    assert [line.split()[-1] for line in plan_lines(load_grid(grid_path), BenchDir(fresh))[2:]] == ["done", "done", "done", "todo"]
+    assert lines[0] == f"3 cells copied in from {kept}"
+    assert [line.split()[-1] for line in plan_lines(load_grid(grid_path), BenchDir(fresh))[2:]] == ["done", "partial", "done", "todo"]
     assert [r["eval.accuracy"] for r in read_csv(fresh / "results.csv")] == [r["eval.accuracy"] for r in read_csv(out / "results.csv")]
+    assert run_bench(grid_path, fresh, log=lines.append, interactive=False) == 1  # (AdamW, seed 1) fails again
+    assert "resuming at step 2 by replaying" in (fresh / "logs" / f"{going.name}.out").read_text()
+    resumed = fresh / "cells" / going.name
+    assert (resumed / "trajectory.bin").read_bytes() == (going / "trajectory.bin").read_bytes()
+    assert json.loads((resumed / "summary.json").read_text())["eval"] == finished_summary["eval"]
     assert main(["replay", "--run", str(kept / "cells" / zo_cell), "--out", str(tmp_path / "replayed")]) == 0
     assert json.loads((tmp_path / "replayed" / "summary.json").read_text())["replayed_steps"] == 4
     with pytest.raises(ConfigError, match="another directory than --out"):

@@ -318,3 +318,29 @@ def test_a_version_2_run_with_the_default_lr_resumes_with_the_lr_it_was_recorded
     new = tmp_path / "new"
     assert main(argv(tiny_model_dir, reviews_csv, new, "optimizer.lr=null")) == 0
     assert {m["lr"] for m in metrics(new)} == {1e-4}
+
+
+@pytest.mark.parametrize("optimizer", ["ZOAdam", "HiZOO"])
+def test_without_checkpoints_a_run_resumes_from_its_trajectory_bit_identically(
+        tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, optimizer, monkeypatch, capsys):
+    """What an archive keeps of an unfinished run, config.yaml, metrics.jsonl and trajectory.bin, resumes it:
+    the replay rebuilds weights, optimizer state (Adam's moments, HiZOO's Hessian) and the best-on-dev
+    weights; a record that metrics.jsonl never logged is cut off and its step runs again."""
+    extra = (f"optimizer.name={optimizer}", "train.keep_best=true", "train.eval_every=2")
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    first = tmp_path / "first"
+    interrupt_in_process(argv(tiny_model_dir, reviews_csv, first, *extra), 7, monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "trajectory.bin"):
+        shutil.copyfile(first / name, out / name)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:-1]))  # step 7's record is in the trajectory only
+    capsys.readouterr()
+    assert main(argv(tiny_model_dir, reviews_csv, out, *extra)) == 0
+    out_text = capsys.readouterr().out
+    assert "resuming at step 6 by replaying" in out_text and "zero-shot accuracy" in out_text
+    assert_same_run(out, ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    assert json.loads((out / "summary.json").read_text())["best_step"] == json.loads(
+        (ref / "summary.json").read_text())["best_step"]

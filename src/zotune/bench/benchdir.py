@@ -14,6 +14,7 @@ from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..optim.factory import resolved_settings
 from ..train.rundir import RUN_MARKERS
+from ..trajectory import FILENAME as TRAJECTORY
 from .grid import Cell, Grid
 
 
@@ -46,16 +47,17 @@ class BenchDir:
         return self.root / "logs" / f"{cell.name}.{suffix}"
 
     def outcome(self, cell: Cell) -> Outcome | None:
-        """The recorded outcome of the cell's last run; ok whenever its summary.json exists."""
+        """The recorded outcome of the cell's last run; ok whenever (and only while) its summary.json exists."""
         if (self.run_dir(cell) / "summary.json").is_file():
             return Outcome("ok")
         path = self.log(cell, "json")
         if not path.is_file():
             return None
         try:
-            return Outcome(**json.loads(path.read_text(encoding="utf-8")))
+            outcome = Outcome(**json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError):
             return None
+        return None if outcome.status == "ok" else outcome  # ok, but its summary.json is gone: not finished now
 
     def state(self, cell: Cell) -> str:
         """``done`` (finished, same config), ``stale`` (holds another config), ``partial``
@@ -70,10 +72,12 @@ class BenchDir:
         outcome = self.outcome(cell)
         return "failed" if outcome is not None and outcome.status == "failed" else "todo"
 
-    def archive_into(self, archive: BenchDir, grid: Grid) -> list[str]:
+    def archive_into(self, archive: BenchDir, grid: Grid) -> tuple[list[str], list[str]]:
         """Copy into ``archive`` the report (``REPORT_FILES``, the plots) and every finished cell's
         ``ARCHIVED_FILES``: a record that outlives this directory's machine, enough to report on the
-        cells again and to replay their weights (``zotune replay`` on the trajectory). Returns the cells' names."""
+        cells again and to replay their weights (``zotune replay`` on the trajectory). An unfinished
+        zeroth-order cell's config, metrics and trajectory go too: ``zotune train`` resumes it from them
+        (train/trajectory_resume.py). Returns the names of the finished and of the unfinished cells archived."""
         try:
             archive.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -82,16 +86,20 @@ class BenchDir:
             if path.is_file():
                 shutil.copyfile(path, archive.root / path.name)
         done = [cell for cell in grid.cells if self.state(cell) == "done"]
-        for cell in done:
+        going = [cell for cell in grid.cells
+                 if self.state(cell) == "partial" and (self.run_dir(cell) / TRAJECTORY).is_file()]
+        for cell in done + going:
             _copy_files(self.run_dir(cell), archive.run_dir(cell))
-        return [cell.name for cell in done]
+        return [cell.name for cell in done], [cell.name for cell in going]
 
     def restore_from(self, archive: BenchDir, grid: Grid) -> list[str]:
         """Copy in the cells finished in ``archive`` that are not finished here (never run, failed, or
-        interrupted), so that they count as done; returns their names. A cell that holds another config
+        interrupted), so that they count as done, and its unfinished ones that have not started here, so
+        that they resume from their trajectories; returns their names. A cell that holds another config
         here (stale) is left as it is."""
         restored = [cell for cell in grid.cells
-                    if archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial")]
+                    if (archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial"))
+                    or (archive.state(cell) == "partial" and self.state(cell) in ("todo", "failed"))]
         for cell in restored:
             _copy_files(archive.run_dir(cell), self.run_dir(cell))
         return [cell.name for cell in restored]
@@ -116,8 +124,8 @@ class BenchDir:
             self.config(cell).write_text(yaml.safe_dump(cell.config, sort_keys=False), encoding="utf-8")
 
 
-# A finished cell in an archive (``zotune bench --archive``): what the report reads and what replays
-# its weights; no weights, checkpoints or predictions.
+# A cell in an archive (``zotune bench --archive``): what the report reads and what replays its weights or
+# resumes it (an unfinished cell has no summary.json); no weights, checkpoints or predictions.
 ARCHIVED_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "trajectory.bin")
 REPORT_FILES = ("report.md", "results.csv", "grid.yaml")
 

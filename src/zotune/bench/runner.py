@@ -254,10 +254,11 @@ def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
 
 
 def _archive(bench: BenchDir, kept: BenchDir | None, grid: Grid, log: Callable[[str], None]) -> None:
-    """The report and the finished cells' records into ``--archive``, when given."""
+    """The report and the cells' records into ``--archive``, when given."""
     if kept is not None:
-        cells = bench.archive_into(kept, grid)
-        log(f"archived the report and {len(cells)} finished cells in {kept.root}")
+        done, going = bench.archive_into(kept, grid)
+        log(f"archived the report, {len(done)} finished cells" + (f" and {len(going)} unfinished ones (to resume from "
+            "their trajectories)" if going else "") + f" in {kept.root}")
 
 
 def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
@@ -284,7 +285,7 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         if kept.root.resolve() == bench.root.resolve():
             raise ConfigError(f"--archive must be another directory than --out ({bench.root})")
         if restored := bench.restore_from(kept, grid):
-            log(f"{len(restored)} finished cells copied in from {kept.root}")
+            log(f"{len(restored)} cells copied in from {kept.root}")
     if report_only:
         if not (bench.root / "cells").is_dir():
             raise ConfigError(f"--out {bench.root} holds no bench run to report on")
@@ -301,6 +302,7 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         with _sigterm_interrupts():
             run_cells(todo, bench, jobs, log, interactive)
     except KeyboardInterrupt:
+        _archive(bench, kept, grid, log)  # the cells stopped at a step: their trajectories go on next time
         raise KeyboardInterrupt(f"interrupted: the finished cells are kept in {bench.root}; run the same command "
                                 "again to go on") from None
     report = write_report(grid, bench)

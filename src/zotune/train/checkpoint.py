@@ -219,7 +219,7 @@ class Checkpoints:
 
     def latest(self) -> Checkpoint | None:
         """The newest good checkpoint; damaged ones (and unfinished writes) are reported and removed.
-        None, with a log line, if there is none to resume from."""
+        None if there is none to resume from."""
         for tmp in self.root.glob(".step-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         for path in reversed(self._dirs()):
@@ -229,7 +229,6 @@ class Checkpoints:
                 detail = f"{type(err).__name__}: {err}" if not isinstance(err, _Damaged) else str(err)
                 self.log(f"checkpoint {path} is damaged ({detail}); removed it, falling back to the previous one")
                 shutil.rmtree(path, ignore_errors=True)
-        self.log(f"no usable checkpoint in {self.root}: starting the run over")
         return None
 
     def clear(self) -> None:

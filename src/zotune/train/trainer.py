@@ -46,6 +46,7 @@ from .rundir import RunDir
 from .schedule import Schedule
 from .scoring import Scorer, make_scorer
 from .stepper import make_step
+from .trajectory_resume import TrajectoryResume
 from .weights import FILENAME as WEIGHTS
 from .weights import load_weights, named_trainable, save_weights
 
@@ -329,7 +330,10 @@ class Training:
         """The resume point or a fresh start (zero-shot evaluation), the trajectory, the step."""
         cfg, session, run, tcfg, opt = self.cfg, self.session, self.run, self.tcfg, self.opt
         resumed = _resume_point(self.world, run, self.checkpoints)
-        self.progress = progress = resumed.progress if resumed else Progress()
+        replayed = self.trajectory_resume() if resumed is None else None
+        if run is not None and run.resuming and resumed is None and replayed is None:
+            self.log(f"no checkpoint or trajectory to resume from in {run.path}: starting the run over")
+        self.progress = progress = resumed.progress if resumed else replayed.progress if replayed else Progress()
         if run is not None:
             run.keep_records("metrics.jsonl", progress.step)
         if cfg.eval.zero_shot and progress.zero_shot is None:
@@ -346,11 +350,14 @@ class Training:
         if self.zo and run is not None:
             self.trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
                                                opt.n_queries * len(opt.blocks()), len(opt.param_groups),
-                                               keep=resumed.trajectory_records if resumed else None,
+                                               keep=resumed.trajectory_records if resumed else
+                                               progress.step if replayed else None,
                                                n_extra=opt.extra_values_per_step)
         if resumed:  # after the trajectory header hashed the initial weights
             resumed.restore(session.named_trainable(), self.optimizers)
             self.log(f"resuming at step {progress.step} from {resumed.path}")
+        elif replayed:  # the same point by replaying the trajectory (no forward pass)
+            replayed.restore(opt, session.named_trainable, run.file(BEST_WEIGHTS) if tcfg.keep_best else None, self.log)
         session.compare_params(f"at step {progress.step}")  # several processes: the same start everywhere
         self.probe = session.probe_model(self.log)
         exchange = self.exchange
@@ -365,6 +372,15 @@ class Training:
                                    record=self.trajectory.append if self.trajectory is not None else None,
                                    reduce=exchange.reduce if exchange else None,
                                    dropout=tcfg.dropout == "model_default")  # first-order steps in training mode
+
+    def trajectory_resume(self) -> TrajectoryResume | None:
+        """Without a checkpoint, a resuming zeroth-order run goes on from its trajectory (one process, no
+        first-order part: what the trajectory alone rebuilds); None where it cannot."""
+        run, cfg = self.run, self.cfg
+        if (run is None or not run.resuming or not self.zo or self.world.distributed
+                or cfg.tuning.hybrid.zo_layers is not None):
+            return None
+        return TrajectoryResume.find(run.path, self.metric, self.tcfg.keep_best)
 
     def loop(self) -> None:
         """Every step from the resume point; a signal stops it after a step, with a checkpoint."""

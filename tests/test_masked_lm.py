@@ -59,11 +59,11 @@ def test_the_mask_may_sit_inside_the_template(tiny_roberta_dir):
     assert tokenizer.mask_token_id in short.prompt_ids(Example({"text": "one two three four five six seven"}, "1"))
 
 
-@pytest.mark.parametrize("optimizer, lr", [("ZOSGD", "1e-2"), ("AdamW", "1e-2")])
+@pytest.mark.parametrize("optimizer, lr", [("ZOSGD", "1e-3"), ("AdamW", "1e-2")])
 def test_prompt_fine_tuning_of_a_masked_lm_moves_the_loss(tiny_roberta_dir, reviews_csv, tmp_path, optimizer, lr):
     run = tmp_path / "run"
     summary = run_train(config(tiny_roberta_dir, reviews_csv, f"optimizer.name={optimizer}", f"optimizer.lr={lr}",
-                               "train.steps=30", "optimizer.eps=1e-2"), run, log=lambda *_: None)
+                               "train.steps=30", "optimizer.eps=1e-2", "seed=0"), run, log=lambda *_: None)
     trace = losses(run)
     assert len(trace) == 30 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert sum(trace[-5:]) / 5 < sum(trace[:5]) / 5  # the loss moves down

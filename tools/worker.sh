@@ -6,7 +6,7 @@
 #
 #   echo '.venv/bin/zotune bench --grid configs/bench/sweep/zoadam-lora-fa.yaml --out runs/sweep/zoadam-lora-fa' >> logs/queue
 #   (setsid nohup tools/worker.sh A > /dev/null 2>&1 &)      # output: logs/A.out, log: logs/worker.log
-#   flock logs/queue.lock sed -i '1i COMMAND' logs/queue      # put a job at the front
+#   flock logs/queue.lock sed -i '1i COMMAND' logs/queue      # put a job at the front (of a queue not empty)
 set -u
 cd "$(dirname "$0")/.."
 name=${1:?usage: tools/worker.sh NAME}

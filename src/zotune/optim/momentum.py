@@ -21,7 +21,8 @@ class ZOSGDMomentum(ZOOptimizer):
     summary = "ZO-SGD with heavy-ball momentum on the SPSA estimate (ZO-Bench)"
 
     elementwise = True
-    default_lr = {(6, "full"): 3e-6}  # the sweep's pick (docs/sweeps.md): the family's 1e-4 diverges through momentum
+    # the sweeps' picks (docs/sweeps.md): on full the family's 1e-4 diverges through momentum; on LoRA-FA 3e-3
+    default_lr = {(6, "full"): 3e-6, (12, "lora-fa"): 3e-3}
 
     def __init__(
         self, params, lr: float, eps: float = 1e-3, seed: int = 0, momentum: float = 0.9,

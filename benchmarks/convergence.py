@@ -40,6 +40,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from zotune.bench.benchdir import ARCHIVED_FILES
+
 BASE = [
     "model.name=smollm2-135m", "task.name=rotten_tomatoes", "train.batch_size=16", "train.max_length=40",
     "train.log_every=10", "train.eval_every=100", "train.test_every=250", "train.checkpoint_every=100",
@@ -100,7 +102,7 @@ RUNS: dict[str, Run] = {
 BASELINES = ("zero_shot", "icl", "linear_probe")
 DOCS = Path("docs/convergence")
 ARCHIVE = DOCS / "runs"
-KEPT = ("config.yaml", "metrics.jsonl", "trajectory.bin", "summary.json")  # what resumes (or reports) a run
+KEPT = ARCHIVED_FILES  # what resumes (or reports) a run: the files zotune bench --archive keeps of a cell
 
 
 def zotune() -> str:

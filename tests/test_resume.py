@@ -320,6 +320,31 @@ def test_a_version_2_run_with_the_default_lr_resumes_with_the_lr_it_was_recorded
     assert {m["lr"] for m in metrics(new)} == {1e-4}
 
 
+@pytest.mark.parametrize("optimizer", ["ZOSGD", "ZOAdam"])
+def test_a_run_killed_between_checkpoints_replays_its_trajectory_past_the_newest(
+        tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, optimizer, monkeypatch, capsys):
+    """The steps a kill loses after the newest checkpoint are in the trajectory and metrics.jsonl: the resume
+    restores the checkpoint, then replays them (no forward pass) instead of running them again."""
+    extra = (f"optimizer.name={optimizer}", "train.keep_best=true", "train.eval_every=2")
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *extra)
+    interrupt_in_process(args, 8, monkeypatch)
+    shutil.rmtree(out / "checkpoints" / "step-000008")  # as if killed after step 8: the newest is step 6's
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006"]
+    steps_run = []
+    original = trainer.batch_indices
+    monkeypatch.setattr(trainer, "batch_indices", lambda step, *rest: (steps_run.append(step), original(step, *rest))[1])
+    capsys.readouterr()
+    assert main(args) == 0
+    out_text = capsys.readouterr().out
+    assert "resuming at step 8 by replaying" in out_text and "(step 6) and trajectory.bin's steps 7-8" in out_text
+    assert "zero-shot accuracy" in out_text  # kept in the checkpoint
+    assert steps_run == [8, 9]  # 0-based: steps 9 and 10 only
+    assert_same_run(out, ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("optimizer", ["ZOAdam", "HiZOO"])
 def test_without_checkpoints_a_run_resumes_from_its_trajectory_bit_identically(
         tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, optimizer, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from zotune.bench.sweep import SweepCell, around, parse_values, pick, rank_key, run_sweep, sweep_table
+from zotune.bench.sweep import SweepCell, around, parse_values, pick, rank_key, read_cell, run_sweep, sweep_table
 from zotune.cli import main
 from zotune.errors import ConfigError
 
@@ -40,6 +40,15 @@ def test_the_table_marks_the_pick_and_unfinished_cells():
     rows = [line for line in text.splitlines() if line.startswith("| lr=")]
     assert rows[0].startswith("| lr=0.001,seed=0 | 0.500 / 0.550 | 0.550 (50) | 0.500 |")  # ordered by value
     assert rows[1].endswith("| **picked** (unfinished) |")
+
+
+def test_a_cell_still_running_is_read_up_to_its_torn_last_line(tmp_path):
+    """A cell killed (or read) in the middle of writing a metrics line: the table reads what came before it."""
+    lines = [json.dumps({"step": 1, "loss": 0.7}), json.dumps({"step": 2, "loss": 0.6, "dev": {"accuracy": 0.75}}),
+             json.dumps({"step": 3, "loss": 0.5})[:9]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    read = read_cell(tmp_path)
+    assert read.losses == [0.7, 0.6] and read.dev == [(2, 0.75)] and read.summary is None
 
 
 @pytest.mark.parametrize("lr, ladder", [(1e-4, [1e-5, 3e-5, 1e-4, 3e-4]), (3e-2, [3e-3, 1e-2, 3e-2, 1e-1]),

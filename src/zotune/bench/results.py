@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks import task_spec
+from ..train.rundir import read_metrics
 from .benchdir import BenchDir, Outcome
 from .grid import Cell, Grid, axis_label, value_label
 
@@ -66,10 +67,7 @@ class Result:
     @cached_property
     def records(self) -> list[dict[str, Any]]:
         """The cell's ``metrics.jsonl``."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_metrics(self.run_dir / "metrics.jsonl")
 
     def forwards_to_dev(self, level: float) -> int | None:
         """Forward passes at the first dev evaluation that reached ``level`` (the task's metric); None if none did."""

@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..optim.factory import defaults_row, resolved_settings
 from ..optim.registry import is_zeroth_order
 from ..tasks import task_spec
+from ..train.rundir import read_metrics
 from .benchdir import BenchDir
 from .grid import load_grid
 from .runner import run_bench, say
@@ -80,14 +81,11 @@ class SweepCell:
 def read_cell(path: Path, metric: str = "accuracy") -> SweepCell:
     """A cell's run directory (finished or not) -> :class:`SweepCell`."""
     cell = SweepCell(path.name, metric=metric)
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                cell.losses.append(float(record["loss"]))
-            if metric in record.get("dev", {}):
-                cell.dev.append((record["step"], record["dev"][metric]))
+    for record in read_metrics(path / "metrics.jsonl"):
+        if "loss" in record:
+            cell.losses.append(float(record["loss"]))
+        if metric in record.get("dev", {}):
+            cell.dev.append((record["step"], record["dev"][metric]))
     if (path / "summary.json").is_file():
         cell.summary = json.loads((path / "summary.json").read_text())
     return cell

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections.abc import Iterator
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,25 @@ def run_config(path: str | Path):
     if not (Path(path) / "config.yaml").is_file():
         raise DataError(f"--run {path} is not a run directory (no config.yaml)")
     return recorded_config(Path(path) / "config.yaml")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records of a ``metrics.jsonl`` (finished or still being written), up to the first unreadable
+    (torn) line; [] when there is no such file."""
+    return [record for _, record in _step_lines(path)]
+
+
+def _step_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for each line of a JSON-lines step log, up to the first that is not a record with a step."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            return
+        yield line, record
 
 
 class RunDir:
@@ -78,15 +99,8 @@ class RunDir:
         path = self.path / name
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] > last_step:
-                    break
-            except (ValueError, KeyError, TypeError):
-                break
-            kept.append(line + "\n")
-        self._atomic_write(name, "".join(kept))
+        kept = itertools.takewhile(lambda pair: pair[1]["step"] <= last_step, _step_lines(path))
+        self._atomic_write(name, "".join(line + "\n" for line, _ in kept))
 
     def _atomic_write(self, name: str, text: str) -> None:
         tmp = self.path / f".{name}.tmp"

@@ -330,10 +330,10 @@ class Training:
         """The resume point or a fresh start (zero-shot evaluation), the trajectory, the step."""
         cfg, session, run, tcfg, opt = self.cfg, self.session, self.run, self.tcfg, self.opt
         resumed = _resume_point(self.world, run, self.checkpoints)
-        replayed = self.trajectory_resume() if resumed is None else None
+        replayed = self.trajectory_resume(resumed)
         if run is not None and run.resuming and resumed is None and replayed is None:
             self.log(f"no checkpoint or trajectory to resume from in {run.path}: starting the run over")
-        self.progress = progress = resumed.progress if resumed else replayed.progress if replayed else Progress()
+        self.progress = progress = replayed.progress if replayed else resumed.progress if resumed else Progress()
         if run is not None:
             run.keep_records("metrics.jsonl", progress.step)
         if cfg.eval.zero_shot and progress.zero_shot is None:
@@ -350,13 +350,14 @@ class Training:
         if self.zo and run is not None:
             self.trajectory = TrajectoryWriter(run.file(TRAJECTORY), session.trajectory_header(),
                                                opt.n_queries * len(opt.blocks()), len(opt.param_groups),
-                                               keep=resumed.trajectory_records if resumed else
-                                               progress.step if replayed else None,
+                                               keep=progress.step if replayed else
+                                               resumed.trajectory_records if resumed else None,
                                                n_extra=opt.extra_values_per_step)
         if resumed:  # after the trajectory header hashed the initial weights
             resumed.restore(session.named_trainable(), self.optimizers)
-            self.log(f"resuming at step {progress.step} from {resumed.path}")
-        elif replayed:  # the same point by replaying the trajectory (no forward pass)
+            if not replayed:
+                self.log(f"resuming at step {progress.step} from {resumed.path}")
+        if replayed:  # on to the last logged step by replaying the trajectory (no forward pass)
             replayed.restore(opt, session.named_trainable, run.file(BEST_WEIGHTS) if tcfg.keep_best else None, self.log)
         session.compare_params(f"at step {progress.step}")  # several processes: the same start everywhere
         self.probe = session.probe_model(self.log)
@@ -373,14 +374,15 @@ class Training:
                                    reduce=exchange.reduce if exchange else None,
                                    dropout=tcfg.dropout == "model_default")  # first-order steps in training mode
 
-    def trajectory_resume(self) -> TrajectoryResume | None:
-        """Without a checkpoint, a resuming zeroth-order run goes on from its trajectory (one process, no
-        first-order part: what the trajectory alone rebuilds); None where it cannot."""
+    def trajectory_resume(self, checkpoint: Checkpoint | None) -> TrajectoryResume | None:
+        """A resuming zeroth-order run goes on by replaying its trajectory past ``checkpoint`` (or from the start,
+        with none left) to the last step metrics.jsonl logged: one process, no first-order part (what the
+        trajectory alone rebuilds); None where it cannot or need not."""
         run, cfg = self.run, self.cfg
         if (run is None or not run.resuming or not self.zo or self.world.distributed
                 or cfg.tuning.hybrid.zo_layers is not None):
             return None
-        return TrajectoryResume.find(run.path, self.metric, self.tcfg.keep_best)
+        return TrajectoryResume.find(run.path, self.metric, self.tcfg.keep_best, checkpoint)
 
     def loop(self) -> None:
         """Every step from the resume point; a signal stops it after a step, with a checkpoint."""

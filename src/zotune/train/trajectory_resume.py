@@ -1,4 +1,4 @@
-"""Resume a zeroth-order run from its trajectory when no checkpoint is left.
+"""Resume a zeroth-order run from its trajectory: past its checkpoint, or with no checkpoint left.
 
 A checkpoint of the default model is 540 MB and is removed when the run ends; ``trajectory.bin``
 is a few kB per hundred steps. A run directory that kept only ``config.yaml``,
@@ -11,13 +11,16 @@ evaluations) and from the records (losses). The best-on-dev weights (``train.kee
 written again when the replay passes their step. The zero-shot evaluation, which neither file
 keeps, runs again on the initial weights.
 
+A run killed between two checkpoints goes on the same way from its newest checkpoint: the
+records past it are replayed instead of their steps being run again (the zero-shot evaluation
+is the checkpoint's).
+
 The resume point is the last step that ``metrics.jsonl`` logged (every ``train.log_every``
 steps) and the trajectory holds; records after it are cut off and their steps run again.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -31,52 +34,60 @@ from ..errors import DataError
 from ..optim.base import StepRecord, ZOOptimizer
 from ..trajectory import FILENAME as TRAJECTORY
 from ..trajectory import read_trajectory
-from .checkpoint import Progress
+from .checkpoint import Checkpoint, Progress
+from .rundir import read_metrics
 from .weights import save_weights
 
 
 @dataclass
 class TrajectoryResume:
     """Where a run directory's trajectory and metrics let it go on: the loop's progress at ``progress.step``
-    and the records that rebuild its weights."""
+    and the records that rebuild its weights from ``checkpoint`` (None: from the initial weights)."""
 
     path: Path
     progress: Progress
-    records: list[StepRecord]  # the steps to replay, ``progress.step`` of them
-    best_step: int | None  # the step whose weights are the best on dev so far (train.keep_best)
+    records: list[StepRecord]  # the steps to replay, from the checkpoint's step (or 0) to ``progress.step``
+    best_step: int | None  # the replayed step whose weights are the best on dev so far (train.keep_best)
+    checkpoint: Checkpoint | None = None
 
     @classmethod
-    def find(cls, run_dir: Path, metric: str, keep_best: bool) -> TrajectoryResume | None:
-        """The resume point of ``run_dir`` (None: no trajectory, or no logged step it holds)."""
+    def find(cls, run_dir: Path, metric: str, keep_best: bool,
+             checkpoint: Checkpoint | None = None) -> TrajectoryResume | None:
+        """The resume point of ``run_dir``, past ``checkpoint`` if given (None: no trajectory, or no logged step
+        it holds past the checkpoint)."""
         path = run_dir / TRAJECTORY
-        if not path.is_file():
+        start = checkpoint.progress.step if checkpoint else 0
+        if not path.is_file() or (checkpoint and checkpoint.trajectory_records != start):
             return None
         _, records = read_trajectory(path)
-        logged = [m for m in _metrics_lines(run_dir / "metrics.jsonl") if m["step"] <= len(records)]
-        if not logged:
+        logged = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= len(records)]
+        if not logged or logged[-1]["step"] <= start:
             return None
         last = logged[-1]
         step = last["step"]
-        records = records[:step]
+        records = records[start:step]
         losses = [float(torch.tensor(r.loss)) for r in records]  # as the step returned it (ZOOptimizer.step)
+        losses = (checkpoint.progress.losses if checkpoint else []) + losses
         try:
             dev = [(m["step"], float(m["dev"][metric])) for m in logged if "dev" in m]
             progress = Progress(step=step, forwards=int(last["forward_passes"]), losses=losses, dev=dev,
                                 non_finite=_trailing_non_finite(losses), wall_s=float(last.get("wall_s", 0.0)),
-                                eval_s=float(last.get("eval_s", 0.0)))
+                                eval_s=float(last.get("eval_s", 0.0)),
+                                zero_shot=checkpoint.progress.zero_shot if checkpoint else None)
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"cannot resume {run_dir} from its trajectory: metrics.jsonl lacks {err} at step "
                             f"{last['step']}; pass --overwrite to start over") from None
         best = max(dev, key=lambda point: (point[1], -point[0]))[0] if keep_best and dev else None
-        return cls(path, progress, records, best)
+        return cls(path, progress, records, best if best is not None and best > start else None, checkpoint)
 
     @torch.no_grad()
     def restore(self, opt: ZOOptimizer, named: Callable[[], list[tuple[str, torch.nn.Parameter]]],
                 best_weights: Path | None, log: Callable[[str], Any]) -> None:
-        """Replay the records into ``opt`` and its parameters (``named()``: the trainable ones), writing the
-        best-on-dev weights to ``best_weights`` when the replay passes their step."""
+        """Replay the records into ``opt`` and its parameters (``named()``: the trainable ones; restored from the
+        checkpoint, if any), writing the best-on-dev weights to ``best_weights`` when the replay passes their step."""
         t0 = time.perf_counter()
-        for done, record in enumerate(self.records, start=1):
+        start = self.progress.step - len(self.records)
+        for done, record in enumerate(self.records, start=start + 1):
             try:
                 opt.replay(record)
             except ValueError as err:
@@ -86,23 +97,10 @@ class TrajectoryResume:
                 opt.flush_update()
                 save_weights(best_weights, named())
         opt.flush_update()
-        log(f"resuming at step {self.progress.step} by replaying {self.path} (no checkpoint left): "
+        origin = (f"{self.checkpoint.path} (step {start}) and {self.path.name}'s steps {start + 1}-{self.progress.step}"
+                  if self.checkpoint else f"{self.path} (no checkpoint left)")
+        log(f"resuming at step {self.progress.step} by replaying {origin}: "
             f"{time.perf_counter() - t0:.1f} s, no forward pass")
-
-
-def _metrics_lines(path: Path) -> list[dict[str, Any]]:
-    """The step records of ``metrics.jsonl`` up to the first unreadable (torn) line."""
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            break
-        lines.append(record)
-    return lines
 
 
 def _trailing_non_finite(losses: list[float]) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zotune.bench.benchdir import ARCHIVED_FILES
+from zotune.train.rundir import read_metrics
 
 BASE = [
     "model.name=smollm2-135m", "task.name=rotten_tomatoes", "train.batch_size=16", "train.max_length=40",
@@ -95,6 +96,11 @@ RUNS: dict[str, Run] = {
     **{f"fzoo-lorafa-s{s}": Run("FZOO", "lora", "LoRA-FA", s, 450,
                                 ("tuning.lora.freeze_a=true", "optimizer.lr=1e-1", "optimizer.eps=1e-2",
                                  "train.eval_every=20", "train.test_every=50")) for s in (0, 1, 2)},
+    # MeZO's OPT protocol: 1,000 training sentences drawn at random (200 dev), the same 500 test sentences; its
+    # sweep (200 steps, docs/convergence.md) picks 1e-4 again. Its first run was lost with its machine at step 540
+    "zosgd-full-n1000-s0": Run("ZOSGD", "full", "full, 1,000 sentences", 0, 2000,
+                               ("task.split=random", "task.n_train=1000", "task.n_dev=200", "optimizer.lr=1e-4",
+                                "optimizer.eps=1e-3", "train.eval_every=200", "train.test_every=500")),
     "sparse-mezo-full-s0": Run("SparseMeZO", "full", "full", 0, 2000, ("optimizer.lr=1e-4", "optimizer.eps=1e-3")),
     **{f"adamw-full-s{s}": Run("AdamW", "full", "full", s, 200, ("optimizer.lr=1e-5",)) for s in (0, 1, 2)},
     **{f"sgd-full-s{s}": Run("SGD", "full", "full", s, 200, ("optimizer.lr=1e-3",)) for s in (0, 1, 2)},
@@ -171,7 +177,7 @@ def collect(out: Path) -> None:
                     "wall_s": round(m["wall_s"] - m.get("eval_s", 0.0), 1),
                     "dev_accuracy": m.get("dev", {}).get("accuracy", ""), "test_accuracy": test}
 
-        metrics = [json.loads(line) for line in path.read_text().splitlines()]
+        metrics = read_metrics(path)  # a run being written: up to its last whole line
         for m in metrics:
             if "dev" in m or "test" in m:
                 run_rows[m["step"]] = point(m, m.get("test", {}).get("accuracy", ""))

@@ -68,8 +68,9 @@ RUNS: dict[str, Run] = {
     # plain LoRA at its sweep pick diverges after ~150 steps (stopped at 260: docs/convergence.md)
     "zosgd-lora-s0": Run("ZOSGD", "lora", "LoRA (plain, stopped at 260)", 0, 2000,
                          ("tuning.lora.freeze_a=false", "optimizer.lr=3e-3", "optimizer.eps=1e-2")),
-    "zosgd-lorafa-s0": Run("ZOSGD", "lora", "LoRA-FA", 0, 2000,
-                           ("tuning.lora.freeze_a=true", "optimizer.lr=3e-2", "optimizer.eps=1e-2")),
+    **{f"zosgd-lorafa-s{s}": Run("ZOSGD", "lora", "LoRA-FA", s, 2000,
+                                 ("tuning.lora.freeze_a=true", "optimizer.lr=3e-2", "optimizer.eps=1e-2"))
+       for s in (0, 1, 2)},
     "zosgd-top2-s0": Run("ZOSGD", "top", "top 2", 0, 2000, ("tuning.top.layers=2", "optimizer.lr=1e-3", "optimizer.eps=1e-3")),
     "zosgd-top8-s0": Run("ZOSGD", "top", "top 8", 0, 2000, ("tuning.top.layers=8", "optimizer.lr=1e-3", "optimizer.eps=1e-3")),
     "zosgd-top2-lr1e-4-s0": Run("ZOSGD", "top", "top 2, lr 1e-4 (untuned)", 0, 2000,

@@ -109,34 +109,36 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 13)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 13: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 14)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 14: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in range(1, 14)]
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in range(1, 15)]
            for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "ZOMuonSubspace",
                         "JaguarSignSGD", "LOZO", "SparseMeZO")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4] + [3e-3] * 10,
-                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4] + [1e-3] * 7,
-                   "ZOSGD": [1e-6, 1e-6] + [1e-4] * 11,
-                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [1e-3] * 8,
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [3e-6] * 8,
-                   "ZOMuon": [1e-6, 1e-6] + [1e-4] * 11,
-                   "ZOMuonSubspace": [1e-2] * 7 + [3e-1] * 6,
-                   "JaguarSignSGD": [1e-6, 1e-6] + [1e-4] * 11,
-                   "LOZO": [1e-6, 1e-6] + [1e-4] * 11,  # their LoRA-FA picks leave full fine-tuning the family's
-                   "SparseMeZO": [1e-6, 1e-6] + [1e-4] * 11}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4] + [3e-3] * 11,
+                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4] + [1e-3] * 8,
+                   "ZOSGD": [1e-6, 1e-6] + [1e-4] * 12,
+                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [1e-3] * 9,
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [3e-6] * 9,
+                   "ZOMuon": [1e-6, 1e-6] + [1e-4] * 12,
+                   "ZOMuonSubspace": [1e-2] * 7 + [3e-1] * 7,
+                   "JaguarSignSGD": [1e-6, 1e-6] + [1e-4] * 12,
+                   "LOZO": [1e-6, 1e-6] + [1e-4] * 12,  # their LoRA-FA picks leave full fine-tuning the family's
+                   "SparseMeZO": [1e-6, 1e-6] + [1e-4] * 12}
     # version 9: the LoRA-FA sweeps' picks of ZO-Adam, ZO-SGD-Sign, FZOO and JAGUAR; 10: LOZO's; 11: Sparse-MeZO's;
-    # 12: ZO-SGD-Momentum's; 13: ZOMuonSubspace's (1e-2, its paper's, before); the others keep the family's 3e-2
-    lora_fa = {name: [resolved_hparams(OptimizerConfig(name=name), "lora-fa", v)[0] for v in (3, 8, 9, 10, 11, 12, 13)]
+    # 12: ZO-SGD-Momentum's; 13: ZOMuonSubspace's (1e-2, its paper's, before); 14: ZO-Muon's; the others keep the
+    # family's 3e-2
+    lora_fa = {name: [resolved_hparams(OptimizerConfig(name=name), "lora-fa", v)[0] for v in (3, 8, 9, 10, 11, 12, 13, 14)]
                for name in ("ZOAdam", "ZOSGDSign", "FZOO", "JaguarSignSGD", "ZOSGD", "LOZO", "SparseMeZO", "HiZOO",
-                            "ZOSGDMomentum", "ZOMuonSubspace", "ZOSGDConservative")}
-    assert lora_fa == {"ZOAdam": [3e-2, 3e-2] + [1e-2] * 5, "ZOSGDSign": [3e-2, 3e-2] + [1e-2] * 5,
-                       "FZOO": [3e-2, 3e-2] + [1e-1] * 5, "JaguarSignSGD": [3e-2, 3e-2] + [1e-2] * 5,
-                       "ZOSGD": [3e-2] * 7, "LOZO": [3e-2] * 3 + [1e-2] * 4,
-                       "SparseMeZO": [3e-2] * 4 + [1e-1] * 3, "HiZOO": [3e-2] * 7,  # HiZOO: its sweep picked 3e-2
-                       "ZOSGDMomentum": [3e-2] * 5 + [3e-3] * 2, "ZOMuonSubspace": [1e-2] * 6 + [3e-2],
-                       "ZOSGDConservative": [3e-2] * 7}  # ZO-SGD-Cons: its sweep picked 3e-2
+                            "ZOSGDMomentum", "ZOMuonSubspace", "ZOSGDConservative", "ZOMuon")}
+    assert lora_fa == {"ZOAdam": [3e-2, 3e-2] + [1e-2] * 6, "ZOSGDSign": [3e-2, 3e-2] + [1e-2] * 6,
+                       "FZOO": [3e-2, 3e-2] + [1e-1] * 6, "JaguarSignSGD": [3e-2, 3e-2] + [1e-2] * 6,
+                       "ZOSGD": [3e-2] * 8, "LOZO": [3e-2] * 3 + [1e-2] * 5,
+                       "SparseMeZO": [3e-2] * 4 + [1e-1] * 4, "HiZOO": [3e-2] * 8,  # HiZOO: its sweep picked 3e-2
+                       "ZOSGDMomentum": [3e-2] * 5 + [3e-3] * 3, "ZOMuonSubspace": [1e-2] * 6 + [3e-2] * 2,
+                       "ZOSGDConservative": [3e-2] * 8,  # ZO-SGD-Cons: its sweep picked 3e-2
+                       "ZOMuon": [3e-2] * 7 + [1e-2]}
     # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
     muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)
     assert (muon.rank, muon.n_queries, muon.forwards_per_step, muon.param_groups[0]["momentum"]) == (None, 1, 2, 0.95)

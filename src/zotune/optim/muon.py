@@ -51,7 +51,8 @@ class ZOMuon(ZOSGDMomentum):
 
     summary = "ZO-Muon: Newton-Schulz on the momentum of the full SPSA estimate (Veprikov et al. 2025)"
     normalised_step = True  # each coordinate moves by about lr
-    default_lr: dict[tuple[int, str], float] = {}  # the family's: its sweep moved nothing (docs/sweeps.md)
+    # the family's on full (its sweep moved nothing, docs/sweeps.md); 14: its LoRA-FA sweep's pick, 1e-2
+    default_lr: dict[tuple[int, str], float] = {(14, "lora-fa"): 1e-2}
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 

@@ -71,8 +71,21 @@ def test_file_and_overrides(tmp_path):
     path.write_text("seed: 3\noptimizer: {name: ZOSGD, lr: 1.0e-6}\ntrain: {steps: 5}\n")
     cfg = load_config(path, ["optimizer.lr=1e-5", "train.batch_size=4", "task.name=rotten_tomatoes", "eval.max_examples=null"])
     assert cfg.seed == 3 and cfg.train.steps == 5 and cfg.train.batch_size == 4
-    assert cfg.optimizer.lr == 1e-5  # "1e-5" is a string in YAML 1.1: coerced to float
+    assert cfg.optimizer.lr == 1e-5
     assert cfg.eval.max_examples is None
+
+
+@pytest.mark.parametrize("text, value", [("1e-2", 0.01), ("3E+1", 30.0), ("-2.5e-3", -0.0025), ("1.0e-02", 0.01),
+                                         ("1e", "1e"), ("e-2", "e-2"), ("'1e-2'", "1e-2"), ("12", 12)])
+def test_exponents_without_a_dot_are_numbers(text, value, tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-2 as a text; zotune reads it as YAML 1.2 does, in overrides and files alike, so
+    that a grid cell overridden with optimizer.lr=1e-2 is the grid's lr=0.01 cell."""
+    from zotune.bench.grid import load_grid
+    from zotune.config import parse_override
+
+    assert parse_override(f"x={text}") == ("x", value) and type(parse_override(f"x={text}")[1]) is type(value)
+    (tmp_path / "g.yaml").write_text("axes: {optimizer.lr: [1.0e-02, 3.0e-02]}\nbudget: {steps: 2}\n")
+    assert [c.name for c in load_grid(tmp_path / "g.yaml", ["optimizer.lr=1e-2"]).cells] == ["lr=0.01"]
 
 
 def test_inline_task_spec_override(tmp_path):

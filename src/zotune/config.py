@@ -325,7 +325,7 @@ def recorded_version(run_dir: str | Path) -> int:
     if not (path / "config.yaml").is_file() or (path / "summary.json").exists():
         return CONFIG_VERSION
     try:
-        recorded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        recorded = load_yaml((path / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return CONFIG_VERSION  # the resume check reports the unreadable file
     version = recorded.get("version", UNVERSIONED) if isinstance(recorded, dict) else CONFIG_VERSION
@@ -349,13 +349,28 @@ def _refining_default_task(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-2`` and ``3E+1`` are numbers (YAML 1.1, which PyYAML
+    reads, wants ``1.0e-2``, and leaves ``1e-2`` a text: an override ``optimizer.lr=1e-2`` would name its bench
+    cell ``lr=1e-2`` where the grid's ``1.0e-02`` names it ``lr=0.01``)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML (safe: plain data only), exponents without a dot read as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML file (``{}`` for an empty one); a one-line ConfigError for a missing, non-UTF-8 or
     malformed file, or one that holds no mapping."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
@@ -371,7 +386,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return load_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -82,6 +82,11 @@ RUNS: dict[str, Run] = {
                                 ("optimizer.lr=1e-4", "optimizer.eps=1e-3"), task="intent_recognition"),
     "zosgd-full-intent-lr3e-5-s0": Run("ZOSGD", "full", "full, lr 3e-5", 0, 1000, ("optimizer.lr=3e-5", "optimizer.eps=1e-3"),
                                        task="intent_recognition"),
+    # does FZOO's step, divided by its probes' spread, carry its rotten_tomatoes lr to the 7-way task where ZOSGD's
+    # lr diverged? Its default lr, 100 steps = 900 forward passes
+    "fzoo-full-intent-s0": Run("FZOO", "full", "full, lr 3e-3 (rotten_tomatoes')", 0, 100,
+                               ("optimizer.lr=3e-3", "optimizer.eps=1e-3", "train.eval_every=10", "train.test_every=25"),
+                               task="intent_recognition"),
     # FZOO (issue 24): 8 one-sided Rademacher probes per step, 9 forwards; its sweep's pick (lr 3e-3, dev 0.812
     # at 450 forward passes; 1e-2 and 3e-2 do worse). 100 steps = 900 forward passes, dev every 10 steps
     **{f"fzoo-full-s{s}": Run("FZOO", "full", "full", s, 100, ("optimizer.lr=3e-3", "optimizer.eps=1e-3",

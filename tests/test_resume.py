@@ -345,6 +345,49 @@ def test_a_run_killed_between_checkpoints_replays_its_trajectory_past_the_newest
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
+def test_a_finished_run_extended_to_more_steps_is_the_longer_run(tiny_model_dir, reviews_csv, tmp_path,
+                                                                 tmp_path_factory, capsys):
+    """--extend: a finished 6-step ZOAdam run given 10 steps replays its trajectory (weights, Adam's moments,
+    best-on-dev weights) and goes on, bit-identical to the 10-step run; its config.yaml says 10 steps."""
+    extra = ("optimizer.name=ZOAdam", "train.keep_best=true", "train.eval_every=2")
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    out = tmp_path / "run"
+    assert main(argv(tiny_model_dir, reviews_csv, out, *extra, "train.steps=6")) == 0
+    assert main(argv(tiny_model_dir, reviews_csv, out, *extra)) == 2  # finished: not without --extend
+    capsys.readouterr()
+    assert main(["train", "--extend", *argv(tiny_model_dir, reviews_csv, out, *extra)[1:]]) == 0
+    assert "resuming at step 6 by replaying" in capsys.readouterr().out
+    assert_same_run(out, ref)
+    assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+    assert "steps: 10" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("both, change, needle", [
+    ((), ("optimizer.lr=2e-3",), "(optimizer.lr differs); an extension may change only train.steps"),
+    ((), ("train.steps=5",), "train.steps must be above the run's 6, got 5"),
+    (("train.lr_schedule=cosine",), (), "train.lr_schedule cosine depends on train.steps"),
+    (("optimizer.name=AdamW",), (), "a zeroth-order optimizer (not hybrid), in one process"),
+    ((), ("--overwrite",), "it does not go with --overwrite"),
+    ((), ("--nproc", "2"), "drop --nproc"),
+])
+def test_an_extension_that_would_not_be_the_longer_run_is_refused_in_one_line(
+        tiny_model_dir, reviews_csv, tmp_path, both, change, needle, capsys):
+    """``both``: how the run was made and its extension asked for; ``change``: what the extension changes."""
+    out = tmp_path / "run"
+    made = ("train.steps=6", "eval.zero_shot=false", *both)
+    assert main(argv(tiny_model_dir, reviews_csv, out, *made)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    flags = [c for c in change if c.startswith("--") or c.isdigit()]
+    overrides = [c for c in change if c not in flags]
+    capsys.readouterr()
+    assert main(["train", "--extend", *flags, *argv(tiny_model_dir, reviews_csv, out, *made, "train.steps=10", *overrides)[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
+    assert main(["train", "--extend", "--out", str(tmp_path / "none"), f"model.name={tiny_model_dir}"]) == 2
+    assert "holds no run (no config.yaml)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("optimizer", ["ZOAdam", "HiZOO"])
 def test_without_checkpoints_a_run_resumes_from_its_trajectory_bit_identically(
         tiny_model_dir, reviews_csv, tmp_path, tmp_path_factory, optimizer, monkeypatch, capsys):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(tr)
     tr.add_argument("--nproc", type=int, metavar="N",
                     help="run N processes on this machine through torch's elastic launcher (torchrun --standalone)")
+    tr.add_argument("--extend", action="store_true",
+                    help="go on with the zeroth-order run in --out (finished or not) to a larger train.steps, "
+                         "by replaying its trajectory")
     ev = subs.add_parser("eval", help="evaluate a model on a task (zero-shot, icl, linear_probe)")
     _add_run_args(ev)
     ev.add_argument("--weights", metavar="FILE", help="tuned weights to load first (a run's weights.safetensors)")
@@ -202,7 +205,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .config import CONFIG_VERSION, load_config, recorded_version
 
     # a run to resume keeps the defaults it was recorded with (config version)
-    version = recorded_version(args.out) if args.command == "train" and not args.overwrite else CONFIG_VERSION
+    extend = args.command == "train" and args.extend
+    version = (recorded_version(args.out, finished_too=extend) if args.command == "train" and not args.overwrite
+               else CONFIG_VERSION)
     cfg = load_config(args.config, args.overrides, default_version=version)
     if args.command == "memory":
         from .profiling.memory import measure_one, run_memory
@@ -222,7 +227,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.nproc is not None:
             return _launch(args, cfg)
         with world_from_env() as world:
-            run_train(cfg, args.out, overwrite=args.overwrite, world=world)
+            run_train(cfg, args.out, overwrite=args.overwrite, world=world, extend=args.extend)
     else:
         run_eval(cfg, args.out, overwrite=args.overwrite, weights=args.weights)
     return 0
@@ -256,11 +261,13 @@ def _launch(args: argparse.Namespace, cfg) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.extend:
+        raise ConfigError("--extend goes on by replaying the run's trajectory, in one process: drop --nproc")
     if env_world_size() > 1:
         raise ConfigError("--nproc inside a torchrun launch: give the process count to torchrun alone")
     check_batch(cfg.train.batch_size, args.nproc, cfg.train.parallel)
     worker = ["train", "--out", str(args.out), *(["--config", args.config] if args.config else []),
-              *(["--overwrite"] if args.overwrite else []), *args.overrides]
+              *(["--overwrite"] if args.overwrite else []), *(["--extend"] if args.extend else []), *args.overrides]
     return launch(args.nproc, worker)
 
 

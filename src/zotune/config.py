@@ -317,12 +317,12 @@ def unresolved_versioned_defaults(cfg: Config) -> dict[str, Any]:
     return raw
 
 
-def recorded_version(run_dir: str | Path) -> int:
-    """The config version an unfinished run in ``run_dir`` was recorded with (1 for a
-    ``config.yaml`` without ``version``: written before versions existed); the current version
-    when there is no run to resume there."""
+def recorded_version(run_dir: str | Path, finished_too: bool = False) -> int:
+    """The config version an unfinished run in ``run_dir`` (or a finished one, ``finished_too``: to extend it)
+    was recorded with (1 for a ``config.yaml`` without ``version``: written before versions existed); the
+    current version when there is no run to resume there."""
     path = Path(run_dir)
-    if not (path / "config.yaml").is_file() or (path / "summary.json").exists():
+    if not (path / "config.yaml").is_file() or ((path / "summary.json").exists() and not finished_too):
         return CONFIG_VERSION
     try:
         recorded = load_yaml((path / "config.yaml").read_text(encoding="utf-8"))

@@ -51,15 +51,26 @@ class RunDir:
     unfinished run (``config.yaml``, no ``summary.json``) of the same config is kept for
     resuming (``resuming`` is True); another config there is a :class:`ConfigError` naming the
     first key that differs. A finished run is refused unless ``overwrite``, which starts over.
+
+    ``extend``: the run there, finished or not, goes on to the config's larger ``train.steps``; the
+    config may differ from the recorded one in ``train.steps`` and the evaluation cadence
+    (``EXTENDABLE``) only, with a constant lr schedule (a decaying one depends on ``train.steps``).
+    Its ``summary.json`` stays until :meth:`forget_summary` (training is about to start).
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False, config: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, overwrite: bool = False, config: dict[str, Any] | None = None,
+                 extend: bool = False):
         self.path = Path(path)
         self.resuming = False
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} exists and is not a directory")
         existing = [m for m in RUN_MARKERS if (self.path / m).exists()]
-        if existing and not overwrite:
+        if extend:
+            if overwrite or config is None:
+                raise ConfigError("--extend goes on with the run in --out: it does not go with --overwrite")
+            _check_extendable(self.path, config)
+            self.resuming = True
+        elif existing and not overwrite:
             if config is None or "summary.json" in existing or "config.yaml" not in existing:
                 raise ConfigError(
                     f"--out {self.path} already holds a run ({existing[0]}); choose another directory "
@@ -75,6 +86,11 @@ class RunDir:
             for name in ("summary.json", "metrics.jsonl", "trajectory.jsonl", "trajectory.bin"):
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
+    def forget_summary(self) -> None:
+        """An extended run: its old final results go (training is about to go on past them)."""
+        for name in ("summary.json", "predictions.jsonl"):
+            (self.path / name).unlink(missing_ok=True)
 
     def file(self, name: str) -> Path:
         """The path of ``name`` in the run directory."""
@@ -108,20 +124,56 @@ class RunDir:
         os.replace(tmp, self.path / name)
 
 
+# what an extended run's config may change: its length and how often it evaluates, logs and checkpoints
+EXTENDABLE = ("train.steps", "train.eval_every", "train.test_every", "train.log_every", "train.checkpoint_every")
+
+
+def _recorded(path: Path, what: str) -> dict[str, Any]:
+    """The resolved config recorded in ``path``, as plain data (ConfigError naming ``what`` run it is)."""
+    try:
+        return _plain(recorded_config(path / "config.yaml").to_dict())
+    except (OSError, ValueError, yaml.YAMLError, ConfigError):
+        raise ConfigError(f"--out {path} holds {what} whose config.yaml cannot be read; "
+                          "pass --overwrite to start over") from None
+
+
+def _plain(data: dict[str, Any]) -> Any:
+    return yaml.safe_load(yaml.safe_dump(data))
+
+
 def _check_same_config(path: Path, config: dict[str, Any]) -> None:
     """An unfinished run in ``path`` may be resumed only by the same resolved config."""
-    def plain(data: dict[str, Any]) -> Any:
-        return yaml.safe_load(yaml.safe_dump(data))
-
-    try:
-        theirs = plain(recorded_config(path / "config.yaml").to_dict())
-    except (OSError, ValueError, yaml.YAMLError, ConfigError):
-        raise ConfigError(f"--out {path} holds an unfinished run whose config.yaml cannot be read; "
-                          "pass --overwrite to start over") from None
-    key = _first_difference(theirs, plain(config))
+    key = _first_difference(_recorded(path, "an unfinished run"), _plain(config))
     if key is not None:
         raise ConfigError(f"--out {path} holds an unfinished run of another config ({key} differs); run its "
                           "command again to resume it, or pass --overwrite to start over")
+
+
+def _check_extendable(path: Path, config: dict[str, Any]) -> None:
+    """``--extend``: ``path`` holds a run whose config differs from ``config`` only in ``EXTENDABLE`` keys, and
+    ``config`` asks for more steps under a constant lr schedule."""
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"--extend: --out {path} holds no run (no config.yaml) to go on with")
+    theirs, ours = _recorded(path, "a run"), _plain(config)
+    key = _first_difference(_without(theirs, EXTENDABLE), _without(ours, EXTENDABLE))
+    if key is not None:
+        raise ConfigError(f"--extend: the run in {path} has another config ({key} differs); an extension may "
+                          f"change only {', '.join(EXTENDABLE)}")
+    if ours["train"]["lr_schedule"] != "constant":
+        raise ConfigError(f"--extend: train.lr_schedule {ours['train']['lr_schedule']} depends on train.steps, so "
+                          "its steps so far would differ; only a constant schedule extends")
+    if ours["train"]["steps"] <= theirs["train"]["steps"]:
+        raise ConfigError(f"--extend: train.steps must be above the run's {theirs['train']['steps']}, got "
+                          f"{ours['train']['steps']}")
+
+
+def _without(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``config`` (nested) without the dotted ``keys``."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key in keys:
+        section, name = key.split(".")
+        out.get(section, {}).pop(name, None)
+    return out
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

@@ -275,7 +275,8 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
     return summary
 
 
-def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, world: World = SINGLE) -> dict[str, Any]:
+def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, world: World = SINGLE,
+              extend: bool = False) -> dict[str, Any]:
     """`zotune train`: (zero-shot eval), fine-tune, final eval; everything into the run dir.
 
     Checkpoints every ``train.checkpoint_every`` steps and on SIGTERM/SIGINT (then stops with
@@ -284,20 +285,28 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     ``world`` (several processes, see zotune.distributed): rank 0 alone writes the run
     directory; zeroth-order optimizers exchange only their probe losses, first-order ones run
     under DDP; evaluation is sharded by batches; the ranks compare parameter digests at the
-    start, at every evaluation and at the end."""
+    start, at every evaluation and at the end.
+
+    ``extend``: the zeroth-order run in ``out``, finished or not, goes on to ``train.steps`` (more than it was
+    given) by replaying its trajectory, bit-identical to a run given those steps from the start (see
+    :class:`RunDir` for what its config may change)."""
     _check_world(cfg, world)
+    if extend:
+        _check_extension(cfg, world)
     # bad optimizer options: one line before anything loads
     run_forwards_per_step(cfg)
     log = log if world.is_main else _quiet
     t_start = time.perf_counter()
     # rank 0 first: it owns the run directory; its errors stop every rank once; it alone prints warnings
     with world.main_first(), _muted(not world.is_main):
-        run = RunDir(out, overwrite, cfg.to_dict()) if world.is_main else None
+        run = RunDir(out, overwrite, cfg.to_dict(), extend=extend) if world.is_main else None
         session = Session.build(cfg, log, world=world)
         optimizers = session.optimizers(log)  # first: a bad precision setup fails before any eval
         _check_optimizer_world(cfg, world, optimizers[0], session)
         if run is not None:
             run.write_yaml("config.yaml", cfg.to_dict())  # after data, model and optimizer: a bad one leaves no run
+            if extend:
+                run.forget_summary()
     training = Training(cfg, session, run, Path(out), world, log, *optimizers)
     training.start()
     training.loop()
@@ -561,6 +570,13 @@ def _engine_mode(cfg: Config, opt: ZOOptimizer, mode: str, why_not: str) -> bool
     if wanted and not takes:
         raise ConfigError(f"optimizer.{mode}: {cfg.optimizer.name} does not take it ({why_not})")
     return wanted if wanted is not None else cfg.model.offload != "none" and takes
+
+
+def _check_extension(cfg: Config, world: World) -> None:
+    """``--extend`` goes on by replaying the trajectory: one process, zeroth order, no first-order part."""
+    if not is_zeroth_order(cfg.optimizer.name) or cfg.tuning.hybrid.zo_layers is not None or world.distributed:
+        raise ConfigError("--extend goes on by replaying the run's trajectory: a zeroth-order optimizer (not hybrid), "
+                          "in one process")
 
 
 def _check_world(cfg: Config, world: World) -> None:

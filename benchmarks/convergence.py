@@ -16,7 +16,8 @@ run's ``config.yaml``, ``metrics.jsonl`` and ``trajectory.bin`` (kB, no weights)
 ``docs/convergence/runs/<run>`` (with ``summary.json`` once it finishes) after it stops, and by
 ``--archive`` at any time (e.g. while it runs, before a machine goes). A run with no directory under
 ``--out`` starts from its archive: ``zotune train`` resumes a zeroth-order run from its trajectory
-(bit for bit, no checkpoint needed), and a finished one is only collected.
+(bit for bit, no checkpoint needed), and a finished one is only collected, or extended (``zotune train
+--extend``) when ``RUNS`` now gives it more steps than it ran.
 
     .venv/bin/python benchmarks/convergence.py --archive                     # snapshot every run into docs
 
@@ -39,6 +40,8 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from zotune.bench.benchdir import ARCHIVED_FILES
 from zotune.train.rundir import read_metrics
@@ -144,10 +147,15 @@ def run(name: str, out: Path) -> None:
     target = out / name
     if not (target / "config.yaml").is_file() and copy_kept(ARCHIVE / name, target):
         print(f"{name}: copied in from {ARCHIVE / name}", file=sys.stderr)
+    extend = []
     if (target / "summary.json").is_file():
-        print(f"{name}: finished", file=sys.stderr)
-        return
-    cmd = [zotune(), "train", "--out", str(target), *BASE, f"optimizer.name={spec.optimizer}",
+        done = yaml.safe_load((target / "config.yaml").read_text())["train"]["steps"]
+        if done >= spec.steps:
+            print(f"{name}: finished", file=sys.stderr)
+            return
+        extend = ["--extend"]  # RUNS gives it more steps than it ran: it goes on from its trajectory
+        print(f"{name}: finished at {done} steps; extended to {spec.steps}", file=sys.stderr)
+    cmd = [zotune(), "train", *extend, "--out", str(target), *BASE, f"optimizer.name={spec.optimizer}",
            f"tuning.scheme={spec.scheme}", f"seed={spec.seed}", f"train.steps={spec.steps}", f"task.name={spec.task}",
            *spec.overrides]
     print(f"{name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

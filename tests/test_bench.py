@@ -307,6 +307,30 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         run_bench(grid_path, fresh, archive=fresh)
 
 
+def test_a_grid_whose_budget_grew_extends_its_zo_cells(tiny_model_dir, reviews_csv, tmp_path):
+    """Steps 2 -> 4: the finished ZOSGD cell (here archived, then copied into a fresh --out) is "short" and goes on
+    with zotune train --extend, to the trajectory a 4-step cell has from the start; FO cells run again."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    grid.update(axes={"optimizer.name": ["ZOSGD", "AdamW"], "seed": [0]}, overrides=[], budget={"steps": 2})
+    kept = tmp_path / "kept"
+    assert run_bench(write_grid(tmp_path / "g2.yaml", grid), tmp_path / "b2", log=lambda _: None, archive=kept) == 0
+    grid["budget"] = {"steps": 4}
+    longer = write_grid(tmp_path / "g4.yaml", grid)
+    assert run_bench(longer, tmp_path / "ref", overrides=["optimizer.name=ZOSGD"], log=lambda _: None) == 0
+    fresh = tmp_path / "fresh"
+    lines: list[str] = []
+    assert run_bench(longer, fresh, log=lines.append, report_only=True, archive=kept) == 0
+    assert lines[0] == f"1 cells copied in from {kept}"  # ZOSGD's, which can go on; AdamW's is another run
+    assert [line.split()[-1] for line in plan_lines(load_grid(longer), BenchDir(fresh))[2:]] == ["short", "todo"]
+    assert run_bench(longer, fresh, log=lambda _: None, interactive=False) == 0
+    zo, fo = "optimizer=ZOSGD,seed=0", "optimizer=AdamW,seed=0"
+    assert "resuming at step 2 by replaying" in (fresh / "logs" / f"{zo}.out").read_text()
+    ours, ref = fresh / "cells" / zo, tmp_path / "ref" / "cells" / zo
+    assert json.loads((ours / "summary.json").read_text())["eval"] == json.loads((ref / "summary.json").read_text())["eval"]
+    assert (ours / "trajectory.bin").read_bytes() == (ref / "trajectory.bin").read_bytes()
+    assert json.loads((fresh / "cells" / fo / "summary.json").read_text())["steps"] == 4  # run again, from the start
+
+
 def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, tmp_path, capsys):
     """`zotune bench --grid G key=value`: applied to every cell last (an axis becomes one value);
     `baselines:` adds `zotune eval` cells that are rows of the report beside the optimizers."""

@@ -13,7 +13,8 @@ import yaml
 from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..optim.factory import resolved_settings
-from ..train.rundir import RUN_MARKERS
+from ..optim.registry import is_zeroth_order
+from ..train.rundir import EXTENDABLE, RUN_MARKERS
 from ..trajectory import FILENAME as TRAJECTORY
 from .grid import Cell, Grid
 
@@ -60,11 +61,12 @@ class BenchDir:
         return None if outcome.status == "ok" else outcome  # ok, but its summary.json is gone: not finished now
 
     def state(self, cell: Cell) -> str:
-        """``done`` (finished, same config), ``stale`` (holds another config), ``partial``
-        (an unfinished run), ``failed`` (last run failed, nothing to resume) or ``todo``."""
+        """``done`` (finished, same config), ``short`` (a zeroth-order run of the same config but fewer steps:
+        ``zotune train --extend`` goes on with it), ``stale`` (holds another config), ``partial`` (an unfinished
+        run), ``failed`` (last run failed, nothing to resume) or ``todo``."""
         run = self.run_dir(cell)
         if (run / "config.yaml").is_file() and not _same_config(run / "config.yaml", cell):
-            return "stale"
+            return "short" if _extends(run / "config.yaml", cell) else "stale"
         if (run / "summary.json").is_file():
             return "done"
         if any((run / m).exists() for m in RUN_MARKERS):
@@ -95,11 +97,12 @@ class BenchDir:
     def restore_from(self, archive: BenchDir, grid: Grid) -> list[str]:
         """Copy in the cells finished in ``archive`` that are not finished here (never run, failed, or
         interrupted), so that they count as done, and its unfinished ones that have not started here, so
-        that they resume from their trajectories; returns their names. A cell that holds another config
+        that they resume from their trajectories (or, given fewer steps than the grid now asks, are extended);
+        returns their names. A cell that holds another config
         here (stale) is left as it is."""
         restored = [cell for cell in grid.cells
                     if (archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial"))
-                    or (archive.state(cell) == "partial" and self.state(cell) in ("todo", "failed"))]
+                    or (archive.state(cell) in ("partial", "short") and self.state(cell) in ("todo", "failed"))]
         for cell in restored:
             _copy_files(archive.run_dir(cell), self.run_dir(cell))
         return [cell.name for cell in restored]
@@ -152,6 +155,25 @@ def _same_config(path: Path, cell: Cell) -> bool:
         return _results_config(recorded) == _results_config(from_dict(cell.config, default_version=recorded.version))
     except ZotuneError:
         return False
+
+
+def _extends(path: Path, cell: Cell) -> bool:
+    """Whether the run recorded in ``path`` is the cell's run cut short: the same config but for fewer steps and
+    another evaluation cadence (``EXTENDABLE``), zeroth order in one process, constant lr (``zotune train
+    --extend`` then makes it the cell's run, bit for bit)."""
+    try:
+        recorded = recorded_config(path)
+        wanted = from_dict(cell.config, default_version=recorded.version)
+    except ZotuneError:
+        return False
+    if (wanted.train.steps <= recorded.train.steps or wanted.train.lr_schedule != "constant"
+            or not is_zeroth_order(wanted.optimizer.name) or wanted.tuning.hybrid.zo_layers is not None):
+        return False
+    ours, theirs = _results_config(wanted), _results_config(recorded)
+    for key in EXTENDABLE:
+        section, name = key.split(".")
+        ours[section].pop(name), theirs[section].pop(name)
+    return ours == theirs
 
 
 RESULT_NEUTRAL = (("train", "save_weights"),)

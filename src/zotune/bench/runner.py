@@ -12,7 +12,8 @@ One process per cell keeps its peak memory its own and contains a crash. Under `
 
 A cell is finished when ``cells/<cell>/summary.json`` exists and its ``config.yaml`` is the
 grid's config for it: such cells are skipped when the same command runs again. A cell whose run
-directory holds another config (the grid changed) runs again with ``--overwrite``. An unfinished
+directory holds another config (the grid changed) runs again with ``--overwrite``, unless only its
+budget grew (a zeroth-order cell, constant lr): then ``--extend`` goes on from its trajectory. An unfinished
 cell runs ``zotune train`` without ``--overwrite`` first, so a train command that resumes its
 own unfinished run does so; if train refuses the directory and names ``--overwrite``, the cell
 starts over with it.
@@ -94,8 +95,9 @@ def run_cell(cell: Cell, bench: BenchDir, launcher: Launcher) -> Outcome:
     state = bench.state(cell)
     bench.log(cell, "json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    returncode, error = _train(cell, bench, ["--overwrite"] if state == "stale" else [], launcher)
-    if returncode != 0 and state == "partial" and "--overwrite" in error:  # train cannot resume it
+    flags = {"stale": ["--overwrite"], "short": ["--extend"]}.get(state, [])
+    returncode, error = _train(cell, bench, flags, launcher)
+    if returncode != 0 and state in ("partial", "short") and "--overwrite" in error:  # train cannot go on with it
         returncode, error = _train(cell, bench, ["--overwrite"], launcher)
     ok = returncode == 0 and (bench.run_dir(cell) / "summary.json").is_file()
     if returncode == 0 and not ok:

@@ -160,7 +160,9 @@ def _same_config(path: Path, cell: Cell) -> bool:
 def _extends(path: Path, cell: Cell) -> bool:
     """Whether the run recorded in ``path`` is the cell's run cut short: the same config but for fewer steps and
     another evaluation cadence (``EXTENDABLE``), zeroth order in one process, constant lr (``zotune train
-    --extend`` then makes it the cell's run, bit for bit)."""
+    --extend`` then makes it the cell's run, bit for bit). Only a ``zotune train`` cell (not eval, not memory)."""
+    if cell.command != "train":
+        return False
     try:
         recorded = recorded_config(path)
         wanted = from_dict(cell.config, default_version=recorded.version)

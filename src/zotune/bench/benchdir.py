@@ -13,8 +13,7 @@ import yaml
 from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..optim.factory import resolved_settings
-from ..optim.registry import is_zeroth_order
-from ..train.rundir import EXTENDABLE, RUN_MARKERS
+from ..train.rundir import RUN_MARKERS, extension_refusal
 from ..trajectory import FILENAME as TRAJECTORY
 from .grid import Cell, Grid
 
@@ -158,9 +157,9 @@ def _same_config(path: Path, cell: Cell) -> bool:
 
 
 def _extends(path: Path, cell: Cell) -> bool:
-    """Whether the run recorded in ``path`` is the cell's run cut short: the same config but for fewer steps and
-    another evaluation cadence (``EXTENDABLE``), zeroth order in one process, constant lr (``zotune train
-    --extend`` then makes it the cell's run, bit for bit). Only a ``zotune train`` cell (not eval, not memory)."""
+    """Whether the run recorded in ``path`` is the cell's run cut short, which ``zotune train --extend`` makes the
+    cell's run bit for bit (``extension_refusal``: fewer steps, the rest of the config the same but for the
+    evaluation cadence). Only a ``zotune train`` cell (not eval, not memory)."""
     if cell.command != "train":
         return False
     try:
@@ -168,14 +167,7 @@ def _extends(path: Path, cell: Cell) -> bool:
         wanted = from_dict(cell.config, default_version=recorded.version)
     except ZotuneError:
         return False
-    if (wanted.train.steps <= recorded.train.steps or wanted.train.lr_schedule != "constant"
-            or not is_zeroth_order(wanted.optimizer.name) or wanted.tuning.hybrid.zo_layers is not None):
-        return False
-    ours, theirs = _results_config(wanted), _results_config(recorded)
-    for key in EXTENDABLE:
-        section, name = key.split(".")
-        ours[section].pop(name), theirs[section].pop(name)
-    return ours == theirs
+    return extension_refusal(_results_config(recorded), _results_config(wanted)) is None
 
 
 RESULT_NEUTRAL = (("train", "save_weights"),)

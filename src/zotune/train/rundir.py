@@ -14,6 +14,7 @@ import yaml
 
 from ..config import recorded_config
 from ..errors import ConfigError, DataError
+from ..optim.registry import is_zeroth_order
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
 
@@ -154,17 +155,26 @@ def _check_extendable(path: Path, config: dict[str, Any]) -> None:
     ``config`` asks for more steps under a constant lr schedule."""
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"--extend: --out {path} holds no run (no config.yaml) to go on with")
-    theirs, ours = _recorded(path, "a run"), _plain(config)
+    refusal = extension_refusal(_recorded(path, "a run"), _plain(config))
+    if refusal is not None:
+        raise ConfigError(f"--extend: the run in {path}: {refusal}")
+
+
+def extension_refusal(theirs: dict[str, Any], ours: dict[str, Any]) -> str | None:
+    """Why a run recorded with config ``theirs`` cannot go on bit for bit as a run of config ``ours`` (nested plain
+    data), or None: only ``EXTENDABLE`` keys may differ, to more steps, under a constant lr schedule, with a
+    zeroth-order optimizer and no first-order part (what its trajectory rebuilds)."""
     key = _first_difference(_without(theirs, EXTENDABLE), _without(ours, EXTENDABLE))
     if key is not None:
-        raise ConfigError(f"--extend: the run in {path} has another config ({key} differs); an extension may "
-                          f"change only {', '.join(EXTENDABLE)}")
+        return f"another config ({key} differs); an extension may change only {', '.join(EXTENDABLE)}"
     if ours["train"]["lr_schedule"] != "constant":
-        raise ConfigError(f"--extend: train.lr_schedule {ours['train']['lr_schedule']} depends on train.steps, so "
-                          "its steps so far would differ; only a constant schedule extends")
+        return (f"train.lr_schedule {ours['train']['lr_schedule']} depends on train.steps, so its steps so far "
+                "would differ; only a constant schedule extends")
     if ours["train"]["steps"] <= theirs["train"]["steps"]:
-        raise ConfigError(f"--extend: train.steps must be above the run's {theirs['train']['steps']}, got "
-                          f"{ours['train']['steps']}")
+        return f"train.steps must be above the run's {theirs['train']['steps']}, got {ours['train']['steps']}"
+    if not is_zeroth_order(ours["optimizer"]["name"]) or ours["tuning"]["hybrid"]["zo_layers"] is not None:
+        return "an extension replays the run's trajectory: a zeroth-order optimizer (not hybrid), in one process"
+    return None
 
 
 def _without(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

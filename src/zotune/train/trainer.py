@@ -291,8 +291,8 @@ def run_train(cfg: Config, out: str | Path, overwrite: bool = False, log=print, 
     given) by replaying its trajectory, bit-identical to a run given those steps from the start (see
     :class:`RunDir` for what its config may change)."""
     _check_world(cfg, world)
-    if extend:
-        _check_extension(cfg, world)
+    if extend and world.distributed:  # the rest of what --extend needs: RunDir
+        raise ConfigError("--extend goes on by replaying the run's trajectory, in one process")
     # bad optimizer options: one line before anything loads
     run_forwards_per_step(cfg)
     log = log if world.is_main else _quiet
@@ -570,13 +570,6 @@ def _engine_mode(cfg: Config, opt: ZOOptimizer, mode: str, why_not: str) -> bool
     if wanted and not takes:
         raise ConfigError(f"optimizer.{mode}: {cfg.optimizer.name} does not take it ({why_not})")
     return wanted if wanted is not None else cfg.model.offload != "none" and takes
-
-
-def _check_extension(cfg: Config, world: World) -> None:
-    """``--extend`` goes on by replaying the trajectory: one process, zeroth order, no first-order part."""
-    if not is_zeroth_order(cfg.optimizer.name) or cfg.tuning.hybrid.zo_layers is not None or world.distributed:
-        raise ConfigError("--extend goes on by replaying the run's trajectory: a zeroth-order optimizer (not hybrid), "
-                          "in one process")
 
 
 def _check_world(cfg: Config, world: World) -> None:

@@ -214,6 +214,45 @@ def test_a_diverged_run_ends_early_with_its_summary(tiny_model_dir, reviews_csv,
     assert main(["train", "--out", str(tmp_path / "bad"), "train.divergence_ratio=0.5"]) == 2
 
 
+def test_early_stopping_ends_the_run_once_dev_stops_improving(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):
+    """train.early_stop_patience: the run ends after that many dev evaluations in a row below the best one
+    (evaluated, summarised with the step, the best-dev weights kept); it is the same run as a longer one cut
+    there, and --extend refuses it (it would end at the same step given more steps)."""
+    from zotune.train import trainer
+
+    devs = iter([0.50, 0.75, 0.75, 0.625, 0.75, 0.875, 0.875, 0.875])  # best 0.75 first at step 2
+    evaluate = trainer.Session.evaluate
+
+    def scripted(self, examples, desc, scorer=None):
+        result = evaluate(self, examples, desc, scorer)
+        if desc == "dev eval":
+            result.metrics["accuracy"] = next(devs)
+        return result
+
+    monkeypatch.setattr(trainer.Session, "evaluate", scripted)
+    common = [f"model.name={tiny_model_dir}", f"task.path={reviews_csv}", "task.text_template={text} It was",
+              'task.choices={"0": " bad", "1": " good"}', "eval.zero_shot=false", "train.eval_every=1",
+              "train.keep_best=true"]
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *common, "train.steps=8", "train.early_stop_patience=3"]) == 0
+    assert "early stop: dev accuracy has not passed 0.7500 (step 2) in 3 evaluations; the run ends at step 5" \
+        in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early_at_step"] == 5 and summary["steps"] == 5 and summary["forward_passes"] == 10
+    assert summary["best_step"] == 2 and summary["best_dev_accuracy"] == 0.75
+    assert len(read_trajectory(out / "trajectory.bin")[1]) == 5
+    assert main(["train", "--out", str(out), "--extend", *common, "train.steps=16", "train.early_stop_patience=3"]) == 2
+    assert "it ended at step 5 (train.early_stop_patience)" in capsys.readouterr().err
+
+    devs = iter([0.50, 0.75, 0.75, 0.625, 0.75])  # the same run without patience, 5 steps: the same trajectory
+    assert main(["train", "--out", str(tmp_path / "cut"), *common, "train.steps=5"]) == 0
+    assert (tmp_path / "cut" / "trajectory.bin").read_bytes() == (out / "trajectory.bin").read_bytes()
+    assert main(["train", "--out", str(tmp_path / "bad"), *common, "train.early_stop_patience=-1"]) == 2
+    assert main(["train", "--out", str(tmp_path / "bad"), *common, "train.eval_every=0", "train.keep_best=false",
+                 "train.early_stop_patience=2"]) == 2
+    assert "train.early_stop_patience" in capsys.readouterr().err
+
+
 def test_out_of_memory_names_the_batch_shape(tiny_model_dir, reviews_csv, tmp_path, monkeypatch, capsys):
     from zotune.train import scoring
 

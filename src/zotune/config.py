@@ -171,6 +171,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "linear" | "cosine" (to 0 at the last step)
     warmup_steps: int = 0  # the lr rises linearly over these first steps
     keep_best: bool = False  # with eval_every: the final weights are the best on dev (MeZO's protocol)
+    # with eval_every: end the run once this many dev evaluations in a row have not passed the best one (0: never)
+    early_stop_patience: int = 0
     # write weights.safetensors (and keep best.safetensors) at the end; false: the run keeps its metrics, summary
     # and trajectory only (a ZO run's weights are rebuilt by `zotune replay`). zotune bench's cells: false by default
     save_weights: bool = True
@@ -576,6 +578,9 @@ def _validate_train(cfg: Config) -> None:
     _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be >= 0 and below train.steps", t.warmup_steps)
     _require(not t.keep_best or t.eval_every > 0, "train.keep_best",
              "needs train.eval_every > 0 (the dev evaluations it picks from)", t.keep_best)
+    _require(t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0: never)", t.early_stop_patience)
+    _require(not t.early_stop_patience or t.eval_every > 0, "train.early_stop_patience",
+             "needs train.eval_every > 0 (the dev evaluations it counts)", t.early_stop_patience)
     _require(t.dropout in DROPOUT, "train.dropout", f"must be one of {', '.join(DROPOUT)}", t.dropout)
     _require(t.dropout == "off" or not zo or cfg.tuning.hybrid.zo_layers is not None,
              "train.dropout", f"must be 'off' for the zeroth-order optimizer {name} (its probes run with dropout "

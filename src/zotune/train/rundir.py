@@ -155,9 +155,24 @@ def _check_extendable(path: Path, config: dict[str, Any]) -> None:
     ``config`` asks for more steps under a constant lr schedule."""
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"--extend: --out {path} holds no run (no config.yaml) to go on with")
-    refusal = extension_refusal(_recorded(path, "a run"), _plain(config))
+    refusal = extension_refusal(_recorded(path, "a run"), _plain(config)) or _ended_early(path)
     if refusal is not None:
         raise ConfigError(f"--extend: the run in {path}: {refusal}")
+
+
+def _ended_early(path: Path) -> str | None:
+    """Why a finished run that ended before its train.steps does not extend (None: it did not end early): given
+    more steps from the start, it would have ended at the same step."""
+    summary = path / "summary.json"
+    try:
+        figures = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    except ValueError:
+        return None
+    for key, why in (("diverged_at_step", "train.divergence_ratio"), ("stopped_early_at_step", "train.early_stop_patience")):
+        if figures.get(key):
+            return (f"it ended at step {figures[key]} ({why}), where it would end given more steps too; "
+                    "nothing to extend (--overwrite runs it again from the start)")
+    return None
 
 
 def extension_refusal(theirs: dict[str, Any], ours: dict[str, Any]) -> str | None:

@@ -334,6 +334,7 @@ class Training:
         self.ddp_bytes = {"bytes": 0}
         self.steps_here = 0
         self.diverged_at = 0  # the step at which train.divergence_ratio ended the run (0: it did not)
+        self.stopped_early_at = 0  # the step at which train.early_stop_patience ended the run (0: it did not)
 
     def start(self) -> None:
         """The resume point or a fresh start (zero-shot evaluation), the trajectory, the step."""
@@ -418,7 +419,7 @@ class Training:
                 self.steps_here += 1
                 self.after_step(step + 1, loss)
                 bar.set_postfix(loss=f"{loss:.4f}", fwd=progress.forwards)
-                if self.diverged_at:
+                if self.diverged_at or self.stopped_early_at:
                     break
                 stopping = exchange.stop_agreed if exchange else stop.signal is not None
                 if stopping or self.checkpoints.due(step + 1):
@@ -443,6 +444,18 @@ class Training:
                      f"({losses[0]:.4g}); the run ends here (train.divergence_ratio)")
             self.diverged_at = done
 
+    def check_patience(self, done: int) -> None:
+        """End the run after step ``done`` if its last ``train.early_stop_patience`` dev evaluations did not pass the
+        best one (``stopped_early_at``, the summary's ``stopped_early_at_step``): a function of the dev curve alone,
+        so a resumed run stops where the uninterrupted one does."""
+        patience, dev = self.tcfg.early_stop_patience, self.progress.dev
+        since = evaluations_since_best(dev)
+        if patience and since >= patience:
+            best_step, best = dev[-1 - since]
+            self.log(f"early stop: dev {self.metric} has not passed {best:.4f} (step {best_step}) in {since} "
+                     f"evaluations; the run ends at step {done} (train.early_stop_patience)")
+            self.stopped_early_at = done
+
     def after_step(self, done: int, loss: float) -> None:
         """The step's bookkeeping: the NaN guard, dev and test evaluations, metrics.jsonl, a progress line."""
         tcfg, progress, session, metric = self.tcfg, self.progress, self.session, self.metric
@@ -464,10 +477,11 @@ class Training:
             if tcfg.keep_best and self.run is not None and dev.metrics[metric] > max((v for _, v in progress.dev), default=-math.inf):
                 save_weights(self.run.file(BEST_WEIGHTS), session.named_trainable())
             progress.dev.append((done, dev.metrics[metric]))
+            self.check_patience(done)
         if tcfg.test_every and done % tcfg.test_every == 0 and done < tcfg.steps:
             record["test"] = session.evaluate(self.test, "test eval").metrics  # the final one follows the loop
         progress.eval_s += time.perf_counter() - t_eval
-        last = done == tcfg.steps or self.diverged_at
+        last = done == tcfg.steps or self.diverged_at or self.stopped_early_at
         if self.run is not None and (record or done % tcfg.log_every == 0 or last):
             zo = {"projected_grad": self.opt.last_record.projected_grads, "skipped_steps": self.opt.skipped_steps} if self.zo else {}
             self.run.append_jsonl("metrics.jsonl", {
@@ -536,6 +550,7 @@ class Training:
             **({"eval_zero_shot": progress.zero_shot} if progress.zero_shot else {}),
             "steps": progress.step,
             **({"diverged_at_step": self.diverged_at} if self.diverged_at else {}),
+            **({"stopped_early_at_step": self.stopped_early_at} if self.stopped_early_at else {}),
             "forward_passes": progress.forwards,
             "skipped_steps": self.opt.skipped_steps if self.zo else 0,
             "optimizer": cfg.optimizer.name,
@@ -551,6 +566,14 @@ class Training:
             **peak_memory(),
             "wall_s": round(time.perf_counter() - t_start, 2),
         }
+
+
+def evaluations_since_best(dev: list[tuple[int, float]]) -> int:
+    """How many of the (step, metric) evaluations came after the first of the best (0 when the last is it)."""
+    if not dev:
+        return 0
+    best = max(range(len(dev)), key=lambda i: (dev[i][1], -i))
+    return len(dev) - 1 - best
 
 
 def _quiet(*_: Any) -> None:

@@ -345,6 +345,22 @@ def test_a_run_killed_between_checkpoints_replays_its_trajectory_past_the_newest
     assert (out / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
+def test_an_early_stopped_run_interrupted_before_its_stop_stops_at_the_same_step(tiny_model_dir, reviews_csv, tmp_path,
+                                                                                 tmp_path_factory, monkeypatch):
+    """train.early_stop_patience counts dev evaluations across a resume: interrupted after step 2, the run ends
+    at the step the uninterrupted one ended at, bit-identical."""
+    extra = ("train.eval_every=1", "train.early_stop_patience=2", "optimizer.lr=1e-9")  # dev stays at its first
+    ref = reference(tiny_model_dir, reviews_csv, tmp_path_factory, *extra)
+    stopped = json.loads((ref / "summary.json").read_text()).get("stopped_early_at_step")
+    assert stopped is not None and 2 < stopped < STEPS
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, reviews_csv, out, *extra)
+    interrupt_in_process(args, 2, monkeypatch)
+    assert main(args) == 0
+    assert_same_run(out, ref)
+    assert json.loads((out / "summary.json").read_text())["stopped_early_at_step"] == stopped
+
+
 def test_a_finished_run_extended_to_more_steps_is_the_longer_run(tiny_model_dir, reviews_csv, tmp_path,
                                                                  tmp_path_factory, capsys):
     """--extend: a finished 6-step ZOAdam run given 10 steps replays its trajectory (weights, Adam's moments,

@@ -109,23 +109,23 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 14)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 14: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 15)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 15: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
-    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in range(1, 15)]
+    lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in range(1, 16)]
            for name in ("FZOO", "ZOAdam", "ZOSGD", "ZOSGDSign", "ZOSGDMomentum", "ZOMuon", "ZOMuonSubspace",
                         "JaguarSignSGD", "LOZO", "SparseMeZO")}
-    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4] + [3e-3] * 11,
-                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4] + [1e-3] * 8,
-                   "ZOSGD": [1e-6, 1e-6] + [1e-4] * 12,
-                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [1e-3] * 9,
-                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [3e-6] * 9,
-                   "ZOMuon": [1e-6, 1e-6] + [1e-4] * 12,
-                   "ZOMuonSubspace": [1e-2] * 7 + [3e-1] * 7,
-                   "JaguarSignSGD": [1e-6, 1e-6] + [1e-4] * 12,
-                   "LOZO": [1e-6, 1e-6] + [1e-4] * 12,  # their LoRA-FA picks leave full fine-tuning the family's
-                   "SparseMeZO": [1e-6, 1e-6] + [1e-4] * 12}
+    assert lrs == {"FZOO": [1e-6, 1e-6, 1e-4] + [3e-3] * 12,
+                   "ZOAdam": [1e-5, 1e-5, 1e-4, 1e-4, 1e-4, 1e-4] + [1e-3] * 9,
+                   "ZOSGD": [1e-6, 1e-6] + [1e-4] * 13,
+                   "ZOSGDSign": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [1e-3] * 10,
+                   "ZOSGDMomentum": [1e-6, 1e-6, 1e-4, 1e-4, 1e-4] + [3e-6] * 10,
+                   "ZOMuon": [1e-6, 1e-6] + [1e-4] * 12 + [3e-3],  # 15: its full sweep's pick
+                   "ZOMuonSubspace": [1e-2] * 7 + [3e-1] * 8,
+                   "JaguarSignSGD": [1e-6, 1e-6] + [1e-4] * 13,
+                   "LOZO": [1e-6, 1e-6] + [1e-4] * 13,  # their LoRA-FA picks leave full fine-tuning the family's
+                   "SparseMeZO": [1e-6, 1e-6] + [1e-4] * 13}
     # version 9: the LoRA-FA sweeps' picks of ZO-Adam, ZO-SGD-Sign, FZOO and JAGUAR; 10: LOZO's; 11: Sparse-MeZO's;
     # 12: ZO-SGD-Momentum's; 13: ZOMuonSubspace's (1e-2, its paper's, before); 14: ZO-Muon's; the others keep the
     # family's 3e-2
@@ -145,6 +145,12 @@ def test_defaults_follow_the_config_version():
     sub = build_optimizer(load_config(None, ["optimizer.name=ZOMuonSubspace"]).optimizer, params, "full", seed=0)
     assert (sub.rank, sub.refresh, sub.n_queries, sub.forwards_per_step) == (64, 100, 4, 5)
     assert sub.param_groups[0]["momentum"] == 0.0 and sub.param_groups[0]["plain_lr"] == 1e-7
+    # 15: ZO-Muon's full-rank step at 3e-3, its embeddings and norms at plain_lr 5e-6 (its sweep's); before, and on
+    # LoRA-FA, no plain_lr (lr for every parameter)
+    plain = {(v, row): build_optimizer(OptimizerConfig(name="ZOMuon"), params, row, seed=0, version=v).param_groups[0]["plain_lr"]
+             for v in (14, 15) for row in ("full", "lora-fa")}
+    assert plain == {(14, "full"): None, (14, "lora-fa"): None, (15, "full"): 5e-6, (15, "lora-fa"): None}
+    assert build_optimizer(OptimizerConfig(name="ZOMuonSubspace"), params, "full", seed=0, version=15).param_groups[0]["plain_lr"] == 1e-7
     # a row's own entry (momentum's lr on full) leaves the other rows the family's; an entry for "*" (HiZOO's alpha)
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2

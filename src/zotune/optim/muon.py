@@ -51,8 +51,10 @@ class ZOMuon(ZOSGDMomentum):
 
     summary = "ZO-Muon: Newton-Schulz on the momentum of the full SPSA estimate (Veprikov et al. 2025)"
     normalised_step = True  # each coordinate moves by about lr
-    # the family's on full (its sweep moved nothing, docs/sweeps.md); 14: its LoRA-FA sweep's pick, 1e-2
-    default_lr: dict[tuple[int, str], float] = {(14, "lora-fa"): 1e-2}
+    # 14: its LoRA-FA sweep's pick, 1e-2; 15: its full sweep's, 3e-3 with the embeddings and norms at plain_lr 5e-6
+    # (x 20 through momentum 0.95: ZO-SGD's 1e-4), as in that sweep (docs/sweeps.md); the family's 1e-4 before
+    default_lr: dict[tuple[int, str], float] = {(14, "lora-fa"): 1e-2, (15, "full"): 3e-3}
+    default_options: dict[tuple[int, str], dict] = {(15, "full"): {"plain_lr": 5e-6}}
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads
 
@@ -172,6 +174,7 @@ class ZOMuonSubspace(ZOMuon):
     summary = "ZO-Muon in a random rank-64 subspace, orthogonalised there; 4 one-sided queries (Lang et al. 2026)"
     # the paper's 1e-2 barely moves the default model in 100 steps; 3e-1 since version 8, its sweep's pick
     default_lr = {(1, "*"): 1e-2, (8, "full"): 3e-1, (13, "lora-fa"): 3e-2}  # 13: its LoRA-FA sweep's pick
+    default_options: dict[tuple[int, str], dict] = {}  # not ZO-Muon's: its own plain_lr (1e-7) holds
     default_n_queries = 4
     default_rank = 64
 

@@ -103,9 +103,9 @@ RUNS: dict[str, Run] = {
     # FZOO's step has a fixed length (normalised by its probes' spread): once it has fitted its 32 sentences
     # (training loss 0.000 from step 200) it walks at random, and fzoo-full-long-s0's test falls from 0.748 at
     # 2,250 forward passes to 0.694 at 4,050. A cosine schedule to 0 over 200 steps (1,800) anneals that walk
-    "fzoo-full-cosine-s0": Run("FZOO", "full", "full, cosine lr", 0, 200,
-                               ("optimizer.lr=3e-3", "optimizer.eps=1e-3", "train.lr_schedule=cosine",
-                                "train.eval_every=20", "train.test_every=50")),
+    **{f"fzoo-full-cosine-s{s}": Run("FZOO", "full", "full, cosine lr", s, 200,
+                                     ("optimizer.lr=3e-3", "optimizer.eps=1e-3", "train.lr_schedule=cosine",
+                                      "train.eval_every=20", "train.test_every=50")) for s in (0, 1, 2)},
     # FZOO on LoRA-FA: its sweep's pick (lr 1e-1) tested 0.800 after 900 forward passes, the best ZO figure so far;
     # the same 4,050 forward passes as fzoo-full-long
     **{f"fzoo-lorafa-s{s}": Run("FZOO", "lora", "LoRA-FA", s, 450,

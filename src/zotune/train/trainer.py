@@ -511,7 +511,7 @@ class Training:
                 session.model.save_pretrained(run.file("adapter"), safe_serialization=True)
         best = None
         if tcfg.keep_best and progress.dev:
-            best = max(progress.dev, key=lambda point: (point[1], -point[0]))  # the first of the best
+            best = progress.dev[first_best(progress.dev)]
             load_weights(self.out / BEST_WEIGHTS, session.named_trainable())
             self.log(f"best dev {metric}: {best[1]:.4f} at step {best[0]}; its weights are the final ones")
         after = session.evaluate(self.test, "final eval")
@@ -568,12 +568,14 @@ class Training:
         }
 
 
+def first_best(dev: list[tuple[int, float]]) -> int:
+    """The index of the first of the best (step, metric) evaluations: train.keep_best's weights."""
+    return max(range(len(dev)), key=lambda i: (dev[i][1], -i))
+
+
 def evaluations_since_best(dev: list[tuple[int, float]]) -> int:
     """How many of the (step, metric) evaluations came after the first of the best (0 when the last is it)."""
-    if not dev:
-        return 0
-    best = max(range(len(dev)), key=lambda i: (dev[i][1], -i))
-    return len(dev) - 1 - best
+    return len(dev) - 1 - first_best(dev) if dev else 0
 
 
 def _quiet(*_: Any) -> None:

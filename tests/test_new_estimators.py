@@ -14,6 +14,7 @@ from zotune.cli import main
 from zotune.config import load_config
 from zotune.errors import ConfigError
 from zotune.optim import FZOO, LOZO, HiZOO, SparseMeZO, ZOMuon
+from zotune.optim.sparse import quantile as sparse_quantile
 from zotune.train.trainer import run_train
 
 
@@ -42,6 +43,35 @@ def test_sparse_mezo_leaves_the_large_weights_bit_identical(dtype, n_queries):
             assert not (moved & large).any()  # every large weight: the same bits
             assert moved[~large].float().mean() > 0.5  # the small ones move (bfloat16 rounds some updates away)
             assert 0.6 < large.float().mean() < 0.9  # about 75% left out (a sampled threshold)
+
+
+@pytest.mark.parametrize("q", [0.25, 0.2, 0.5, 1 / 3, 0.0, 1.0])
+def test_sparse_mezo_quantile_is_torch_quantile_bit_for_bit(q):
+    """The threshold selects its two order statistics instead of sorting: runs recorded with
+    torch.quantile must replay with the same masks (ties, rounded values, n = 1 and an exact rank too)."""
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        n = 1 if seed == 0 else int(torch.randint(2, 5000, (1,), generator=gen))
+        x = torch.randn(n, generator=gen).abs() * 10 ** (seed % 5 - 2)
+        if seed % 3 == 0:
+            x = x.round()  # many ties
+        if seed % 4 == 0:
+            x = x.bfloat16().float()
+        assert torch.equal(sparse_quantile(x, q), torch.quantile(x, q)), (seed, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_mezo_direction_is_z_on_the_small_weights_and_zero_elsewhere(dtype):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3000).to(dtype))
+    opt = SparseMeZO([p], lr=1e-3, seed=1)
+    threshold = opt.threshold(0, p)
+    shape = opt.direction_shape(0, p, {})
+    for start, stop in [(0, 1000), (1000, 3000), (17, 18)]:
+        z = torch.randn(stop - start)
+        out = shape(5, start, stop, p.device, lambda z=z: z, torch.empty(stop - start))
+        reference = (p.detach()[start:stop].abs() <= threshold).float() * z
+        assert torch.equal(out, reference) and torch.equal(out.signbit(), reference.signbit())
 
 
 def test_sparse_mezo_refuses_what_would_write_the_left_out_weights():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..estimators.directions import mix
+from .scratch import scratch
 
 Factor = Callable[[int], torch.Tensor]  # direction key -> a factor (float32)
 
@@ -25,19 +26,6 @@ def orthonormal_basis(key: int, rows: int, rank: int, device: torch.device) -> t
     q, r = torch.linalg.qr(gaussian(key, rows, rank, torch.device("cpu"), 0x4F52544F))
     signs = torch.sign(torch.diagonal(r))
     return (q * torch.where(signs == 0, 1.0, signs)).to(device)
-
-
-_local = threading.local()
-
-
-def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """``numel`` values of this thread's scratch buffer for ``like``'s dtype and device (grown when too small)."""
-    buffers = _local.__dict__.setdefault("buffers", {})
-    key = (like.dtype, like.device)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel]
 
 
 def low_rank_shape(n: int, left: Factor, right: Factor) -> Callable[..., torch.Tensor]:
@@ -65,7 +53,7 @@ def low_rank_shape(n: int, left: Factor, right: Factor) -> Callable[..., torch.T
             return torch.mm(rows[first : last + 1], cols, out=out.view(-1, n)).view(-1)
         # the rows of Z the chunk overlaps, into this thread's scratch: a chunk's worth of memory, taken once
         # (chunk-sized temporaries freed on the sampler's threads fragment the heap, which shows in the peak RSS)
-        block = torch.mm(rows[first : last + 1], cols, out=_scratch((last + 1 - first) * n, cols).view(-1, n))
+        block = torch.mm(rows[first : last + 1], cols, out=scratch("low-rank", (last + 1 - first) * n, cols.dtype, cols.device).view(-1, n))
         return out.copy_(block.view(-1)[start - first * n : stop - first * n])
 
     return shape

@@ -10,8 +10,20 @@ import torch
 from ..estimators.directions import mix
 from ..estimators.spsa import GradientEstimate
 from .base import ZOOptimizer, require
+from .scratch import scratch
 
 SAMPLE = 1 << 16  # coordinates of a parameter that set its threshold (all of a smaller one)
+
+
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x, q)`` of a 1-D tensor without NaNs (linear interpolation), bit for bit: its rank
+    ``q * (n - 1)`` in ``x``'s dtype and its lerp between the two order statistics around it, which come
+    from two selections instead of a sort (a quarter of the time on 65,536 values)."""
+    rank = torch.tensor(q, dtype=x.dtype) * (x.numel() - 1)
+    lo = int(rank)  # truncation, as torch.quantile's cast to long
+    below = x.kthvalue(lo + 1).values
+    above = below if rank == lo else x.kthvalue(lo + 2).values
+    return torch.lerp(below, above, rank - lo)
 
 
 class SparseMeZO(ZOOptimizer):
@@ -49,8 +61,12 @@ class SparseMeZO(ZOOptimizer):
 
         def masked(key: int, start: int, stop: int, device: torch.device, draw: Callable[[], torch.Tensor],
                    out: torch.Tensor) -> torch.Tensor:
-            out.copy_(flat[start:stop].abs() <= threshold)  # 1.0 / 0.0
-            return out.mul_(draw())
+            # |x| <= t compared in x's dtype, written as 1.0 / 0.0 in place: no boolean temporary, all vectorised
+            size = out if flat.dtype == out.dtype else scratch("sparse-mask", stop - start, flat.dtype, device)
+            torch.abs(flat[start:stop], out=size).le_(threshold)
+            if size is not out:
+                out.copy_(size)
+            return out.mul_(draw())  # 1.0 * z or 0.0 * z
 
         return masked
 
@@ -60,7 +76,7 @@ class SparseMeZO(ZOOptimizer):
         if flat.numel() > SAMPLE:
             gen = torch.Generator().manual_seed(mix(self.seed, index))
             flat = flat[torch.randint(0, flat.numel(), (SAMPLE,), generator=gen).to(flat.device)]
-        return float(torch.quantile(flat.abs().float(), 1.0 - self.sparsity))
+        return float(quantile(flat.abs().float(), 1.0 - self.sparsity))
 
     def update_param(self, p: torch.Tensor, index: int, estimate: GradientEstimate, group: dict, state: dict) -> None:
         """Sparse-MeZO: ``-lr * grad_hat`` along the masked directions, chunk by chunk."""

@@ -143,3 +143,19 @@ def test_missing_and_non_utf8_files(tmp_path):
     bad.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad)
+
+
+def test_the_fzoo_recipe_is_the_run_it_reports():
+    """configs/recipes/fzoo-full-cosine.yaml is the measured recipe: loaded with seed=1 it resolves to the
+    config that benchmarks/convergence.py's fzoo-full-cosine-s1 ran with (archived in docs/convergence/runs),
+    every key but the config version (a later version must not change what the recipe means)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    recipe = dataclasses.asdict(load_config(root / "configs/recipes/fzoo-full-cosine.yaml", ["seed=1"]))
+    ran = yaml.safe_load((root / "docs/convergence/runs/fzoo-full-cosine-s1/config.yaml").read_text())
+    recipe.pop("version"), ran.pop("version")
+    assert recipe == ran

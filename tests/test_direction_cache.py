@@ -7,6 +7,7 @@ import torch
 
 from zotune.config import load_config
 from zotune.errors import ConfigError
+from zotune.estimators import directions
 from zotune.estimators.directions import DirectionSampler
 from zotune.estimators.perturb import Perturbation
 from zotune.optim import FZOO, LOZO, ZOSGD, HiZOO, ForwardGrad, JaguarSignSGD, SparseMeZO, ZOAdam, ZOMuon, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
@@ -34,6 +35,7 @@ def run(cls, megabytes: float, dtype: torch.dtype, batch, steps: int = 3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", ["in-place", "on-the-fly"])
 def test_cached_directions_give_the_same_weights_drawing_each_chunk_once(cls, dtype, path, tiny_batch, monkeypatch):
+    monkeypatch.setattr(directions, "MASK_POSITIONS", 0)  # JAGUAR's masks: without their own cache (below)
     if path == "on-the-fly":  # under the mode, the tied embedding read by rows and blocks
         monkeypatch.setattr(Perturbation, "in_place_numel", 0)
         monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)
@@ -51,6 +53,36 @@ def test_a_small_cache_keeps_the_first_chunks_and_redraws_the_rest(tiny_batch):
     small, drawn_small = run(ZOSGD, 4 * 512 * 4 / 2**20, torch.float32, tiny_batch, steps=2)  # 4 chunks
     assert all(torch.equal(a, b) for a, b in zip(plain, small))
     assert len(drawn_plain) > len(drawn_small) > len(set(drawn_small))
+
+
+@pytest.mark.parametrize("path", ["in-place", "on-the-fly"])
+def test_jaguar_draws_each_mask_once_a_step_with_the_same_weights(path, tiny_batch, monkeypatch):
+    """A coordinate mask is kept as the positions of its ones for the step's other uses: the weights of
+    three steps are those of redrawing it every time, and no chunk is drawn twice in a step."""
+    if path == "on-the-fly":
+        monkeypatch.setattr(Perturbation, "in_place_numel", 0)
+        monkeypatch.setattr(Perturbation, "large_numel", 128 * 32)
+        monkeypatch.setattr(Perturbation, "block_numel", 300)
+    kept, drawn_kept = run(JaguarSignSGD, 0, torch.float32, tiny_batch)
+    monkeypatch.setattr(directions, "MASK_POSITIONS", 0)
+    redrawn, drawn_redrawn = run(JaguarSignSGD, 0, torch.float32, tiny_batch)
+    assert all(torch.equal(a, b) for a, b in zip(kept, redrawn))
+    assert len(set(drawn_kept)) == len(drawn_kept) and set(drawn_kept) == set(drawn_redrawn)
+    assert len(drawn_redrawn) >= 2 * len(drawn_kept)
+
+
+def test_a_rebuilt_mask_has_the_bits_of_the_drawn_one_and_the_positions_are_bounded(monkeypatch):
+    sampler = DirectionSampler("coordinates", chunk_size=1000, fraction=0.1)
+    drawn = sampler.full(10_000, key=7).clone()
+    assert sampler._mask_positions == int(drawn.sum()) > 0  # every chunk's ones kept
+    again = sampler.full(10_000, key=7)  # rebuilt from the positions
+    assert torch.equal(again.view(torch.int32), drawn.view(torch.int32))  # +0.0 and 1.0, bit for bit
+    sampler.clear_cache()
+    assert sampler._mask_positions == 0 and not sampler._masks
+    monkeypatch.setattr(directions, "MASK_POSITIONS", 250)  # about two chunks' ones (100 each)
+    bounded = DirectionSampler("coordinates", chunk_size=1000, fraction=0.1)
+    assert torch.equal(bounded.full(10_000, key=7), drawn) and bounded._mask_positions <= 250
+    assert torch.equal(bounded.full(10_000, key=7), drawn)
 
 
 def test_the_sampler_cache_is_bounded_and_cleared():

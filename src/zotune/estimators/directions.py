@@ -22,6 +22,12 @@ traded for speed, off by default.
 With a noise table (:meth:`DirectionSampler.use_table`) nothing is drawn per step: every chunk
 of z is a window of one table drawn once, at a key-named offset. Other directions than without
 it (a trajectory records the table's size in its optimizer config), for the table's memory.
+
+JAGUAR's coordinate masks (``"coordinates"``: 1.0 on a random ``fraction`` of the entries) are drawn
+once a step and kept as the positions of their ones (``fraction`` x 8 bytes a value, up to
+``MASK_POSITIONS``): a mask's later uses in the step (the other probe, the update) rebuild it from
+them, the same bits, at a twentieth of a draw's cost. A replayed update, a mask's only use, keeps none
+(``keep_masks``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ def mix(*values: int) -> int:
 _CPU = torch.device("cpu")
 _TABLE_KEY = mix(0x7A6F74756E65)  # names the noise table's chunks ("zotune")
 TABLE_MIN_CHUNKS = 8  # windows start at numel - chunk + 1 offsets: a table of one chunk would have one
+MASK_POSITIONS = 1 << 22  # the most positions of a step's coordinate masks kept (int64: 32 MB); the rest is redrawn
 
 
 _SIGNS: dict[torch.device, torch.Tensor] = {}
@@ -138,6 +145,10 @@ class DirectionSampler:
         self.reuse_keys: frozenset[int] = frozenset()
         self._once: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
+        # a step's coordinate masks, as the positions of their ones (JAGUAR): see _mask
+        self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+        self._mask_positions = 0
+        self.keep_masks = True  # off for a replayed update, a mask's only use in its step
         # key -> Shape: a step's directions that are not plain draws (set by the optimizer for the step's
         # keys, forgotten with the cache at its end); probes, updates and replays all read them here
         self.shapes: dict[int, Shape] = {}
@@ -187,6 +198,8 @@ class DirectionSampler:
                 self._spare.setdefault((length, device), []).append(buf)
             self._cache.clear()
             self._cached = 0
+            self._masks.clear()
+            self._mask_positions = 0
             self.shapes.clear()
             if release:
                 self._spare.clear()
@@ -219,7 +232,7 @@ class DirectionSampler:
                 hit = self._once.pop(name, None)
             if hit is not None:  # the + probe's chunk, for the - probe: handed out once, then dropped
                 return hit
-        z = self._draw(key, index, length, device)
+        z = self._mask(name) if self.distribution == "coordinates" else self._draw(key, index, length, device)
         if self.cache_numel and self._cached + length <= self.cache_numel:
             with self._cache_lock:  # the first chunks drawn are kept; the rest is redrawn
                 if self._cached + length <= self.cache_numel and name not in self._cache:
@@ -230,6 +243,22 @@ class DirectionSampler:
         if reuse:
             with self._cache_lock:
                 self._once[name] = z.clone()
+        return z
+
+    def _mask(self, name: tuple[int, int, int, torch.device]) -> torch.Tensor:
+        """A coordinate mask's chunk: drawn on its first use in a step, rebuilt from the positions of its
+        ones after that (zeros, then ones at the positions: the bits of the draw, +0.0 and 1.0)."""
+        key, index, length, device = name
+        ones = self._masks.get(name)
+        if ones is not None:
+            return self._scratch("z", length, device).zero_().index_fill_(0, ones, 1.0)
+        z = self._draw(key, index, length, device)
+        if self.keep_masks and self._mask_positions < MASK_POSITIONS:
+            ones = z.bool().nonzero().view(-1)
+            with self._cache_lock:
+                if self._mask_positions + ones.numel() <= MASK_POSITIONS:
+                    self._masks[name] = ones
+                    self._mask_positions += ones.numel()
         return z
 
     def end_reuse_once(self) -> None:

@@ -288,11 +288,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             coverage = block_coverage(self.blocks(), indices, self.n_queries) if self.blockwise else None
             estimate = GradientEstimate(query_seeds(record.seed, len(record.projected_grads)), list(record.projected_grads),
                                     record.loss, [], self.estimator.sampler, coverage)
+            sampler = self.estimator.sampler
+            sampler.keep_masks = False  # each direction is used once: by the update
             try:
                 self.shape_directions(estimate.seeds, trainable)
                 self.replay_update(estimate, trainable, record.extra)
             finally:
-                self.estimator.sampler.clear_cache()
+                sampler.keep_masks = True
+                sampler.clear_cache()
         self.last_record = record
         self.steps_done += 1
 

@@ -9,6 +9,7 @@ import torch
 from ..estimators.directions import DirectionSampler
 from ..estimators.spsa import SPSA, GradientEstimate, direction_key
 from .base import ZOOptimizer
+from .scratch import scratch
 
 
 class JaguarSignSGD(ZOOptimizer):
@@ -77,4 +78,6 @@ class JaguarSignSGD(ZOOptimizer):
         flat, size = p.view(-1), self.estimator.sampler.chunk_size
         for start in range(0, flat.numel(), size):  # chunk by chunk: no parameter-sized sign()
             step = memory[start : start + size]
-            flat[start : start + size].add_(step.sign() if group["variant"] == "sign" else step, alpha=-group["lr"])
+            if group["variant"] == "sign":
+                step = torch.sign(step, out=scratch("jaguar-sign", step.numel(), step.dtype, step.device))
+            flat[start : start + size].add_(step, alpha=-group["lr"])

@@ -283,38 +283,50 @@ def reach_table(rows: list[dict], reference: tuple[str, str] = ("ZOSGD", "full")
 
 
 def plot(rows: list[dict], lines: dict[str, float]) -> None:
+    """Two panels, so that no colour repeats: full fine-tuning (every optimizer, first order too) on the left,
+    the schemes that tune fewer parameters (LoRA, top layers) on the right with ZOSGD full's mean as their
+    reference. Linear axes; mean +- std where there are several seeds; baselines as grey lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    curves: dict[tuple[str, str], dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    curves: dict[tuple[str, str], dict[int, list[tuple[dict, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["test_accuracy"] != "":
             curves[(r["optimizer"], r["scheme"])][r["step"]].append((r, float(r["test_accuracy"])))
-    for x_key, fname, xlabel in (("forward_passes", "accuracy_vs_forward_passes.png", "forward passes"),
+    panels = {"full fine-tuning": sorted(c for c in curves if c[1].startswith("full")),
+              "fewer parameters tuned (ZOSGD full: the reference)":
+                  sorted(c for c in curves if not c[1].startswith("full"))}
+    reference = ("ZOSGD", "full")
+    for x_key, fname, xlabel in (("forward_passes", "accuracy_vs_forward_passes.png", "forward passes (first order: steps)"),
                                  ("wall_s", "accuracy_vs_wall_clock.png", "training wall-clock (s), 2-core CPU")):
-        fig, ax = plt.subplots(figsize=(10, 4.8))
-        for (optimizer, scheme), by_step in sorted(curves.items()):
-            steps = sorted(by_step)
-            x = [np.mean([float(r[x_key]) for r, _ in by_step[s]]) for s in steps]
-            y = np.array([np.mean([a for _, a in by_step[s]]) for s in steps])
-            e = np.array([np.std([a for _, a in by_step[s]]) for s in steps])
-            n = max(len(by_step[s]) for s in steps)
-            (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{optimizer} {scheme}" + (f" ({n} seeds)" if n > 1 else ""))
-            if n > 1:
-                ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.2)
-        for (name, value), style in zip(lines.items(), (":", "--", "-.")):
-            ax.axhline(value, color="gray", linestyle=style, lw=1, label=f"{name.replace('_', '-')} {value:.3f}")
-        if x_key == "forward_passes":
-            ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlim(left=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (500 sentences)")
-        ax.set_title("rotten_tomatoes, k = 16 per class, SmolLM2-135M")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
+        for ax, (title, keys) in zip(axes, panels.items()):
+            if reference in curves and reference not in keys:
+                keys = [reference, *keys]
+            for (optimizer, scheme) in keys:
+                by_step = curves[(optimizer, scheme)]
+                steps = sorted(by_step)
+                x = [np.mean([float(r[x_key]) for r, _ in by_step[s]]) for s in steps]
+                y = np.array([np.mean([a for _, a in by_step[s]]) for s in steps])
+                e = np.array([np.std([a for _, a in by_step[s]]) for s in steps])
+                n = max(len(by_step[s]) for s in steps)
+                style = {"color": "gray", "linestyle": "--"} if title != "full fine-tuning" and (optimizer, scheme) == reference else {}
+                (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{optimizer} {scheme}" + (f" ({n} seeds)" if n > 1 else ""),
+                                  **style)
+                if n > 1:
+                    ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.15)
+            for (name, value), style in zip(lines.items(), (":", "--", "-.")):
+                ax.axhline(value, color="gray", linestyle=style, lw=1, label=f"{name.replace('_', '-')} {value:.3f}")
+            ax.set_xlim(left=0)
+            ax.set_xlabel(xlabel)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below, not over the curves
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("test accuracy (500 sentences)")
+        fig.suptitle("rotten_tomatoes, k = 16 per class, SmolLM2-135M: test accuracy, mean +- std over seeds")
         fig.tight_layout()
         fig.savefig(DOCS / fname, dpi=110)
         plt.close(fig)

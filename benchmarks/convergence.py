@@ -304,7 +304,8 @@ def plot(rows: list[dict], lines: dict[str, float]) -> None:
                                  ("wall_s", "accuracy_vs_wall_clock.png", "training wall-clock (s), 2-core CPU")):
         fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
         for ax, (title, keys) in zip(axes, panels.items()):
-            if reference in curves and reference not in keys:
+            borrowed = reference in curves and reference not in keys  # drawn grey, as the panel's yardstick
+            if borrowed:
                 keys = [reference, *keys]
             for (optimizer, scheme) in keys:
                 by_step = curves[(optimizer, scheme)]
@@ -313,9 +314,9 @@ def plot(rows: list[dict], lines: dict[str, float]) -> None:
                 y = np.array([np.mean([a for _, a in by_step[s]]) for s in steps])
                 e = np.array([np.std([a for _, a in by_step[s]]) for s in steps])
                 n = max(len(by_step[s]) for s in steps)
-                style = {"color": "gray", "linestyle": "--"} if title != "full fine-tuning" and (optimizer, scheme) == reference else {}
+                grey = {"color": "gray", "linestyle": "--"} if borrowed and (optimizer, scheme) == reference else {}
                 (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{optimizer} {scheme}" + (f" ({n} seeds)" if n > 1 else ""),
-                                  **style)
+                                  **grey)
                 if n > 1:
                     ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.15)
             for (name, value), style in zip(lines.items(), (":", "--", "-.")):

@@ -6,9 +6,11 @@ import csv
 import json
 import re
 import statistics
+import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from zotune.bench import load_grid, run_bench
@@ -362,3 +364,74 @@ def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, 
         load_grid(write_grid(tmp_path / "bad.yaml", {**grid, "baselines": ["oracle"]}))
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_grid(path, ["model.name"])
+
+
+def _recorded_on(cell_dir: Path, device_type: str) -> None:
+    """Rewrite a cell's trajectory header as if its directions had been drawn on ``device_type``."""
+    path = cell_dir / "trajectory.bin"
+    data = path.read_bytes()
+    length = struct.unpack("<I", data[8:12])[0]
+    header = json.loads(data[12 : 12 + length])
+    blob = json.dumps({**header, "device_type": device_type}, sort_keys=True).encode()
+    path.write_bytes(data[:8] + struct.pack("<I", len(blob)) + blob + data[12 + length :])
+
+
+def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    """A cell finished with model.device=cpu is done for the same grid at the default device (auto: a GPU machine's
+    cells and a CPU machine's make one grid); results.csv says where each ran, the report notes mixed devices, and an
+    unfinished cell drawn on a device this machine lacks is not copied in to resume (replay would refuse it)."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    grid.update(axes={"optimizer.name": ["ZOSGD"], "seed": [0, 1]}, overrides=[])
+    path, out, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "bench", tmp_path / "kept"
+    assert run_bench(path, out, log=lambda _: None, interactive=False, overrides=["model.device=cpu"]) == 0
+    assert [line.split()[-1] for line in plan_lines(load_grid(path), BenchDir(out))[2:]] == ["done", "done"]
+    assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
+    assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cpu"]
+    assert "several devices" not in (out / "report.md").read_text()
+
+    cuda_cell = "optimizer=ZOSGD,seed=1"
+    _recorded_on(out / "cells" / cuda_cell, "cuda")
+    assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only"]) == 0
+    assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cuda"]
+    assert "Cells ran on several devices (1 on cpu, 1 on cuda" in (out / "report.md").read_text()
+
+    for device in ("cuda", "cpu"):  # an unfinished cell of each kind in the archive; this machine has no GPU
+        _recorded_on(kept / "cells" / cuda_cell, device)
+        (kept / "cells" / cuda_cell / "summary.json").unlink(missing_ok=True)
+        fresh = tmp_path / f"fresh-{device}"
+        lines: list[str] = []
+        assert run_bench(path, fresh, log=lines.append, report_only=True, archive=kept) == 0
+        restored = 2 if device == "cpu" or torch.cuda.is_available() else 1
+        assert lines[0] == f"{restored} cells copied in from {kept}"
+        assert (fresh / "cells" / cuda_cell / "trajectory.bin").is_file() == (restored == 2)
+
+    # archiving never writes a cell unfinished here over the archive's finished one (run to the end elsewhere)
+    done_cell = "optimizer=ZOSGD,seed=0"
+    archived = {f: (kept / "cells" / done_cell / f).read_bytes() for f in ("summary.json", "trajectory.bin")}
+    (out / "cells" / done_cell / "summary.json").unlink()
+    _recorded_on(out / "cells" / done_cell, "cuda")
+    done, going = BenchDir(out).archive_into(BenchDir(kept), load_grid(path))  # as a bench that began before
+    assert done_cell not in done + going
+    assert {f: (kept / "cells" / done_cell / f).read_bytes() for f in archived} == archived
+
+
+def test_time_limit_stops_the_bench_seed_by_seed(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    """--time-limit: the running cell stops at a step and checkpoints, the report and the archive are written (the
+    unfinished cell's trajectory kept to resume), exit 130. Cells run seed by seed: after (ZOSGD, 0), which fails at
+    once, comes (ZOAdam, 0), not (ZOSGD, 1)."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    grid.update(axes={"optimizer.name": ["ZOSGD", "ZOAdam"], "seed": [0, 1]}, budget={"forward_passes": 20_000},
+                overrides=[{"when": {"optimizer.name": "ZOSGD", "seed": 0}, "set": {"model.name": "/no/such/model"}}])
+    grid["base"]["train"].update(eval_every=100_000, log_every=100_000)
+    path, out, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "bench", tmp_path / "kept"
+    assert main(["bench", "--grid", str(path), "--out", str(out), "--archive", str(kept), "--time-limit", "20"]) == 130
+    printed = capsys.readouterr()
+    assert "--time-limit 20 s reached" in printed.out and "interrupted" in printed.err
+    started = list(dict.fromkeys(re.findall(r"\] (optimizer=\S+?):", printed.out)))
+    assert started == ["optimizer=ZOSGD,seed=0", "optimizer=ZOAdam,seed=0"]
+    going = "optimizer=ZOAdam,seed=0"
+    assert (out / "cells" / going / "checkpoints").is_dir() and not (out / "cells" / going / "summary.json").exists()
+    assert "2 not run yet" in (out / "report.md").read_text()
+    assert sorted(p.name for p in (kept / "cells" / going).iterdir()) == ["config.yaml", "trajectory.bin"]  # no log yet
+    assert main(["bench", "--grid", str(path), "--out", str(out), "--time-limit", "0"]) == 2
+    assert "--time-limit must be a positive number" in capsys.readouterr().err

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", metavar="DIR", required=True, help="bench directory (finished cells are skipped)")
     bn.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
     bn.add_argument("--dry-run", action="store_true", help="list the cells, their model, task, steps and state; run nothing")
+    bn.add_argument("--time-limit", type=float, metavar="S",
+                    help="stop after S seconds as on Ctrl-C (running cells checkpoint; the report and --archive are "
+                         "written): a machine lent for a while")
     bn.add_argument("--report-only", action="store_true",
                     help="write results.csv, report.md and the plots from the cells finished so far; run nothing")
     bn.add_argument("--archive", metavar="DIR",
@@ -178,7 +181,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .bench import run_bench
 
         return run_bench(args.grid, args.out, jobs=args.jobs, dry_run=args.dry_run, overrides=args.overrides,
-                         report_only=args.report_only, archive=args.archive)
+                         report_only=args.report_only, archive=args.archive, time_limit=args.time_limit)
 
     if args.command == "sweep":
         from .bench.sweep import parse_values, run_sweep

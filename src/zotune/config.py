@@ -212,10 +212,10 @@ class Config:
 
 # -- loading -------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                default_version: int = CONFIG_VERSION) -> Config:
+                default_version: int = CONFIG_VERSION, check_device: bool = True) -> Config:
     """Read a YAML config (optional), apply ``a.b=value`` overrides, validate (see
-    :func:`from_dict` for ``default_version``)."""
-    return from_dict(raw_config(path, overrides), default_version)
+    :func:`from_dict` for ``default_version`` and ``check_device``)."""
+    return from_dict(raw_config(path, overrides), default_version, check_device)
 
 
 def raw_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -237,10 +237,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value if key.endswith("template") else _parse_value(value)
 
 
-def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION) -> Config:
+def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION, check_device: bool = True) -> Config:
     """Build and validate a :class:`Config` from nested plain data. A config without ``version``
     gets ``default_version``'s defaults: the current ones for a new run, the recorded run's for
-    a run written before versions existed (1, see :func:`recorded_version`)."""
+    a run written before versions existed (1, see :func:`recorded_version`). ``check_device=False``: a
+    ``model.device`` this machine lacks is no error (a recorded run's config, read to compare or report)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
     cfg = _build(Config, _refining_default_task(raw), prefix="")
@@ -248,7 +249,7 @@ def from_dict(raw: dict[str, Any], default_version: int = CONFIG_VERSION) -> Con
         cfg.version = default_version
     _require(cfg.version in VERSIONS, "version", f"must be one of {', '.join(map(str, VERSIONS))}", cfg.version)
     _versioned_defaults(cfg)
-    validate(cfg)
+    validate(cfg, check_device)
     return cfg
 
 
@@ -335,8 +336,9 @@ def recorded_version(run_dir: str | Path, finished_too: bool = False) -> int:
 
 
 def recorded_config(path: str | Path) -> Config:
-    """A run directory's ``config.yaml``, under the defaults of the version it was recorded with."""
-    return load_config(path, default_version=UNVERSIONED)
+    """A run directory's ``config.yaml``, under the defaults of the version it was recorded with; a run made on a
+    device this machine lacks (a GPU) reads too (running it again is what needs the device)."""
+    return load_config(path, default_version=UNVERSIONED, check_device=False)
 
 
 # a task section naming none of these refines the default task (task.k_shot=4) instead of
@@ -481,9 +483,10 @@ def _type_name(typ: Any) -> str:
 
 
 # -- validation ----------------------------------------------------------------------------
-def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone do not express, section by section."""
-    _validate_model(cfg.model)
+def validate(cfg: Config, check_device: bool = True) -> None:
+    """Range and choice checks that types alone do not express, section by section (``check_device``: also
+    that this machine has ``model.device``)."""
+    _validate_model(cfg.model, check_device)
     if cfg.tuning.scheme not in SCHEMES:
         raise ConfigError(
             f"tuning.scheme {cfg.tuning.scheme!r} is not available; choose one of {', '.join(SCHEMES)}"
@@ -498,13 +501,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'task' is empty: give task.name or an inline task spec")
 
 
-def _validate_model(m: ModelConfig) -> None:
+def _validate_model(m: ModelConfig, check_device: bool = True) -> None:
     resolve_dtype(m.dtype)
     _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", m.device)), "model.device",
              "must be auto, cpu, mps, cuda or cuda:N", m.device)
     _require(m.device_map is None or m.device == "auto", "model.device_map",
              "places the model itself; leave model.device at auto", m.device_map)
-    resolve_device(m.device)  # cuda asked for, none seen: say so before loading anything
+    if check_device:
+        resolve_device(m.device)  # cuda asked for, none seen: say so before loading anything
     _require(m.offload in OFFLOAD_TIERS, "model.offload", f"must be one of {', '.join(OFFLOAD_TIERS)}", m.offload)
     if m.offload == "disk":
         _require(m.device in ("auto", "cpu"), "model.device", "must be auto or cpu with model.offload: disk "

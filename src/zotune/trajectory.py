@@ -111,6 +111,26 @@ class TrajectoryWriter:
         self._file.close()
 
 
+def read_header(path: Path) -> dict[str, Any]:
+    """The header alone (the records are not read); a :class:`DataError` when it is not a trajectory's."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            length = struct.unpack_from("<I", head, 8)[0] if len(head) == 12 and head[:8] == MAGIC else None
+            blob = f.read(length) if length is not None else b""
+    except OSError as err:
+        raise DataError(f"cannot read trajectory {path}: {err.strerror}") from None
+    if length is None:
+        raise DataError(f"{path} is not a zotune trajectory (bad magic bytes)")
+    try:
+        header = json.loads(blob.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path}: unreadable trajectory header") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: unreadable trajectory header")
+    return header
+
+
 def read_trajectory(path: Path) -> tuple[dict[str, Any], list[StepRecord]]:
     """Header and records; a truncated last record is dropped, anything else malformed is a
     :class:`DataError`."""

@@ -12,9 +12,10 @@ import yaml
 
 from ..config import Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
+from ..models.loader import resolve_device
 from ..optim.factory import resolved_settings
 from ..train.rundir import RUN_MARKERS, extension_refusal
-from ..trajectory import FILENAME as TRAJECTORY
+from ..trajectory import FILENAME as TRAJECTORY, read_header
 from .grid import Cell, Grid
 
 
@@ -87,8 +88,9 @@ class BenchDir:
             if path.is_file():
                 shutil.copyfile(path, archive.root / path.name)
         done = [cell for cell in grid.cells if self.state(cell) == "done"]
-        going = [cell for cell in grid.cells
-                 if self.state(cell) == "partial" and (self.run_dir(cell) / TRAJECTORY).is_file()]
+        going = [cell for cell in grid.cells  # never over a cell the archive has finished (another machine's)
+                 if self.state(cell) == "partial" and (self.run_dir(cell) / TRAJECTORY).is_file()
+                 and archive.state(cell) != "done"]
         for cell in done + going:
             _copy_files(self.run_dir(cell), archive.run_dir(cell))
         return [cell.name for cell in done], [cell.name for cell in going]
@@ -101,10 +103,20 @@ class BenchDir:
         here (stale) is left as it is."""
         restored = [cell for cell in grid.cells
                     if (archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial"))
-                    or (archive.state(cell) in ("partial", "short") and self.state(cell) in ("todo", "failed"))]
+                    or (archive.state(cell) in ("partial", "short") and self.state(cell) in ("todo", "failed")
+                        and archive.resumable_here(cell))]
         for cell in restored:
             _copy_files(archive.run_dir(cell), self.run_dir(cell))
         return [cell.name for cell in restored]
+
+    def resumable_here(self, cell: Cell) -> bool:
+        """Whether this machine can go on with the cell's unfinished run: its directions were drawn on the device
+        type the cell would run on here (a CUDA generator's directions are not the CPU's)."""
+        recorded = recorded_device(self.run_dir(cell))
+        try:
+            return recorded is None or recorded == resolve_device(cell.cfg.model.device).type
+        except ZotuneError:
+            return False
 
     def prepare(self, grid: Grid) -> None:
         """Create the layout, copy the grid file, write every cell's config."""
@@ -132,6 +144,15 @@ ARCHIVED_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "trajectory.bi
 REPORT_FILES = ("report.md", "results.csv", "grid.yaml")
 
 
+def recorded_device(run_dir: Path) -> str | None:
+    """Where a run drew its directions (``cpu``, ``cuda``: its trajectory's header); None without a trajectory."""
+    path = run_dir / TRAJECTORY
+    try:
+        return str(read_header(path).get("device_type", "cpu")) if path.is_file() else None
+    except ZotuneError:
+        return None
+
+
 def _copy_files(source: Path, dest: Path) -> None:
     """Copy the ``ARCHIVED_FILES`` that ``source`` has into ``dest``."""
     try:
@@ -148,7 +169,7 @@ def _same_config(path: Path, cell: Cell) -> bool:
     config version the run was recorded with (a cell run before a new version stays done), with
     the optimizer's settings resolved (so a grid that pins another version matches the runs whose
     settings it does not change), and without the keys that change which files a run keeps, not
-    its results (``RESULT_NEUTRAL``)."""
+    its results (``RESULT_NEUTRAL``), nor where it runs (``PLACEMENT``)."""
     try:
         recorded = recorded_config(path)
         return _results_config(recorded) == _results_config(from_dict(cell.config, default_version=recorded.version))
@@ -171,13 +192,16 @@ def _extends(path: Path, cell: Cell) -> bool:
 
 
 RESULT_NEUTRAL = (("train", "save_weights"),)
+# Where a cell runs, not what it is: a cell finished on a GPU counts as done in the same grid run on a CPU (and
+# the default ``auto`` is either). Each cell's device is read from its trajectory (results.csv's ``device``).
+PLACEMENT = (("model", "device"),)
 
 
 def _results_config(cfg: Config) -> dict:
     """``cfg`` as a dict without the ``RESULT_NEUTRAL`` keys, its version's defaults filled into the optimizer's
     lr, eps and options, and the version itself left out (what it decides is then in the dict)."""
     data = cfg.to_dict()
-    for section, key in RESULT_NEUTRAL:
+    for section, key in RESULT_NEUTRAL + PLACEMENT:
         data[section].pop(key)
     data["optimizer"].update(resolved_settings(cfg))
     data.pop("version")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,13 @@ Format = Callable[[list[Result]], tuple[float | None, str]]  # a group -> (value
 
 
 def missing(results: list[Result]) -> str:
-    """What a group without a value shows: "" (no cells), "not run" (none has run yet) or "failed"."""
+    """What a group without a value shows: "" (no cells), "not run" (none has run yet), "-" (finished cells without
+    it: the GPU's memory of cells run on a CPU) or "failed"."""
     if not results:
         return ""
-    return "not run" if all(r.not_run for r in results) else "failed"
+    if all(r.not_run for r in results):
+        return "not run"
+    return "-" if any(r.ok for r in results) else "failed"
 
 
 def score_format(results: list[Result]) -> tuple[float | None, str]:
@@ -137,21 +141,22 @@ GPU_MEMORY = ("peak_cuda_allocated_mb", "peak_cuda_reserved_mb")  # summary.json
 
 def write_csv(path: Path, grid: Grid, results: list[Result], root: Path) -> None:
     """The contract's columns (docs/contract.md: axes, status, run_dir, eval.*, forward_passes, peak_rss_mb, wall_s,
-    error), then ``steps``, ``eval_zero_shot.*`` and, for cells run on CUDA, the GPU's peaks."""
+    error), then ``steps``, ``eval_zero_shot.*``, for cells run on CUDA the GPU's peaks, and each finished cell's
+    ``device`` (cpu, cuda: where its trajectory was drawn)."""
     def metric_keys(section: str) -> list[str]:
         return list(dict.fromkeys(f"{section}.{m}" for r in results if r.ok for m in r.summary.get(section, {})))
 
     evals, zero_shot = metric_keys("eval"), metric_keys("eval_zero_shot")
     gpu = [k for k in GPU_MEMORY if any(r.get(k) is not None for r in results)]
     columns = [*grid.axes, "status", "run_dir", *evals, "forward_passes", "peak_rss_mb", "wall_s", "error",
-               "steps", *zero_shot, *gpu]
+               "steps", *zero_shot, *gpu, "device"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in results:
             row = {k: csv_value(v) for k, v in r.cell.axes.items()}
             row |= {"status": "ok" if r.ok else "failed", "run_dir": str(r.run_dir.relative_to(root)),
-                    "error": "" if r.ok else r.outcome.error}
+                    "error": "" if r.ok else r.outcome.error, "device": r.device if r.ok else ""}
             for key in [*evals, "forward_passes", "peak_rss_mb", "wall_s", "steps", *zero_shot, *gpu]:
                 row[key] = csv_value(r.get(key))
             writer.writerow([row.get(c, "") for c in columns])
@@ -182,6 +187,7 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
              *budget_lines(grid, results), ""]
     if layout.fixed:
         lines += ["Every cell: " + ", ".join(f"{k} {v}" for k, v in layout.fixed.items()) + ".", ""]
+    lines += device_lines(results)
     score = metrics[0] if len(metrics) == 1 else "score"
     headers = None if len(metrics) == 1 else [f"{layout.col_label(c)} ({_col_metric(layout, c)})" for c in layout.col_keys]
     lines += [f"## Test {score} ({over})", "",
@@ -210,6 +216,17 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     if plots:
         lines += ["## Plots", "", *[f"![{title}]({name})" for name, title in plots], ""]
     return lines
+
+
+def device_lines(results: list[Result]) -> list[str]:
+    """A note when the finished cells ran on several kinds of device (a grid run in pieces on several machines):
+    how many on each; their wall times and memory are not comparable across them, their scores are."""
+    counts = Counter(r.device for r in results if r.ok and r.device)
+    if len(counts) < 2:
+        return []
+    each = ", ".join(f"{n} on {device}" for device, n in sorted(counts.items()))
+    return [f"Cells ran on several devices ({each}: results.csv's `device`): compare scores and forward passes "
+            "across them, not wall times or memory.", ""]
 
 
 def _col_metric(layout: Layout, col: tuple) -> str:

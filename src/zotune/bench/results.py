@@ -11,7 +11,7 @@ from typing import Any
 
 from ..tasks import task_spec
 from ..train.rundir import read_metrics
-from .benchdir import BenchDir, Outcome
+from .benchdir import BenchDir, Outcome, recorded_device
 from .grid import Cell, Grid, axis_label, value_label
 
 COLUMN_AXES = ("model.name", "task", "task.name", "tuning.scheme")  # ZO-Bench's columns; the rest are rows
@@ -63,6 +63,11 @@ class Result:
     def score(self) -> float | None:
         """The test score, ``eval.<metric>`` of the summary (None when the cell has none)."""
         return self.get(f"eval.{self.metric}")
+
+    @cached_property
+    def device(self) -> str:
+        """Where the cell ran (``cpu``, ``cuda``), from its trajectory; "" for a cell without one (a baseline)."""
+        return recorded_device(self.run_dir) or ""
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:

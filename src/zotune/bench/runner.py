@@ -237,6 +237,12 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _time_is_up(seconds: float, log: Callable[[str], None]) -> None:
+    """``--time-limit``: interrupt the bench as Ctrl-C does (a signal, which wakes the main thread's wait)."""
+    log(f"--time-limit {seconds:g} s reached")
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
     """The dry-run listing: every cell with its model, task, steps, forward passes and state."""
     rows = [("cell", "model", "task", "steps", "fwd/step", "forward passes", "state")]
@@ -266,15 +272,19 @@ def _archive(bench: BenchDir, kept: BenchDir | None, grid: Grid, log: Callable[[
 def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bool = False,
               log: Callable[[str], None] = say, interactive: bool | None = None,
               overrides: tuple[str, ...] | list[str] = (), report_only: bool = False,
-              archive: str | Path | None = None) -> int:
+              archive: str | Path | None = None, time_limit: float | None = None) -> int:
     """``zotune bench``: validate the grid, run the unfinished cells, write results.csv, report.md
     and plots. Returns the exit status: 0 when every cell is ok, 1 when some failed. ``report_only``: the
     report of the cells finished so far (the others "not run yet"; a grid run in pieces, or still running),
     nothing run. ``archive``: a directory (e.g. under docs/) whose finished cells are copied in first and
     which gets the report and every finished cell's record afterwards (:meth:`BenchDir.archive_into`):
-    a grid run in pieces on machines whose disks do not last."""
+    a grid run in pieces on machines whose disks do not last. The cells run seed by seed (every cell of the
+    first seed before the second's), so that a run cut short has each configuration once. ``time_limit``: after
+    that many seconds the bench stops as on Ctrl-C (running cells checkpoint, report and archive written)."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if time_limit is not None and not time_limit > 0:
+        raise ConfigError(f"--time-limit must be a positive number of seconds, got {time_limit:g}")
     grid = load_grid(grid_path, overrides)
     bench = BenchDir(out)
     if dry_run:
@@ -297,16 +307,23 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         _archive(bench, kept, grid, log)
         return 0
     bench.prepare(grid)
-    todo = [cell for cell in grid.cells if bench.state(cell) != "done"]
+    todo = sorted((cell for cell in grid.cells if bench.state(cell) != "done"), key=lambda cell: cell.cfg.seed)
     log(f"bench {grid.path}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} finished (skipped), "
         f"{len(todo)} to run{f', {jobs} at a time' if jobs > 1 and todo else ''}")
+    timer = threading.Timer(time_limit, _time_is_up, (time_limit, log)) if time_limit and todo else None
     try:
         with _sigterm_interrupts():
+            if timer is not None:
+                timer.start()
             run_cells(todo, bench, jobs, log, interactive)
     except KeyboardInterrupt:
+        write_report(grid, bench)  # of the cells finished so far
         _archive(bench, kept, grid, log)  # the cells stopped at a step: their trajectories go on next time
         raise KeyboardInterrupt(f"interrupted: the finished cells are kept in {bench.root}; run the same command "
                                 "again to go on") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
     report = write_report(grid, bench)
     failed = [c.name for c in grid.cells if (o := bench.outcome(c)) is None or o.status != "ok"]
     log(f"report: {report}")

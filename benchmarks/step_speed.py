@@ -38,25 +38,33 @@ repetition, so the ratios are robust to a noisy shared machine; absolute seconds
 The learning rate is tiny (1e-12: the update runs, the weights barely move) and the trainable
 weights are restored after each batch shape (the in-place implementations drift by rounding).
 
-    .venv/bin/python benchmarks/step_speed.py [--model smollm2-135m] [--repeats 5] [--quick]
+    .venv/bin/python benchmarks/step_speed.py [--model smollm2-135m] [--repeats 5] [--quick] [--thin]
+
+``--thin``: the same on a thin copy of the model (its layers and tensors, width 64, vocabulary 512, random
+weights), where a step costs what the engine and the framework cost per tensor and per layer: the floor a
+GPU sees, where the arithmetic is fast and Python and kernel launches set the pace.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib.metadata
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from zotune.config import from_dict, load_config, unresolved_versioned_defaults
+from zotune.models import load_model
 from zotune.optim.registry import ZEROTH_ORDER
 from zotune.train.stepper import make_step
 from zotune.train.trainer import Session
@@ -246,6 +254,23 @@ def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: di
               + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>21.2f}" for name in timed[1:]))
 
 
+def thin_copy(model_name: str, out: Path) -> str:
+    """A randomly initialised copy of ``model_name`` with its layers and tensors (the same count and names) but
+    hidden size 64, MLP 128, 4 heads and a 512-token vocabulary, saved in ``out`` with the model's tokenizer:
+    its steps cost what the engine and the framework cost per tensor and per layer, with next to no arithmetic
+    (the floor that a fast device, a GPU, sees). Returns the directory."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(model_name)
+    config = copy.deepcopy(model.config)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+                   "head_dim": 16, "vocab_size": 512})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -258,7 +283,12 @@ def main() -> None:
     parser.add_argument("--stat", choices=sorted(STATS), default="median",
                         help="per timing: the median of the repetitions, or the min (the cost without interference)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, the 4x32 batch only")
+    parser.add_argument("--thin", action="store_true",
+                        help="time a thin copy of --model (same layers and tensors, width 64, vocabulary 512): the "
+                             "per-step cost of the engine and the framework alone")
     args = parser.parse_args()
+    if args.thin:
+        args.model = thin_copy(args.model, Path(tempfile.mkdtemp(prefix="zotune-thin-")))
     if args.quick:
         args.repeats, args.shapes = 2, "4x32"
     family = [n for n in args.family.split(",") if n]

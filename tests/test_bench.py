@@ -389,8 +389,11 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cpu"]
     assert "several devices" not in (out / "report.md").read_text()
 
-    cuda_cell = "optimizer=ZOSGD,seed=1"
+    assert json.loads((out / "cells" / "optimizer=ZOSGD,seed=0" / "summary.json").read_text())["device"] == "cpu"
+    cuda_cell = "optimizer=ZOSGD,seed=1"  # as a GPU would have written it: summary and trajectory
     _recorded_on(out / "cells" / cuda_cell, "cuda")
+    summary = json.loads((out / "cells" / cuda_cell / "summary.json").read_text())
+    (out / "cells" / cuda_cell / "summary.json").write_text(json.dumps({**summary, "device": "cuda"}))
     assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only"]) == 0
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cuda"]
     assert "Cells ran on several devices (1 on cpu, 1 on cuda" in (out / "report.md").read_text()

@@ -66,8 +66,10 @@ class Result:
 
     @cached_property
     def device(self) -> str:
-        """Where the cell ran (``cpu``, ``cuda``), from its trajectory; "" for a cell without one (a baseline)."""
-        return recorded_device(self.run_dir) or ""
+        """Where the cell ran (``cpu``, ``cuda``): its summary's ``device``, else (a run from before summaries
+        said) its trajectory's; "" when neither says."""
+        recorded = (self.summary or {}).get("device")
+        return str(recorded) if recorded else recorded_device(self.run_dir) or ""
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:

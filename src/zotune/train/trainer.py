@@ -30,6 +30,7 @@ from ..distributed import SINGLE, LossExchange, World, check_batch, check_querie
 from ..errors import ConfigError, TrainingError
 from ..estimators.directions import mix
 from ..models import load_model
+from ..models.loader import input_device
 from ..optim.base import ZOOptimizer
 from ..optim.factory import build_optimizer, defaults_row, run_forwards_per_step, run_hparams
 from ..optim.registry import is_zeroth_order, zo_class
@@ -67,6 +68,16 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return out
+
+
+def device_summary(model: torch.nn.Module) -> dict[str, str]:
+    """Where the run computed: ``device`` (its type: cpu, cuda, mps) and, on a GPU, ``device_name``
+    (e.g. "NVIDIA H200"); results.csv shows the type, the name says which GPU made the wall times."""
+    device = input_device(model)
+    out = {"device": device.type}
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
     return out
 
 
@@ -267,6 +278,7 @@ def run_eval(cfg: Config, out: str | Path, overwrite: bool = False, log=print,
         "eval_forward_passes": result.forward_passes,
         "n_test": len(result.predictions),
         **peak_memory(),
+        **device_summary(session.model),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     run.write_json("summary.json", summary)
@@ -564,6 +576,7 @@ class Training:
             "train_wall_s": round(self.train_wall, 2),
             "s_per_step": round(self.train_wall / max(progress.step, 1), 4),
             **peak_memory(),
+            **device_summary(self.session.model),
             "wall_s": round(time.perf_counter() - t_start, 2),
         }
 

@@ -438,3 +438,15 @@ def test_time_limit_stops_the_bench_seed_by_seed(tiny_model_dir, reviews_csv, tm
     assert sorted(p.name for p in (kept / "cells" / going).iterdir()) == ["config.yaml", "trajectory.bin"]  # no log yet
     assert main(["bench", "--grid", str(path), "--out", str(out), "--time-limit", "0"]) == 2
     assert "--time-limit must be a positive number" in capsys.readouterr().err
+
+
+def test_one_legend_names_every_panels_rows():
+    """A row finished in one column only (here: the second panel's) is in the legend, in the layout's order."""
+    from zotune.bench.plots import _legend, _panels
+
+    fig, axes = _panels(2)
+    axes[0][0].plot([0, 1], [0, 1], label="ZOSGD")
+    axes[0][1].plot([0, 1], [1, 0], label="JaguarSignSGD")
+    axes[0][1].plot([0, 1], [0, 1], label="ZOSGD")
+    _legend(fig, ["ZOSGD", "ZOAdam", "JaguarSignSGD"])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ZOSGD", "JaguarSignSGD"]

@@ -19,6 +19,7 @@ import functools
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .grid import Grid
 from .results import Layout, Result
@@ -92,10 +93,15 @@ def _mean(results: list[Result], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _legend(fig, ax) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+def _legend(fig, order: list[str] | None = None) -> None:
+    """One legend for the figure: every panel's labels once (a row may be in some panels only), in ``order``."""
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    labels = sorted(seen, key=lambda x: order.index(x) if order and x in order else len(order or ()))
+    if labels:
+        fig.legend([seen[x] for x in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
 
 # -- the plots -----------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str,
         bottom.set_ylabel("training loss (smoothed)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    _legend(fig, axes[0][0])
+    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
     return _save(fig, path, f"Score and training loss against forward passes ({grid.budget.short()})")
 
 
@@ -158,7 +164,7 @@ def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[s
     ax.set_xlabel("peak memory (MB, peak RSS of the cell's process)")
     ax.set_ylabel(f"test {results[0].metric}")
     ax.grid(alpha=0.3)
-    _legend(fig, ax)
+    _legend(fig)
     return _save(fig, path, "Score against peak memory")
 
 
@@ -192,7 +198,7 @@ def forwards_to_dev_level(grid: Grid, results: list[Result], path: Path) -> tupl
         ax.set_ylabel("forward passes to first reach it (fewer is better)")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3, axis="y")
-    _legend(fig, axes[0][0])
+    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
     return _save(fig, path, f"Forward passes to reach a dev score ({grid.budget.short()})")
 
 
@@ -220,7 +226,7 @@ def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[
         ax.set_ylabel(f"test {results[0].metric}")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3)
-    _legend(fig, axes[0][0])
+    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
     return _save(fig, path, f"Score against the query budget q ({grid.budget.short()})")
 
 
@@ -242,7 +248,7 @@ def alignment_gap(grid: Grid, results: list[Result], path: Path) -> tuple[str, s
         ax.set_ylabel(f"test {results[0].metric}")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3, axis="y")
-    _legend(fig, axes[0][0])
+    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
     return _save(fig, path, "Task alignment: score with and without the prompt's verbalizer")
 
 
@@ -277,7 +283,7 @@ def memory_vs_length(csv_path: Path, path: Path) -> tuple[str, str] | None:
     ax.set_xlabel(f"{x_col} (tokens per sequence)")
     ax.set_ylabel("peak memory (MB)")
     ax.grid(alpha=0.3)
-    _legend(fig, ax)
+    _legend(fig)
     return _save(fig, path, f"Peak memory against sequence length ({csv_path.name})")
 
 

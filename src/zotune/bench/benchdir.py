@@ -193,7 +193,7 @@ def _extends(path: Path, cell: Cell) -> bool:
 
 RESULT_NEUTRAL = (("train", "save_weights"),)
 # Where a cell runs, not what it is: a cell finished on a GPU counts as done in the same grid run on a CPU (and
-# the default ``auto`` is either). Each cell's device is read from its trajectory (results.csv's ``device``).
+# the default ``auto`` is either). Where each ran: results.csv's ``device`` (summary.json, else the trajectory).
 PLACEMENT = (("model", "device"),)
 
 

@@ -85,8 +85,9 @@ def test_a_sweep_runs_picks_resumes_and_refuses_to_clobber(tiny_model_dir, revie
     def rank(name):  # the rule, from the cell's own records
         dev = [json.loads(x)["dev"]["accuracy"] for x in (out / "cells" / name / "metrics.jsonl").read_text().splitlines()
                if "dev" in json.loads(x)]
-        assert len(dev) == 4
-        return max(dev), sum(dev) / len(dev)
+        stopped = json.loads((out / "cells" / name / "summary.json").read_text()).get("diverged_at_step")
+        assert len(dev) == (stopped or 4)  # dev at every step, up to the sweep's divergence stop (ratio 10)
+        return (-1.0, -1.0) if stopped else (max(dev), sum(dev) / len(dev))  # a diverged cell ranks last
 
     expected = max(["lr=0.001", "lr=0.1"], key=lambda s: rank(f"{s},seed=0"))
     picked = yaml.safe_load((out / "picked.yaml").read_text())

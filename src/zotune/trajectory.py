@@ -111,24 +111,31 @@ class TrajectoryWriter:
         self._file.close()
 
 
+def _split_header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header at the front of ``data`` and the offset where the records start; a :class:`DataError` when
+    it is not a trajectory's."""
+    if data[:8] != MAGIC or len(data) < 12:
+        raise DataError(f"{path} is not a zotune trajectory (bad magic bytes)")
+    (length,) = struct.unpack_from("<I", data, 8)
+    try:
+        header = json.loads(data[12 : 12 + length].decode())
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path}: unreadable trajectory header") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: unreadable trajectory header")
+    return header, 12 + length
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """The header alone (the records are not read); a :class:`DataError` when it is not a trajectory's."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)
-            length = struct.unpack_from("<I", head, 8)[0] if len(head) == 12 and head[:8] == MAGIC else None
-            blob = f.read(length) if length is not None else b""
+            if len(head) == 12 and head[:8] == MAGIC:
+                head += f.read(struct.unpack_from("<I", head, 8)[0])
     except OSError as err:
         raise DataError(f"cannot read trajectory {path}: {err.strerror}") from None
-    if length is None:
-        raise DataError(f"{path} is not a zotune trajectory (bad magic bytes)")
-    try:
-        header = json.loads(blob.decode())
-    except (ValueError, UnicodeDecodeError):
-        raise DataError(f"{path}: unreadable trajectory header") from None
-    if not isinstance(header, dict):
-        raise DataError(f"{path}: unreadable trajectory header")
-    return header
+    return _split_header(head, path)[0]
 
 
 def read_trajectory(path: Path) -> tuple[dict[str, Any], list[StepRecord]]:
@@ -138,16 +145,13 @@ def read_trajectory(path: Path) -> tuple[dict[str, Any], list[StepRecord]]:
         data = Path(path).read_bytes()
     except OSError as err:
         raise DataError(f"cannot read trajectory {path}: {err.strerror}") from None
-    if data[:8] != MAGIC or len(data) < 12:
-        raise DataError(f"{path} is not a zotune trajectory (bad magic bytes)")
-    (length,) = struct.unpack_from("<I", data, 8)
+    header, start = _split_header(data, path)
     try:
-        header = json.loads(data[12 : 12 + length].decode())
         n_values, n_groups, n_extra = int(header["n_values"]), int(header["n_groups"]), int(header.get("n_extra", 0))
-    except (ValueError, KeyError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):
         raise DataError(f"{path}: unreadable trajectory header") from None
     size = record_size(n_values, n_groups, n_extra)
-    body = data[12 + length :]
+    body = data[start:]
     values = struct.Struct(f"<{n_values + n_groups + n_extra}d")
     records = []
     for offset in range(0, len(body) - size + 1, size):

@@ -143,7 +143,7 @@ def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str,
         bottom.set_ylabel("training loss (smoothed)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
+    _legend(fig, layout.row_labels)
     return _save(fig, path, f"Score and training loss against forward passes ({grid.budget.short()})")
 
 
@@ -198,7 +198,7 @@ def forwards_to_dev_level(grid: Grid, results: list[Result], path: Path) -> tupl
         ax.set_ylabel("forward passes to first reach it (fewer is better)")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3, axis="y")
-    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
+    _legend(fig, layout.row_labels)
     return _save(fig, path, f"Forward passes to reach a dev score ({grid.budget.short()})")
 
 
@@ -226,7 +226,7 @@ def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[
         ax.set_ylabel(f"test {results[0].metric}")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3)
-    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
+    _legend(fig, layout.row_labels)
     return _save(fig, path, f"Score against the query budget q ({grid.budget.short()})")
 
 
@@ -248,7 +248,7 @@ def alignment_gap(grid: Grid, results: list[Result], path: Path) -> tuple[str, s
         ax.set_ylabel(f"test {results[0].metric}")
         ax.set_title(layout.col_label(col))
         ax.grid(alpha=0.3, axis="y")
-    _legend(fig, [layout.row_label(row) for row in layout.row_keys])
+    _legend(fig, layout.row_labels)
     return _save(fig, path, "Task alignment: score with and without the prompt's verbalizer")
 
 

@@ -105,6 +105,11 @@ class Layout:
     col_keys: list[tuple] = field(default_factory=list)
     groups: dict[tuple[tuple, tuple], list[Result]] = field(default_factory=dict)
 
+    @property
+    def row_labels(self) -> list[str]:
+        """The rows' labels, in the layout's order (the plots' legends)."""
+        return [self.row_label(row) for row in self.row_keys]
+
     @classmethod
     def of(cls, axes: dict[str, list], results: list[Result], exclude: tuple[str, ...] = ()) -> Layout:
         """The layout of ``results`` over ``axes`` (the seed axis and ``exclude`` left out): the column axes among

@@ -496,13 +496,19 @@ def test_top_scheme_trains_the_top_layers_and_the_final_norm(tiny_model_dir):
 def test_frozen_prefix_probes_equal_full_forwards(sharp_model_dir):
     """One example: the cached forward is the full forward bit for bit, so a ZOSGD step through
     the cache moves the weights exactly as through the model; a padded batch: equal up to float
-    rounding. The cache holds each training example once."""
+    rounding. The cache holds each training example once. The one example's candidates are one token
+    each (no padding), and its label is the choice the sharp model finds less likely (its loss as a
+    label the model is sure of can be exactly 0)."""
     from zotune.tuning.frozen_prefix import FrozenPrefix
 
     model, tok, trainable = schemed(sharp_model_dir, "top", "tuning.top.layers=1")
     probe = FrozenPrefix(model, start=1)
-    scorer = ChoiceScorer(tok, make_spec(CHOICES))
-    one, both = scorer.encode([LONG]), scorer.encode([LONG, SHORT])
+    scorer = ChoiceScorer(tok, make_spec({**CHOICES, "choices": {"0": " bad", "1": " good"}}))
+    with torch.no_grad():
+        one = max((scorer.encode([Example(LONG.fields, label)]) for label in CHOICES["choices"]),
+                  key=lambda batch: scorer.loss(model, batch).item())
+        assert scorer.loss(model, one) > 0
+    both = scorer.encode([LONG, SHORT])
     with torch.no_grad():
         assert torch.equal(scorer.loss(probe, one), scorer.loss(model, one))
         torch.testing.assert_close(scorer.loss(probe, both), scorer.loss(model, both), rtol=1e-5, atol=1e-6)
@@ -517,7 +523,7 @@ def test_frozen_prefix_probes_equal_full_forwards(sharp_model_dir):
             opt.step(lambda: scorer.loss(forward, one))
         after.append([p.detach().clone() for p in trainable])
     assert all(torch.equal(a, b) for a, b in zip(*after)) and any(not torch.equal(a, s) for a, s in zip(after[0], start))
-    assert len(probe.cache) == 4 and probe.cache_bytes > 0  # a row per (example, candidate): 2 x 2
+    assert len(probe.cache) == 2 and probe.cache_bytes > 0  # a row per example: one-token candidates share it
 
 
 def test_top_scheme_run_reports_its_cache_and_a_gpt2_runs_uncached(tiny_model_dir, tiny_gpt2_dir, reviews_csv, tmp_path):

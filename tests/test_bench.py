@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
 import statistics
 import struct
 from pathlib import Path
@@ -420,16 +421,22 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
 
 def test_time_limit_stops_the_bench_seed_by_seed(tiny_model_dir, reviews_csv, tmp_path, capsys):
     """--time-limit: the running cell stops at a step and checkpoints, the report and the archive are written (the
-    unfinished cell's trajectory kept to resume), exit 130. Cells run seed by seed: after (ZOSGD, 0), which fails at
-    once, comes (ZOAdam, 0), not (ZOSGD, 1)."""
+    unfinished cell's trajectory kept to resume), exit 130, also with SIGINT ignored (a job started with ``nohup ... &``:
+    the limit once was a SIGINT to itself). Cells run seed by seed: after (ZOSGD, 0), which fails at once, comes
+    (ZOAdam, 0), not (ZOSGD, 1). 30 s: two cells start (a process each, up to ~10 s on a loaded 2-core machine) and one trains."""
     grid = tiny_grid(tiny_model_dir, reviews_csv)
     grid.update(axes={"optimizer.name": ["ZOSGD", "ZOAdam"], "seed": [0, 1]}, budget={"forward_passes": 20_000},
                 overrides=[{"when": {"optimizer.name": "ZOSGD", "seed": 0}, "set": {"model.name": "/no/such/model"}}])
     grid["base"]["train"].update(eval_every=100_000, log_every=100_000)
     path, out, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "bench", tmp_path / "kept"
-    assert main(["bench", "--grid", str(path), "--out", str(out), "--archive", str(kept), "--time-limit", "20"]) == 130
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["bench", "--grid", str(path), "--out", str(out), "--archive", str(kept), "--time-limit", "30"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     printed = capsys.readouterr()
-    assert "--time-limit 20 s reached" in printed.out and "interrupted" in printed.err
+    assert "--time-limit 30 s reached" in printed.out and "interrupted" in printed.err
     started = list(dict.fromkeys(re.findall(r"\] (optimizer=\S+?):", printed.out)))
     assert started == ["optimizer=ZOSGD,seed=0", "optimizer=ZOAdam,seed=0"]
     going = "optimizer=ZOAdam,seed=0"

@@ -221,26 +221,33 @@ def run_cells(cells: list[Cell], bench: BenchDir, jobs: int = 1, log: Callable[[
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops the bench as Ctrl-C does (the running cells checkpoint, the rest wait)."""
+def _interrupts(time_limit: float | None, log: Callable[[str], None]) -> Iterator[None]:
+    """SIGTERM, and ``time_limit`` seconds passing (``--time-limit``, by SIGALRM), stop the bench as Ctrl-C does (the
+    running cells checkpoint, the rest wait). Neither relies on SIGINT, which a job started in the background
+    (``nohup zotune bench ... &``) ignores."""
     if threading.current_thread() is not threading.main_thread():
+        if time_limit:
+            raise ConfigError("--time-limit works only when the bench runs in the main thread")
         yield
         return
+    if time_limit and not hasattr(signal, "setitimer"):
+        raise ConfigError("--time-limit needs SIGALRM, which this platform lacks")
 
     def interrupt(signum: int, frame: Any) -> None:
+        if signum != signal.SIGTERM:
+            log(f"--time-limit {time_limit:g} s reached")
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, *((signal.SIGALRM,) if time_limit else ()))}
+    if time_limit:
+        signal.setitimer(signal.ITIMER_REAL, time_limit)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _time_is_up(seconds: float, log: Callable[[str], None]) -> None:
-    """``--time-limit``: interrupt the bench as Ctrl-C does (a signal, which wakes the main thread's wait)."""
-    log(f"--time-limit {seconds:g} s reached")
-    os.kill(os.getpid(), signal.SIGINT)
+        if time_limit:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
@@ -310,20 +317,14 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
     todo = sorted((cell for cell in grid.cells if bench.state(cell) != "done"), key=lambda cell: cell.cfg.seed)
     log(f"bench {grid.path}: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} finished (skipped), "
         f"{len(todo)} to run{f', {jobs} at a time' if jobs > 1 and todo else ''}")
-    timer = threading.Timer(time_limit, _time_is_up, (time_limit, log)) if time_limit and todo else None
     try:
-        with _sigterm_interrupts():
-            if timer is not None:
-                timer.start()
+        with _interrupts(time_limit if todo else None, log):
             run_cells(todo, bench, jobs, log, interactive)
     except KeyboardInterrupt:
         write_report(grid, bench)  # of the cells finished so far
         _archive(bench, kept, grid, log)  # the cells stopped at a step: their trajectories go on next time
         raise KeyboardInterrupt(f"interrupted: the finished cells are kept in {bench.root}; run the same command "
                                 "again to go on") from None
-    finally:
-        if timer is not None:
-            timer.cancel()
     report = write_report(grid, bench)
     failed = [c.name for c in grid.cells if (o := bench.outcome(c)) is None or o.status != "ok"]
     log(f"report: {report}")

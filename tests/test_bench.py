@@ -284,7 +284,7 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     (going / "metrics.jsonl").write_text("".join((going / "metrics.jsonl").read_text().splitlines(keepends=True)[:2]))
     kept = tmp_path / "docs" / "bench"
     assert main(["bench", "--grid", str(grid_path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
-    assert "2 finished cells and 1 unfinished ones" in capsys.readouterr().out
+    assert "2 finished cells and 1 unfinished (to resume" in capsys.readouterr().out
     assert (kept / "report.md").read_text() == (out / "report.md").read_text()
     assert (kept / "results.csv").read_text() == (out / "results.csv").read_text()
     assert sorted(p.name for p in kept.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))

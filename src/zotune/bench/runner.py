@@ -272,7 +272,7 @@ def _archive(bench: BenchDir, kept: BenchDir | None, grid: Grid, log: Callable[[
     """The report and the cells' records into ``--archive``, when given."""
     if kept is not None:
         done, going = bench.archive_into(kept, grid)
-        log(f"archived the report, {len(done)} finished cells" + (f" and {len(going)} unfinished ones (to resume from "
+        log(f"archived the report, {len(done)} finished cells" + (f" and {len(going)} unfinished (to resume from "
             "their trajectories)" if going else "") + f" in {kept.root}")
 
 

@@ -53,7 +53,8 @@ class ZOMuon(ZOSGDMomentum):
     normalised_step = True  # each coordinate moves by about lr
     # 14: its LoRA-FA sweep's pick, 1e-2; 15: its full sweep's, 3e-3 with the embeddings and norms at plain_lr 5e-6
     # (x 20 through momentum 0.95: ZO-SGD's 1e-4), as in that sweep (docs/sweeps.md); the family's 1e-4 before
-    default_lr: dict[tuple[int, str], float] = {(14, "lora-fa"): 1e-2, (15, "full"): 3e-3}
+    # 16: LoRA-FA 3e-3, measured at the fewer-forwards grid's 675 steps (1e-2 walks off there; docs/convergence.md)
+    default_lr: dict[tuple[int, str], float] = {(14, "lora-fa"): 1e-2, (15, "full"): 3e-3, (16, "lora-fa"): 3e-3}
     default_options: dict[tuple[int, str], dict] = {(15, "full"): {"plain_lr": 5e-6}}
 
     elementwise = False  # Newton-Schulz: matrix maths on torch's own threads

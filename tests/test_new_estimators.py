@@ -169,9 +169,11 @@ def test_defaults_follow_the_config_version():
                        "ZOSGDMomentum": [3e-2] * 5 + [3e-3] * 3, "ZOMuonSubspace": [1e-2] * 6 + [3e-2] * 2,
                        "ZOSGDConservative": [3e-2] * 8,  # ZO-SGD-Cons: its sweep picked 3e-2
                        "ZOMuon": [3e-2] * 7 + [1e-2]}
-    # 16: ZO-Muon's LoRA-FA lr measured at the fewer-forwards grid's length; its full lr (15) stays
+    # 16: ZO-Muon's and JAGUAR's LoRA-FA lr measured at the fewer-forwards grid's length; their full lr stays
     assert [resolved_hparams(OptimizerConfig(name="ZOMuon"), row, v)[0] for row in ("lora-fa", "full") for v in (14, 15, 16)] \
         == [1e-2, 1e-2, 3e-3, 1e-4, 3e-3, 3e-3]
+    assert [resolved_hparams(OptimizerConfig(name="JaguarSignSGD"), row, v)[0] for row in ("lora-fa", "full") for v in (15, 16)] \
+        == [1e-2, 1e-3, 1e-4, 1e-4]
     # ZO-Muon (Veprikov et al.): full rank, one two-sided query; ZOMuonSubspace (Lang et al.): its paper's settings
     muon = build_optimizer(load_config(None, ["optimizer.name=ZOMuon"]).optimizer, params, "full", seed=0)
     assert (muon.rank, muon.n_queries, muon.forwards_per_step, muon.param_groups[0]["momentum"]) == (None, 1, 2, 0.95)

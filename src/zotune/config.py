@@ -31,7 +31,7 @@ OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own w
 PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
-# The defaults' generations: 16: ZO-Muon's LoRA-FA lr at the fewer-forwards grid's length (its class's); 15: ZO-Muon's lr and plain_lr on full fine-tuning (its class's); 14: ZO-Muon's LoRA-FA lr; 13: ZOMuonSubspace's LoRA-FA lr; 12: ZO-SGD-Momentum's LoRA-FA lr (its class's default_lr); 11: Sparse-MeZO's
+# The defaults' generations: 16: ZO-Muon's and JAGUAR's LoRA-FA lr at the fewer-forwards grid's length (their classes'); 15: ZO-Muon's lr and plain_lr on full fine-tuning (its class's); 14: ZO-Muon's LoRA-FA lr; 13: ZOMuonSubspace's LoRA-FA lr; 12: ZO-SGD-Momentum's LoRA-FA lr (its class's default_lr); 11: Sparse-MeZO's
 # LoRA-FA lr (its class's default_lr); 10: the next LoRA-FA
 # sweeps' learning rates (LOZO: its class's default_lr);
 # 9: the LoRA-FA sweeps' learning rates done so far (ZO-Adam, ZO-SGD-Sign, FZOO, JAGUAR:

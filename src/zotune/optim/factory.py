@@ -63,8 +63,8 @@ MEASURED = Defaults(
 # and momentum lr on full, their classes' default_lr; 7: ZO-Adam's lr on full, its class's; 8: ZOMuonSubspace's lr
 # on full, its class's; 9: the LoRA-FA lr of ZO-Adam, ZO-SGD-Sign, FZOO and JAGUAR, their
 # classes'; 10: LOZO's LoRA-FA lr; 11: Sparse-MeZO's; 12: ZO-SGD-Momentum's; 13: ZOMuonSubspace's;
-# 14: ZO-Muon's, their classes'; 15: ZO-Muon's lr and plain_lr on full, its class's; 16: ZO-Muon's LoRA-FA lr
-# at the fewer-forwards grid's length, its class's)
+# 14: ZO-Muon's, their classes'; 15: ZO-Muon's lr and plain_lr on full, its class's; 16: ZO-Muon's and JAGUAR's
+# LoRA-FA lr at the fewer-forwards grid's length, their classes')
 DEFAULTS_BY_VERSION = {v: MEZO if v < 3 else MEASURED for v in VERSIONS}
 
 

@@ -26,7 +26,9 @@ class JaguarSignSGD(ZOOptimizer):
     summary = "ZO Sign-JAGUAR: sign step with coordinate momentum on a random block (Veprikov et al. 2025)"
 
     normalised_step = True  # each coordinate moves by about lr
-    default_lr = {(9, "lora-fa"): 1e-2}  # its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4
+    # 9: its LoRA-FA sweep's pick, 1e-2 (docs/sweeps.md); 16: 1e-3, measured at the fewer-forwards grid's 675 steps,
+    # where 1e-2 and 3e-3 walk off (docs/convergence.md); full: the family's 1e-4
+    default_lr = {(9, "lora-fa"): 1e-2, (16, "lora-fa"): 1e-3}
 
     takes_noise_table = False  # its directions are coordinate masks, not values
 

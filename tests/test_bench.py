@@ -457,3 +457,17 @@ def test_one_legend_names_every_panels_rows():
     axes[0][1].plot([0, 1], [0, 1], label="ZOSGD")
     _legend(fig, ["ZOSGD", "ZOAdam", "JaguarSignSGD"])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ZOSGD", "JaguarSignSGD"]
+
+
+def test_forwards_table_says_how_many_cells_diverged():
+    """A cell stopped by train.divergence_ratio is finished (tested as it stood); the forward-pass table says so."""
+    from zotune.bench.benchdir import Outcome
+    from zotune.bench.report import forwards_format
+    from zotune.bench.results import Result
+
+    def ok(**summary) -> Result:
+        return Result(None, Outcome("ok"), {"forward_passes": 1350, "steps": 675, **summary}, Path("."))
+
+    assert forwards_format([ok(), ok()]) == (None, "1350 (675 steps)")
+    diverged = ok(forward_passes=882, steps=441, diverged_at_step=441)
+    assert forwards_format([ok(), diverged]) == (None, "882/1350 (441/675 steps, 1 diverged)")

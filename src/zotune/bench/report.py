@@ -67,14 +67,15 @@ def number_format(key: str, digits: int = 0) -> Format:
 
 
 def forwards_format(results: list[Result]) -> tuple[float | None, str]:
-    """A group's forward passes and steps (the distinct values of its finished cells, ``/``-joined); never
-    compared."""
+    """A group's forward passes and steps (the distinct values of its finished cells, ``/``-joined; how many
+    diverged, when any did); never compared."""
     ok = [r for r in results if r.ok]
     if not ok:
         return None, missing(results)
     fwd = sorted({int(r.get("forward_passes") or 0) for r in ok})
     steps = sorted({int(r.get("steps") or 0) for r in ok})
-    return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps)"
+    diverged = sum(r.get("diverged_at_step") is not None for r in ok)
+    return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps{f', {diverged} diverged' if diverged else ''})"
 
 
 def reach_format(level: float) -> Format:
@@ -188,6 +189,9 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     if layout.fixed:
         lines += ["Every cell: " + ", ".join(f"{k} {v}" for k, v in layout.fixed.items()) + ".", ""]
     lines += device_lines(results)
+    if any(r.ok and r.get("diverged_at_step") is not None for r in results):
+        lines += ["A cell whose training loss passed `train.divergence_ratio` x its first step's stopped there (\"diverged\" "
+                  "under forward passes) and was tested as it stood.", ""]
     score = metrics[0] if len(metrics) == 1 else "score"
     headers = None if len(metrics) == 1 else [f"{layout.col_label(c)} ({_col_metric(layout, c)})" for c in layout.col_keys]
     lines += [f"## Test {score} ({over})", "",

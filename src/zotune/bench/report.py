@@ -74,8 +74,9 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
         return None, missing(results)
     fwd = sorted({int(r.get("forward_passes") or 0) for r in ok})
     steps = sorted({int(r.get("steps") or 0) for r in ok})
-    diverged = sum(r.get("diverged_at_step") is not None for r in ok)
-    return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps{f', {diverged} diverged' if diverged else ''})"
+    diverged = sum(r.diverged for r in ok)
+    note = f", {diverged} diverged" if diverged else ""
+    return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps{note})"
 
 
 def reach_format(level: float) -> Format:
@@ -189,7 +190,7 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     if layout.fixed:
         lines += ["Every cell: " + ", ".join(f"{k} {v}" for k, v in layout.fixed.items()) + ".", ""]
     lines += device_lines(results)
-    if any(r.ok and r.get("diverged_at_step") is not None for r in results):
+    if any(r.diverged for r in results):
         lines += ["A cell whose training loss passed `train.divergence_ratio` x its first step's stopped there (\"diverged\" "
                   "under forward passes) and was tested as it stood.", ""]
     score = metrics[0] if len(metrics) == 1 else "score"

@@ -38,6 +38,11 @@ class Result:
         """Whether the cell has no outcome yet (never run, or still running: ``zotune bench --report-only``)."""
         return self.outcome.error == NOT_RUN
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the run ended early at ``train.divergence_ratio`` (its summary's ``diverged_at_step``)."""
+        return self.get("diverged_at_step") is not None
+
     @cached_property
     def metric(self) -> str:
         """The task's metric (the score the tables show)."""

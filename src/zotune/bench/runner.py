@@ -238,7 +238,8 @@ def _interrupts(time_limit: float | None, log: Callable[[str], None]) -> Iterato
             log(f"--time-limit {time_limit:g} s reached")
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, *((signal.SIGALRM,) if time_limit else ()))}
+    signals = [signal.SIGTERM, signal.SIGALRM] if time_limit else [signal.SIGTERM]
+    previous = {s: signal.signal(s, interrupt) for s in signals}
     if time_limit:
         signal.setitimer(signal.ITIMER_REAL, time_limit)
     try:

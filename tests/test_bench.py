@@ -294,6 +294,11 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         ["config.yaml", "metrics.jsonl", "summary.json", "trajectory.bin"]
     assert sorted(p.name for p in (kept / "cells" / going.name).iterdir()) == ["config.yaml", "metrics.jsonl", "trajectory.bin"]
     fresh = tmp_path / "fresh"
+    lines.clear()  # the dry run shows what a run would copy in, and copies nothing
+    assert run_bench(grid_path, fresh, log=lines.append, dry_run=True, archive=kept) == 0
+    assert [line.split(maxsplit=6)[-1] for line in lines[2:]] == \
+        ["done (archived)", "partial (archived)", "done (archived)", "todo"]
+    assert not fresh.exists()
     lines.clear()
     assert run_bench(grid_path, fresh, log=lines.append, report_only=True, archive=kept) == 0
     assert lines[0] == f"3 cells copied in from {kept}"

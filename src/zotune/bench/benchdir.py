@@ -101,13 +101,17 @@ class BenchDir:
         that they resume from their trajectories (or, given fewer steps than the grid now asks, are extended);
         returns their names. A cell that holds another config
         here (stale) is left as it is."""
-        restored = [cell for cell in grid.cells
-                    if (archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial"))
-                    or (archive.state(cell) in ("partial", "short") and self.state(cell) in ("todo", "failed")
-                        and archive.resumable_here(cell))]
+        restored = [cell for cell in grid.cells if cell.name in self.restorable_from(archive, grid)]
         for cell in restored:
             _copy_files(archive.run_dir(cell), self.run_dir(cell))
         return [cell.name for cell in restored]
+
+    def restorable_from(self, archive: BenchDir, grid: Grid) -> list[str]:
+        """The names of the cells :meth:`restore_from` would copy in; nothing is copied."""
+        return [cell.name for cell in grid.cells
+                if (archive.state(cell) == "done" and self.state(cell) in ("todo", "failed", "partial"))
+                or (archive.state(cell) in ("partial", "short") and self.state(cell) in ("todo", "failed")
+                    and archive.resumable_here(cell))]
 
     def resumable_here(self, cell: Cell) -> bool:
         """Whether this machine can go on with the cell's unfinished run: its directions were drawn on the device

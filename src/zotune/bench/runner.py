@@ -251,16 +251,21 @@ def _interrupts(time_limit: float | None, log: Callable[[str], None]) -> Iterato
             signal.signal(s, handler)
 
 
-def plan_lines(grid: Grid, bench: BenchDir) -> list[str]:
-    """The dry-run listing: every cell with its model, task, steps, forward passes and state."""
+def plan_lines(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[str]:
+    """The dry-run listing: every cell with its model, task, steps, forward passes and state; with ``kept``
+    (``--archive``), a cell that a real run would copy in from it shows as ``done (archived)``."""
+    restorable = set(bench.restorable_from(kept, grid)) if kept is not None else set()
     rows = [("cell", "model", "task", "steps", "fwd/step", "forward passes", "state")]
     for cell in grid.cells:
+        state = bench.state(cell)
+        if cell.name in restorable:
+            state = f"{kept.state(cell)} (archived)"
         per_step = cell.forwards_per_step
         planned = cell.planned_forward_passes
         steps = f"eval ({cell.cfg.eval.baseline})" if cell.command == "eval" else str(cell.cfg.train.steps)
         rows.append((cell.name, cell.cfg.model.name, task_spec(cell.cfg.task).name, steps,
                      "block-wise" if per_step is None else str(per_step), "?" if planned is None else str(planned),
-                     bench.state(cell)))
+                     state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     given = f"; overrides: {' '.join(grid.overrides)}" if grid.overrides else ""
     lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}{given}"]
@@ -295,15 +300,16 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         raise ConfigError(f"--time-limit must be a positive number of seconds, got {time_limit:g}")
     grid = load_grid(grid_path, overrides)
     bench = BenchDir(out)
-    if dry_run:
-        for line in plan_lines(grid, bench):
-            log(line)
-        return 0
     kept = None
     if archive is not None:
         kept = BenchDir(archive)
         if kept.root.resolve() == bench.root.resolve():
             raise ConfigError(f"--archive must be another directory than --out ({bench.root})")
+    if dry_run:
+        for line in plan_lines(grid, bench, kept):
+            log(line)
+        return 0
+    if kept is not None:
         if restored := bench.restore_from(kept, grid):
             log(f"{len(restored)} cells copied in from {kept.root}")
     if report_only:

@@ -394,15 +394,25 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
     assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cpu"]
     assert "several devices" not in (out / "report.md").read_text()
+    cpu_summary = out / "cells" / "optimizer=ZOSGD,seed=0" / "summary.json"  # an older resumed run's summary:
+    cpu_summary.write_text(json.dumps({**json.loads(cpu_summary.read_text()), "wall_s": 1.0, "train_wall_s": 50.0}))
+    assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only"]) == 0  # its wall_s, this process's
+    assert read_csv(out / "results.csv")[0]["wall_s"] == "50.0"  # alone, is at least its training time
 
     assert json.loads((out / "cells" / "optimizer=ZOSGD,seed=0" / "summary.json").read_text())["device"] == "cpu"
     cuda_cell = "optimizer=ZOSGD,seed=1"  # as a GPU would have written it: summary and trajectory
     _recorded_on(out / "cells" / cuda_cell, "cuda")
     summary = json.loads((out / "cells" / cuda_cell / "summary.json").read_text())
-    (out / "cells" / cuda_cell / "summary.json").write_text(json.dumps({**summary, "device": "cuda"}))
+    (out / "cells" / cuda_cell / "summary.json").write_text(json.dumps({**summary, "device": "cuda", "peak_rss_mb": 12345.0}))
     assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only"]) == 0
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cuda"]
-    assert "Cells ran on several devices (1 on cpu, 1 on cuda" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Cells ran on several devices (1 on cpu, 1 on cuda" in report
+    rss = [row["peak_rss_mb"] for row in read_csv(out / "results.csv")]  # a table per device, each of its own cells
+    assert rss[1] == "12345.0"
+    for device, value in zip(("cpu", "cuda"), rss):
+        table = f"Peak memory (MB: peak resident set size of the cell's process, cells run on {device})"
+        assert table_row(report, table, "ZOSGD") == [f"{float(value):,.0f}"]
 
     for device in ("cuda", "cpu"):  # an unfinished cell of each kind in the archive; this machine has no GPU
         _recorded_on(kept / "cells" / cuda_cell, device)

@@ -419,9 +419,12 @@ def test_without_checkpoints_a_run_resumes_from_its_trajectory_bit_identically(
     for name in ("config.yaml", "metrics.jsonl", "trajectory.bin"):
         shutil.copyfile(first / name, out / name)
     lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (out / "metrics.jsonl").write_text("".join(lines[:-1]))  # step 7's record is in the trajectory only
+    kept = [*lines[:-2], json.dumps({**json.loads(lines[-2]), "wall_s": 1000.0}) + "\n"]  # as if steps 1-6 took 1,000 s
+    (out / "metrics.jsonl").write_text("".join(kept))  # step 7's record is in the trajectory only
     capsys.readouterr()
     assert main(argv(tiny_model_dir, reviews_csv, out, *extra)) == 0
+    summary = json.loads((out / "summary.json").read_text())  # the wall times count the resumed run's time
+    assert summary["wall_s"] > summary["train_wall_s"] > 1000
     out_text = capsys.readouterr().out
     assert "resuming at step 6 by replaying" in out_text and "zero-shot accuracy" in out_text
     assert_same_run(out, ref)

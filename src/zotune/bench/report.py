@@ -79,6 +79,17 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
     return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps{note})"
 
 
+def on_device(fmt: Format, device: str | None) -> Format:
+    """``fmt`` over the group's finished cells that ran on ``device`` (all of them for None); "-" when none did."""
+    if device is None:
+        return fmt
+
+    def fmt_here(results: list[Result]) -> tuple[float | None, str]:
+        here = [r for r in results if r.ok and r.device == device]
+        return fmt(here) if here else (None, missing(results))
+    return fmt_here
+
+
 def reach_format(level: float) -> Format:
     """A :data:`Format`: the forward passes at the first dev evaluation that reached ``level`` (the task's metric),
     the mean over the group's cells that reached it, with ``(k/n)`` when not all of the ``n`` that ran did (then
@@ -202,11 +213,14 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     if any(r.get("peak_cuda_allocated_mb") is not None for r in results):
         lines += ["## Peak GPU memory (MB: torch.cuda.max_memory_allocated; reserved in results.csv)", "",
                   *markdown_table(layout, number_format("peak_cuda_allocated_mb"), "min"), ""]
-    lines += ["## Peak memory (MB: peak resident set size of the cell's process)", "",
-              *markdown_table(layout, number_format("peak_rss_mb"), "min"), "",
-              "## Wall time (s: the whole cell, model load and evaluations included)", "",
-              *markdown_table(layout, number_format("wall_s"), "min"), "",
-              "## Forward passes (steps)", "", *markdown_table(layout, forwards_format, None), ""]
+    devices = sorted({r.device for r in results if r.ok and r.device})
+    for device in devices if len(devices) > 1 else [None]:  # mixed devices: a table each, as they compare
+        on = "" if device is None else f", cells run on {device}"
+        lines += [f"## Peak memory (MB: peak resident set size of the cell's process{on})", "",
+                  *markdown_table(layout, on_device(number_format("peak_rss_mb"), device), "min"), "",
+                  f"## Wall time (s: the whole cell, model load and evaluations included{on})", "",
+                  *markdown_table(layout, on_device(number_format("wall_s"), device), "min"), ""]
+    lines += ["## Forward passes (steps)", "", *markdown_table(layout, forwards_format, None), ""]
     for level in grid.dev_levels:
         lines += [f"## Forward passes to reach dev {metrics[0] if len(metrics) == 1 else 'score'} >= {level:g} "
                   "(first dev evaluation at the level; mean over seeds, (k/n) when not every seed reached it)", "",
@@ -230,8 +244,8 @@ def device_lines(results: list[Result]) -> list[str]:
     if len(counts) < 2:
         return []
     each = ", ".join(f"{n} on {device}" for device, n in sorted(counts.items()))
-    return [f"Cells ran on several devices ({each}: results.csv's `device`): compare scores and forward passes "
-            "across them, not wall times or memory.", ""]
+    return [f"Cells ran on several devices ({each}: results.csv's `device`): scores and forward passes compare "
+            "across them, memory and wall times only within one (a table each).", ""]
 
 
 def _col_metric(layout: Layout, col: tuple) -> str:

@@ -94,6 +94,9 @@ def collect(grid: Grid, bench: BenchDir) -> list[Result]:
         outcome = bench.outcome(cell) or Outcome("failed", NOT_RUN)
         summary_path = bench.run_dir(cell) / "summary.json"
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
+        if summary and summary.get("wall_s", 0) < summary.get("train_wall_s", 0):
+            # a resumed run's summary from before its wall_s counted the processes it resumed: their training time
+            summary["wall_s"] = summary["train_wall_s"]
         results.append(Result(cell, outcome, summary, bench.run_dir(cell)))
     return results
 

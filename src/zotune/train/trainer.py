@@ -345,6 +345,7 @@ class Training:
         self.exchange = LossExchange(world, self.tcfg.parallel) if world.distributed else None
         self.ddp_bytes = {"bytes": 0}
         self.steps_here = 0
+        self.wall_before = 0.0  # training wall time of the processes this run resumed (summary's wall_s counts it)
         self.diverged_at = 0  # the step at which train.divergence_ratio ended the run (0: it did not)
         self.stopped_early_at = 0  # the step at which train.early_stop_patience ended the run (0: it did not)
 
@@ -410,6 +411,7 @@ class Training:
         """Every step from the resume point; a signal stops it after a step, with a checkpoint."""
         tcfg, progress, exchange = self.tcfg, self.progress, self.exchange
         train = self.session.data.train
+        self.wall_before = progress.wall_s
         progress.start_clock()
         self.interactive = sys.stderr.isatty() and self.world.is_main
         bar = tqdm(range(progress.step, tcfg.steps), desc="train", unit="step", disable=not self.interactive,
@@ -577,7 +579,7 @@ class Training:
             "s_per_step": round(self.train_wall / max(progress.step, 1), 4),
             **peak_memory(),
             **device_summary(self.session.model),
-            "wall_s": round(time.perf_counter() - t_start, 2),
+            "wall_s": round(time.perf_counter() - t_start + self.wall_before, 2),  # resumes included
         }
 
 

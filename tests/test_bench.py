@@ -16,6 +16,8 @@ import yaml
 
 from zotune.bench import load_grid, run_bench
 from zotune.bench.grid import cell_names
+from zotune.bench.plots import memory_points
+from zotune.bench.results import collect
 from zotune.bench.runner import BenchDir, plan_lines
 from zotune.cli import main
 from zotune.config import OptimizerConfig, load_config
@@ -403,7 +405,8 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
     cuda_cell = "optimizer=ZOSGD,seed=1"  # as a GPU would have written it: summary and trajectory
     _recorded_on(out / "cells" / cuda_cell, "cuda")
     summary = json.loads((out / "cells" / cuda_cell / "summary.json").read_text())
-    (out / "cells" / cuda_cell / "summary.json").write_text(json.dumps({**summary, "device": "cuda", "peak_rss_mb": 12345.0}))
+    (out / "cells" / cuda_cell / "summary.json").write_text(json.dumps({**summary, "device": "cuda", "peak_rss_mb": 12345.0,
+                                                                     "peak_cuda_allocated_mb": 678.0}))
     assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only"]) == 0
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cuda"]
     report = (out / "report.md").read_text()
@@ -413,6 +416,9 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
     for device, value in zip(("cpu", "cuda"), rss):
         table = f"Peak memory (MB: peak resident set size of the cell's process, cells run on {device})"
         assert table_row(report, table, "ZOSGD") == [f"{float(value):,.0f}"]
+    grid_now = load_grid(path)  # the memory plot: a panel per device, a GPU's by torch's peak allocation
+    points = memory_points(grid_now, [r for r in collect(grid_now, BenchDir(out)) if r.ok])
+    assert {device: [p[3] for p in ps] for device, ps in points.items()} == {"cpu": [float(rss[0])], "cuda": [678.0]}
 
     for device in ("cuda", "cpu"):  # an unfinished cell of each kind in the archive; this machine has no GPU
         _recorded_on(kept / "cells" / cuda_cell, device)

@@ -4,7 +4,7 @@
   forward passes per row (optimizer): dev-set curves when the cells evaluated during training
   (``train.eval_every``), the test score before (zero-shot, x = 0) and after training, and the
   training loss against forward passes below (mean over seeds);
-- ``accuracy_vs_memory.png``: score against peak memory, one point per row and column;
+- ``accuracy_vs_memory.png``: score against peak memory, one point per row and column, a panel per device;
 - ``forwards_to_dev_level.png``: per column, the forward passes each row needed to first reach each of the
   grid's ``dev_levels`` (bars: the mean over the seeds that reached it, dots: each seed, k/n above);
 - ``accuracy_vs_queries.png``: score against the query budget q (axis ``optimizer.n_queries``);
@@ -147,23 +147,44 @@ def learning_curves(grid: Grid, results: list[Result], path: Path) -> tuple[str,
     return _save(fig, path, f"Score and training loss against forward passes ({grid.budget.short()})")
 
 
-def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
-    """The test score against peak RSS, one point per row and column (seeds averaged); returns ``(file name,
-    title)``."""
+MEMORY_KEYS = {"cuda": ("peak_cuda_allocated_mb", "peak GPU memory (MB, torch's peak allocation)")}
+RSS = ("peak_rss_mb", "peak memory (MB, peak RSS of the cell's process)")
+
+
+def memory_points(grid: Grid, results: list[Result]) -> dict[str, list[tuple[int, int, str, float, float]]]:
+    """Per device the cells ran on, ``(row index, column index, label, memory, score)`` of each row and column,
+    averaged over that device's cells: memory on different devices does not compare, so each gets its own panel
+    (a GPU's by torch's peak allocation, where it was recorded; a CPU's by peak RSS)."""
     layout = Layout.of(grid.axes, results)
-    fig, axes = _panels(1)
-    ax = axes[0][0]
-    for j, col in enumerate(layout.col_keys):
-        for i, row in enumerate(layout.row_keys):
-            group = layout.groups.get((row, col), [])
-            x, y = _mean(group, "peak_rss_mb"), _mean(group, "score")
-            if x is None or y is None:
-                continue
-            label = " | ".join(t for t in (layout.row_label(row), layout.col_label(col)) if t)
-            ax.plot(x, y, MARKERS[j % len(MARKERS)], color=_color(i, len(layout.row_keys)), markersize=8, label=label)
-    ax.set_xlabel("peak memory (MB, peak RSS of the cell's process)")
-    ax.set_ylabel(f"test {results[0].metric}")
-    ax.grid(alpha=0.3)
+    devices = sorted({r.device for r in results}) or [""]
+    points: dict[str, list[tuple[int, int, str, float, float]]] = {}
+    for device in devices:
+        key = MEMORY_KEYS.get(device, RSS)[0]
+        for j, col in enumerate(layout.col_keys):
+            for i, row in enumerate(layout.row_keys):
+                here = [r for r in layout.groups.get((row, col), []) if r.device == device]
+                x = _mean(here, key) if any(r.get(key) is not None for r in here) else _mean(here, RSS[0])
+                y = _mean(here, "score")
+                if x is not None and y is not None:
+                    label = " | ".join(t for t in (layout.row_label(row), layout.col_label(col)) if t)
+                    points.setdefault(device, []).append((i, j, label, x, y))
+    return points
+
+
+def accuracy_vs_memory(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:
+    """The test score against peak memory, one point per row and column (seeds averaged), a panel per device the
+    cells ran on; returns ``(file name, title)``."""
+    points = memory_points(grid, results)
+    n_rows = len(Layout.of(grid.axes, results).row_keys)
+    fig, axes = _panels(max(1, len(points)))
+    for ax, (device, device_points) in zip(axes[0], points.items()):
+        for i, j, label, x, y in device_points:
+            ax.plot(x, y, MARKERS[j % len(MARKERS)], color=_color(i, n_rows), markersize=8, label=label)
+        ax.set_xlabel(MEMORY_KEYS.get(device, RSS)[1])
+        ax.set_ylabel(f"test {results[0].metric}")
+        if len(points) > 1:
+            ax.set_title(f"cells run on {device}")
+        ax.grid(alpha=0.3)
     _legend(fig)
     return _save(fig, path, "Score against peak memory")
 

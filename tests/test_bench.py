@@ -16,11 +16,12 @@ import yaml
 
 from zotune.bench import load_grid, run_bench
 from zotune.bench.grid import cell_names
+from zotune.bench.benchdir import _same_config
 from zotune.bench.plots import memory_points
 from zotune.bench.results import collect
 from zotune.bench.runner import BenchDir, plan_lines
 from zotune.cli import main
-from zotune.config import OptimizerConfig, load_config
+from zotune.config import CONFIG_VERSION, OptimizerConfig, from_dict, load_config
 from zotune.errors import ConfigError
 from zotune.optim.factory import build_optimizer, forwards_per_step
 from zotune.optim.registry import optimizer_names
@@ -158,6 +159,26 @@ def table_row(report: str, title: str, label: str) -> list[str]:
     section = report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
     line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
     return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_a_run_at_the_lr_a_new_version_made_the_default_is_the_cell_s_run(tiny_model_dir, reviews_csv, tmp_path):
+    """A cell without an lr in a grid without a version: a run recorded at an older version is its run when it
+    used that version's default lr (it stays done) or, given explicitly, the current version's (version 17 made
+    JAGUAR's full lr 3e-5: an lr sweep's 3e-5 run at version 16 is the grid's cell now); another lr is not."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    del grid["base"]["optimizer.lr"]
+    grid.update(axes={"optimizer.name": ["JaguarSignSGD"], "seed": [0]}, overrides=[])
+    (cell,) = load_grid(write_grid(tmp_path / "grid.yaml", grid)).cells
+    assert CONFIG_VERSION >= 17
+    run = tmp_path / "run"
+    run.mkdir()
+    same = {}
+    for lr in (None, 1e-4, 3e-5, 1e-5):  # version 16's default is 1e-4
+        raw = {**cell.config, "version": 16, "optimizer": {**cell.config["optimizer"], "lr": lr}}
+        recorded = from_dict(raw, check_device=False)
+        (run / "config.yaml").write_text(yaml.safe_dump(recorded.to_dict(), sort_keys=False))
+        same[lr] = _same_config(run / "config.yaml", cell)
+    assert same == {None: True, 1e-4: True, 3e-5: True, 1e-5: False}
 
 
 def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp_path, capsys):

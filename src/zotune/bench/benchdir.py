@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, from_dict, recorded_config
+from ..config import CONFIG_VERSION, Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..models.loader import resolve_device
 from ..optim.factory import resolved_settings
@@ -170,13 +170,16 @@ def _copy_files(source: Path, dest: Path) -> None:
 
 def _same_config(path: Path, cell: Cell) -> bool:
     """Whether a cell's run directory holds the cell's config, compared under the defaults of the
-    config version the run was recorded with (a cell run before a new version stays done), with
+    config version the run was recorded with (a cell run before a new version stays done) or of the
+    current one (a run that gave, say, the lr a new version made the default is the cell's run now), with
     the optimizer's settings resolved (so a grid that pins another version matches the runs whose
     settings it does not change), and without the keys that change which files a run keeps, not
     its results (``RESULT_NEUTRAL``), nor where it runs (``PLACEMENT``)."""
     try:
-        recorded = recorded_config(path)
-        return _results_config(recorded) == _results_config(from_dict(cell.config, default_version=recorded.version))
+        config = recorded_config(path)
+        recorded = _results_config(config)
+        return any(recorded == _results_config(from_dict(cell.config, default_version=version))
+                   for version in (config.version, CONFIG_VERSION))
     except ZotuneError:
         return False
 

@@ -27,8 +27,9 @@ class JaguarSignSGD(ZOOptimizer):
 
     normalised_step = True  # each coordinate moves by about lr
     # 9: its LoRA-FA sweep's pick, 1e-2 (docs/sweeps.md); 16: 1e-3, measured at the fewer-forwards grid's 675 steps,
-    # where 1e-2 and 3e-3 walk off (docs/convergence.md); full: the family's 1e-4
-    default_lr = {(9, "lora-fa"): 1e-2, (16, "lora-fa"): 1e-3}
+    # where 1e-2 and 3e-3 walk off (docs/convergence.md); full: the family's 1e-4 until 17, then 3e-5, measured
+    # the same way (1e-4 peaks early and walks off)
+    default_lr = {(9, "lora-fa"): 1e-2, (16, "lora-fa"): 1e-3, (17, "full"): 3e-5}
 
     takes_noise_table = False  # its directions are coordinate masks, not values
 

@@ -36,7 +36,9 @@ class LOZO(ZOSGD):
     """
 
     summary = "LOZO: low-rank directions U V^T with V refreshed every few steps (ICLR 2025)"
-    default_lr = {(10, "lora-fa"): 1e-2}  # its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4
+    # 10: its LoRA-FA sweep's pick (docs/sweeps.md); full: the family's 1e-4 until 17, then 3e-5, measured at the
+    # fewer-forwards grid's 675 steps, where 1e-4 diverges (docs/convergence.md)
+    default_lr = {(10, "lora-fa"): 1e-2, (17, "full"): 3e-5}
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, n_queries: int = 1,
                  distribution: str = "gaussian", weight_decay: float = 0.0, rank: int = 2, refresh: int = 50,

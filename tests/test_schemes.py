@@ -334,7 +334,8 @@ def test_measured_defaults_for_new_runs():
     # version 4: FZOO's own lr on full fine-tuning (its sweep); a version-3 FZOO run keeps the family's
     assert resolved_hparams(OptimizerConfig(name="FZOO"), "full") == (3e-3, 1e-3)
     assert resolved_hparams(OptimizerConfig(name="FZOO"), "full", 3) == (1e-4, 1e-3)
-    assert resolved_hparams(OptimizerConfig(name="FZOO"), "lora-fa") == (1e-1, 1e-2)  # version 9: its LoRA-FA sweep
+    assert resolved_hparams(OptimizerConfig(name="FZOO"), "lora-fa", 9) == (1e-1, 1e-2)  # version 9: its LoRA-FA sweep
+    assert resolved_hparams(OptimizerConfig(name="FZOO"), "lora-fa") == (3e-2, 1e-2)  # 18: measured at the grid's length
     assert resolved_hparams(OptimizerConfig(name="FZOO"), "lora-fa", 8) == (3e-2, 1e-2)
     assert resolved_hparams(OptimizerConfig(name="ZOSGD", lr=3e-4, eps=5e-3), "lora") == (3e-4, 5e-3)  # given wins
     for version in DEFAULTS_BY_VERSION:  # every optimizer has a default for every scheme, in every version

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--grid", metavar="FILE", required=True, help="the grid YAML (see configs/bench/)")
     bn.add_argument("--out", metavar="DIR", required=True, help="bench directory (finished cells are skipped)")
     bn.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
-    bn.add_argument("--dry-run", action="store_true", help="list the cells, their model, task, steps and state (with --archive, the cells it would copy in: \"done (archived)\"); run nothing")
+    bn.add_argument("--dry-run", action="store_true",
+                    help="list the cells, their model, task, steps and state (with --archive, the cells it would copy "
+                         "in: \"done (archived)\"); run nothing")
     bn.add_argument("--time-limit", type=float, metavar="S",
                     help="stop after S seconds as on Ctrl-C (running cells checkpoint; the report and --archive are "
                          "written): a machine lent for a while")

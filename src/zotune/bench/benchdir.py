@@ -101,10 +101,11 @@ class BenchDir:
         that they resume from their trajectories (or, given fewer steps than the grid now asks, are extended);
         returns their names. A cell that holds another config
         here (stale) is left as it is."""
-        restored = [cell for cell in grid.cells if cell.name in self.restorable_from(archive, grid)]
-        for cell in restored:
-            _copy_files(archive.run_dir(cell), self.run_dir(cell))
-        return [cell.name for cell in restored]
+        restored = self.restorable_from(archive, grid)
+        for cell in grid.cells:
+            if cell.name in restored:
+                _copy_files(archive.run_dir(cell), self.run_dir(cell))
+        return restored
 
     def restorable_from(self, archive: BenchDir, grid: Grid) -> list[str]:
         """The names of the cells :meth:`restore_from` would copy in; nothing is copied."""
@@ -179,7 +180,7 @@ def _same_config(path: Path, cell: Cell) -> bool:
         config = recorded_config(path)
         recorded = _results_config(config)
         return any(recorded == _results_config(from_dict(cell.config, default_version=version))
-                   for version in (config.version, CONFIG_VERSION))
+                   for version in {config.version, CONFIG_VERSION})
     except ZotuneError:
         return False
 

@@ -163,7 +163,8 @@ def memory_points(grid: Grid, results: list[Result]) -> dict[str, list[tuple[int
         for j, col in enumerate(layout.col_keys):
             for i, row in enumerate(layout.row_keys):
                 here = [r for r in layout.groups.get((row, col), []) if r.device == device]
-                x = _mean(here, key) if any(r.get(key) is not None for r in here) else _mean(here, RSS[0])
+                x = _mean(here, key)
+                x = _mean(here, RSS[0]) if x is None else x
                 y = _mean(here, "score")
                 if x is not None and y is not None:
                     label = " | ".join(t for t in (layout.row_label(row), layout.col_label(col)) if t)

@@ -323,10 +323,12 @@ def test_measured_defaults_for_new_runs():
     zo = OptimizerConfig(name="ZOSGD")
     assert resolved_hparams(zo, "full") == resolved_hparams(zo, "full", CONFIG_VERSION) == (1e-4, 1e-3)
     assert resolved_hparams(zo, "lora") == (1e-3, 1e-2)  # plain LoRA: 3e-3 diverges after ~150 steps
-    assert resolved_hparams(zo, "lora-fa") == (3e-2, 1e-2)  # LoRA-FA: stable at 10x
+    assert resolved_hparams(zo, "lora-fa", 18) == (3e-2, 1e-2)  # LoRA-FA: stable at 10x
+    assert resolved_hparams(zo, "lora-fa") == (1e-2, 1e-2)  # 19: its own, measured at 675 steps on three seeds
     assert resolved_hparams(zo, "top") == (1e-3, 1e-3)
     # a new ZO LoRA run is LoRA-FA at its lr; a first-order one, or one recorded under version 2, is plain LoRA
-    assert run_hparams(load_config(None, ["tuning.scheme=lora"])) == (3e-2, 1e-2)
+    assert run_hparams(load_config(None, ["tuning.scheme=lora"])) == (1e-2, 1e-2)
+    assert run_hparams(load_config(None, ["tuning.scheme=lora", "version=18"])) == (3e-2, 1e-2)
     assert run_hparams(load_config(None, ["tuning.scheme=lora", "tuning.lora.freeze_a=false"])) == (1e-3, 1e-2)
     assert run_hparams(load_config(None, ["tuning.scheme=lora", "version=2"])) == (5e-5, 1e-2)
     assert run_hparams(load_config(None, ["tuning.scheme=lora", "optimizer.name=AdamW"])) == (1e-4, None)

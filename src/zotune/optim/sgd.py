@@ -26,6 +26,10 @@ class ZOSGD(ZOOptimizer):
 
     summary = "MeZO / ZO-SGD: SPSA along a seeded Gaussian z, x -= lr * g * z (Malladi et al. 2023)"
 
+    # 19: its LoRA-FA lr, 1e-2 where the family's is 3e-2: at the fewer-forwards grid's 675 steps 3e-2 overfits
+    # or walks off and 1e-2 holds on all three seeds (configs/bench/zosgd-lora-fa-lr.yaml, docs/convergence.md)
+    default_lr = {(19, "lora-fa"): 1e-2}
+
     elementwise = True
 
     def update_param(

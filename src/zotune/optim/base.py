@@ -72,7 +72,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     normalised_step = False
     needs_forward_ad = False  # estimates by forward-mode AD: the trainer switches HF models to eager attention
     # (config version, defaults row) -> lr where this optimizer's default differs from the ZO family's
-    # (zotune.optim.factory's tables), from that version on until a later entry; e.g. ZOAdam's larger lr on full
+    # (zotune.optim.factory's tables), from that version on until a later entry; e.g. ZOAdam's larger lr on full.
+    # This table and default_options are read from the class that declares them, never inherited (factory.own_table)
     default_lr: dict[tuple[int, str], float] = {}
     # (config version, defaults row or "*" for every row) -> constructor keywords the factory passes (under
     # optimizer.options), from that version on until a later entry: a default the sweeps changed, kept as it was

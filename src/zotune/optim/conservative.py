@@ -28,8 +28,6 @@ class ZOSGDConservative(ZOSGD):
 
     summary = "ZO-SGD-Cons: keeps the best of x, x - lr g z, x + lr g z by the batch loss (ZO-Bench)"
 
-    default_lr: dict[tuple[int, str], float] = {}  # the family's: ZO-SGD's LoRA-FA lr (19) was measured on ZO-SGD alone
-
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, weight_decay: float = 0.0, **options):
         if weight_decay:
             raise ValueError("ZOSGDConservative does not take weight_decay (its candidates are compared exactly)")

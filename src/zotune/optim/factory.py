@@ -92,7 +92,7 @@ def resolved_hparams(cfg: OptimizerConfig, scheme: str, version: int = CONFIG_VE
     defaults = DEFAULTS_BY_VERSION[version]
     if is_zeroth_order(cfg.name):
         lr, eps = defaults.zo[scheme]
-        own = own_default(zo_class(cfg.name).default_lr, scheme, version)
+        own = own_default(own_table(zo_class(cfg.name), "default_lr"), scheme, version)
         lr = own if own is not None else lr
         return (cfg.lr if cfg.lr is not None else lr, cfg.eps if cfg.eps is not None else eps)
     return (cfg.lr if cfg.lr is not None else defaults.fo[cfg.name][scheme], None)
@@ -116,7 +116,13 @@ def class_options(name: str, row: str, version: int) -> dict[str, Any]:
     """The constructor options a zeroth-order class sets by default for a row and config version (its
     ``default_options``; none for a first-order optimizer): the config's ``options`` go over them."""
     cls = zo_class(name)
-    return dict(own_default(cls.default_options, row, version) or {}) if cls is not None else {}
+    return dict(own_default(own_table(cls, "default_options"), row, version) or {}) if cls is not None else {}
+
+
+def own_table(cls: type, name: str) -> dict[tuple[int, str], Any]:
+    """A class's own ``default_lr`` or ``default_options``, never a parent's: a default is measured on the class
+    that declares it (ZO-SGD's LoRA-FA lr is not ZO-SGD-Cons's, ZO-Muon's plain_lr not ZOMuonSubspace's)."""
+    return vars(cls).get(name, {})
 
 
 def own_default(table: dict[tuple[int, str], T], row: str, version: int) -> T | None:

@@ -19,7 +19,6 @@ class ForwardGrad(ZOSGD):
 
     summary = "Forward-Grad: the exact directional derivative by forward-mode AD, one forward per query (Baydin et al. 2022)"
 
-    default_lr: dict[tuple[int, str], float] = {}  # the family's: ZO-SGD's LoRA-FA lr (19) was measured on ZO-SGD alone
     forwards_per_query = 1
     needs_forward_ad = True  # the trainer switches HF models to eager attention
 

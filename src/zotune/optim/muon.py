@@ -175,7 +175,6 @@ class ZOMuonSubspace(ZOMuon):
     summary = "ZO-Muon in a random rank-64 subspace, orthogonalised there; 4 one-sided queries (Lang et al. 2026)"
     # the paper's 1e-2 barely moves the default model in 100 steps; 3e-1 since version 8, its sweep's pick
     default_lr = {(1, "*"): 1e-2, (8, "full"): 3e-1, (13, "lora-fa"): 3e-2}  # 13: its LoRA-FA sweep's pick
-    default_options: dict[tuple[int, str], dict] = {}  # not ZO-Muon's: its own plain_lr (1e-7) holds
     default_n_queries = 4
     default_rank = 64
 

@@ -19,7 +19,7 @@ from zotune.bench.grid import cell_names
 from zotune.bench.benchdir import _same_config
 from zotune.bench.plots import memory_points
 from zotune.bench.results import collect
-from zotune.bench.runner import BenchDir, plan_lines
+from zotune.bench.runner import BenchDir, plan_rows
 from zotune.cli import main
 from zotune.config import CONFIG_VERSION, OptimizerConfig, from_dict, load_config
 from zotune.errors import ConfigError
@@ -36,6 +36,11 @@ GRIDS = sorted(p for p in (Path(__file__).parents[1] / "configs" / "bench").rglo
 def write_grid(path: Path, grid: dict) -> Path:
     path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
     return path
+
+
+def states(rows: list[tuple[str, ...]]) -> list[str]:
+    """The state column of :func:`plan_rows`."""
+    return [row[6] for row in rows]
 
 
 def tiny_grid(model_dir: Path, csv_path: Path) -> dict:
@@ -267,13 +272,13 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     # a changed grid makes its cells stale (run again with --overwrite); the dry run says so
     changed = tiny_grid(tiny_model_dir, reviews_csv)
     changed["base"]["eval"]["batch_size"] = 4
-    states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g2.yaml", changed)), BenchDir(out))[2:]]
-    assert states == ["stale", "stale", "stale", "failed"]
+    assert states(plan_rows(load_grid(write_grid(tmp_path / "g2.yaml", changed)), BenchDir(out))) == \
+        ["stale", "stale", "stale", "failed"]
     # ... but not one that changes only which files a cell keeps
     keeps = tiny_grid(tiny_model_dir, reviews_csv)
     keeps["base"]["train"]["save_weights"] = True
-    states = [line.split()[-1] for line in plan_lines(load_grid(write_grid(tmp_path / "g3.yaml", keeps)), BenchDir(out))[2:]]
-    assert states == ["done", "done", "done", "failed"]
+    assert states(plan_rows(load_grid(write_grid(tmp_path / "g3.yaml", keeps)), BenchDir(out))) == \
+        ["done", "done", "done", "failed"]
     # a grid that pins a config version matches the cells whose resolved settings it leaves as they were
     # (version 3: the same defaults as now for these cells, lr given) and no others (version 1: ZOSGD without the
     # noise table; AdamW's settings are the same)
@@ -281,7 +286,7 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
         pinned = tiny_grid(tiny_model_dir, reviews_csv)
         pinned["base"]["version"] = version
         grid = load_grid(write_grid(tmp_path / f"v{version}.yaml", pinned))
-        assert [line.split()[-1] for line in plan_lines(grid, BenchDir(out))[2:]] == expected
+        assert states(plan_rows(grid, BenchDir(out))) == expected
     assert load_config(out / "configs" / f"{ok[0]}.yaml").train.steps == 4
 
     # --report-only: the report of the cells finished so far, a third seed's cells "not run yet", nothing run
@@ -319,13 +324,20 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     fresh = tmp_path / "fresh"
     lines.clear()  # the dry run shows what a run would copy in, and copies nothing
     assert run_bench(grid_path, fresh, log=lines.append, dry_run=True, archive=kept) == 0
-    assert [line.split(maxsplit=6)[-1] for line in lines[2:]] == \
-        ["done (archived)", "partial (archived)", "done (archived)", "todo"]
+    columns = [re.split(r"\s{2,}", line) for line in lines[2:]]  # columns: two spaces or more apart
+    assert [c[6] for c in columns] == ["done (archived)", "partial (archived)", "done (archived)", "todo"]
+    # progress: a finished cell's test score, an unfinished one's last step (of 4) and its last dev score
+    scores = [json.loads((kept / "cells" / c[0] / "summary.json").read_text())["eval"]["accuracy"]
+              for c in columns if c[6] == "done (archived)"]
+    assert [c[7] for c in columns if c[6] == "done (archived)"] == [f"test accuracy {s:.3f}" for s in scores]
+    last = [json.loads(line) for line in (kept / "cells" / going.name / "metrics.jsonl").read_text().splitlines()][-1]
+    assert columns[1][7] == f"step {last['step'] + 1}/4, dev accuracy {last['dev']['accuracy']:.3f}"
+    assert len(columns[3]) == 7  # todo: no progress
     assert not fresh.exists()
     lines.clear()
     assert run_bench(grid_path, fresh, log=lines.append, report_only=True, archive=kept) == 0
     assert lines[0] == f"3 cells copied in from {kept}"
-    assert [line.split()[-1] for line in plan_lines(load_grid(grid_path), BenchDir(fresh))[2:]] == ["done", "partial", "done", "todo"]
+    assert states(plan_rows(load_grid(grid_path), BenchDir(fresh))) == ["done", "partial", "done", "todo"]
     assert [r["eval.accuracy"] for r in read_csv(fresh / "results.csv")] == [r["eval.accuracy"] for r in read_csv(out / "results.csv")]
     assert run_bench(grid_path, fresh, log=lines.append, interactive=False) == 1  # (AdamW, seed 1) fails again
     assert "resuming at step 2 by replaying" in (fresh / "logs" / f"{going.name}.out").read_text()
@@ -352,7 +364,7 @@ def test_a_grid_whose_budget_grew_extends_its_zo_cells(tiny_model_dir, reviews_c
     lines: list[str] = []
     assert run_bench(longer, fresh, log=lines.append, report_only=True, archive=kept) == 0
     assert lines[0] == f"1 cells copied in from {kept}"  # ZOSGD's, which can go on; AdamW's is another run
-    assert [line.split()[-1] for line in plan_lines(load_grid(longer), BenchDir(fresh))[2:]] == ["short", "todo"]
+    assert states(plan_rows(load_grid(longer), BenchDir(fresh))) == ["short", "todo"]
     assert run_bench(longer, fresh, log=lambda _: None, interactive=False) == 0
     zo, fo = "optimizer=ZOSGD,seed=0", "optimizer=AdamW,seed=0"
     assert "resuming at step 2 by replaying" in (fresh / "logs" / f"{zo}.out").read_text()
@@ -413,7 +425,7 @@ def test_where_a_cell_ran_is_placement_not_identity(tiny_model_dir, reviews_csv,
     grid.update(axes={"optimizer.name": ["ZOSGD"], "seed": [0, 1]}, overrides=[])
     path, out, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "bench", tmp_path / "kept"
     assert run_bench(path, out, log=lambda _: None, interactive=False, overrides=["model.device=cpu"]) == 0
-    assert [line.split()[-1] for line in plan_lines(load_grid(path), BenchDir(out))[2:]] == ["done", "done"]
+    assert states(plan_rows(load_grid(path), BenchDir(out))) == ["done", "done"]
     assert main(["bench", "--grid", str(path), "--out", str(out), "--report-only", "--archive", str(kept)]) == 0
     assert [r["device"] for r in read_csv(out / "results.csv")] == ["cpu", "cpu"]
     assert "several devices" not in (out / "report.md").read_text()

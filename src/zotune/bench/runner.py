@@ -251,25 +251,37 @@ def _interrupts(time_limit: float | None, log: Callable[[str], None]) -> Iterato
             signal.signal(s, handler)
 
 
-def plan_lines(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[str]:
-    """The dry-run listing: every cell with its model, task, steps, forward passes and state; with ``kept``
+PLAN_HEADER = ("cell", "model", "task", "steps", "fwd/step", "forward passes", "state", "progress")
+
+
+def plan_rows(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[tuple[str, ...]]:
+    """The dry run's rows (:data:`PLAN_HEADER`): every cell with its model, task, steps, forward passes, state and
+    progress (a finished cell's test score, an unfinished one's last step and dev score); with ``kept``
     (``--archive``), a cell that a real run would copy in from it shows as ``done (archived)``."""
     restorable = set(bench.restorable_from(kept, grid)) if kept is not None else set()
-    rows = [("cell", "model", "task", "steps", "fwd/step", "forward passes", "state")]
+    rows = []
     for cell in grid.cells:
-        state = bench.state(cell)
-        if cell.name in restorable:
-            state = f"{kept.state(cell)} (archived)"
+        source = kept if cell.name in restorable else bench
+        state = source.state(cell)
+        progress = source.progress(cell, state)
         per_step = cell.forwards_per_step
         planned = cell.planned_forward_passes
         steps = f"eval ({cell.cfg.eval.baseline})" if cell.command == "eval" else str(cell.cfg.train.steps)
         rows.append((cell.name, cell.cfg.model.name, task_spec(cell.cfg.task).name, steps,
                      "block-wise" if per_step is None else str(per_step), "?" if planned is None else str(planned),
-                     state))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+                     f"{state} (archived)" if source is kept else state, progress))
+    return rows
+
+
+def plan_lines(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[str]:
+    """The dry-run listing: a line about the grid, then :func:`plan_rows` as a table (text left-aligned, numbers
+    right-aligned)."""
+    rows = [PLAN_HEADER, *plan_rows(grid, bench, kept)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(PLAN_HEADER))]
+    left = (0, len(PLAN_HEADER) - 1)
     given = f"; overrides: {' '.join(grid.overrides)}" if grid.overrides else ""
     lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}{given}"]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines += ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
               for r in rows]
     return lines
 

@@ -14,8 +14,7 @@ from ..config import CONFIG_VERSION, Config, from_dict, recorded_config
 from ..errors import ConfigError, ZotuneError
 from ..models.loader import resolve_device
 from ..optim.factory import resolved_settings
-from ..tasks import task_spec
-from ..train.rundir import RUN_MARKERS, extension_refusal, read_metrics
+from ..train.rundir import RUN_MARKERS, extension_refusal
 from ..trajectory import FILENAME as TRAJECTORY, read_header
 from .grid import Cell, Grid
 
@@ -74,26 +73,6 @@ class BenchDir:
             return "partial"
         outcome = self.outcome(cell)
         return "failed" if outcome is not None and outcome.status == "failed" else "todo"
-
-    def progress(self, cell: Cell, state: str) -> str:
-        """Where a cell stands, for the dry run: a finished one's test score (``test accuracy 0.742``), an
-        unfinished one's last step and dev score (``step 210/675, dev accuracy 0.719``); "" otherwise."""
-        metric = task_spec(cell.cfg.task).metric
-        run = self.run_dir(cell)
-        if state == "done":
-            try:
-                score = json.loads((run / "summary.json").read_text(encoding="utf-8"))["eval"][metric]
-                return f"test {metric} {float(score):.3f}"
-            except (OSError, ValueError, KeyError, TypeError):
-                return ""
-        if state != "partial":
-            return ""
-        records = read_metrics(run / "metrics.jsonl")
-        if not records:
-            return ""
-        where = f"step {int(records[-1]['step']) + 1}/{cell.cfg.train.steps}"
-        dev = [r["dev"][metric] for r in records if isinstance(r.get("dev"), dict) and metric in r["dev"]]
-        return where + (f", dev {metric} {float(dev[-1]):.3f}" if dev else "")
 
     def archive_into(self, archive: BenchDir, grid: Grid) -> tuple[list[str], list[str]]:
         """Copy into ``archive`` the report (``REPORT_FILES``, the plots) and every finished cell's

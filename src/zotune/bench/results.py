@@ -81,6 +81,18 @@ class Result:
         """The cell's ``metrics.jsonl``."""
         return read_metrics(self.run_dir / "metrics.jsonl")
 
+    def progress(self, state: str) -> str:
+        """Where the cell stands, for the dry run (``state`` its :meth:`BenchDir.state`): a finished cell's test
+        score (``test accuracy 0.742``), an unfinished one's last step and dev score (``step 210/675, dev accuracy
+        0.719``); "" otherwise."""
+        if state == "done":
+            return "" if self.score is None else f"test {self.metric} {self.score:.3f}"
+        if state != "partial" or not self.records:
+            return ""
+        where = f"step {int(self.records[-1]['step']) + 1}/{self.cell.cfg.train.steps}"
+        dev = [rec["dev"][self.metric] for rec in self.records if self.metric in rec.get("dev", {})]
+        return where + (f", dev {self.metric} {float(dev[-1]):.3f}" if dev else "")
+
     def forwards_to_dev(self, level: float) -> int | None:
         """Forward passes at the first dev evaluation that reached ``level`` (the task's metric); None if none did."""
         return next((rec["forward_passes"] for rec in self.records
@@ -89,16 +101,18 @@ class Result:
 
 def collect(grid: Grid, bench: BenchDir) -> list[Result]:
     """Every cell's result, in grid order (a cell never run counts as failed: ``not run``)."""
-    results = []
-    for cell in grid.cells:
-        outcome = bench.outcome(cell) or Outcome("failed", NOT_RUN)
-        summary_path = bench.run_dir(cell) / "summary.json"
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
-        if summary and summary.get("wall_s", 0) < summary.get("train_wall_s", 0):
-            # a resumed run's summary from before its wall_s counted the processes it resumed: their training time
-            summary["wall_s"] = summary["train_wall_s"]
-        results.append(Result(cell, outcome, summary, bench.run_dir(cell)))
-    return results
+    return [result_of(cell, bench) for cell in grid.cells]
+
+
+def result_of(cell: Cell, bench: BenchDir) -> Result:
+    """The cell's result in ``bench`` (a cell never run counts as failed: ``not run``)."""
+    outcome = bench.outcome(cell) or Outcome("failed", NOT_RUN)
+    summary_path = bench.run_dir(cell) / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
+    if summary and summary.get("wall_s", 0) < summary.get("train_wall_s", 0):
+        # a resumed run's summary from before its wall_s counted the processes it resumed: their training time
+        summary["wall_s"] = summary["train_wall_s"]
+    return Result(cell, outcome, summary, bench.run_dir(cell))
 
 
 # -- layout --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from ..tasks import task_spec
 from .benchdir import BenchDir, Outcome
 from .grid import Cell, Grid, load_grid
 from .report import write_report
+from .results import result_of
 
 ERROR_PREFIX = "zotune: error: "
 say = functools.partial(print, flush=True)  # progress lines show up at once in a log file too
@@ -263,7 +264,7 @@ def plan_rows(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list
     for cell in grid.cells:
         source = kept if cell.name in restorable else bench
         state = source.state(cell)
-        progress = source.progress(cell, state)
+        progress = result_of(cell, source).progress(state)
         per_step = cell.forwards_per_step
         planned = cell.planned_forward_passes
         steps = f"eval ({cell.cfg.eval.baseline})" if cell.command == "eval" else str(cell.cfg.train.steps)

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from zotune.bench.sweep import SweepCell, around, parse_values, pick, rank_key, read_cell, run_sweep, sweep_table
+from zotune.bench.sweep import (SweepCell, around, longer_run_note, parse_values, pick, rank_key, read_cell, run_sweep,
+                                sweep_table)
 from zotune.cli import main
 from zotune.errors import ConfigError
 
@@ -57,6 +58,14 @@ def test_the_default_grid_is_four_half_decades_around_the_default_lr(lr, ladder)
     assert around(lr) == ladder
 
 
+def test_a_long_run_gets_the_rung_below_the_pick_to_check():
+    assert longer_run_note(1e-2, [1e-3, 1e-2, 3e-2], sweep_steps=100, run_steps=149) is None  # under 1.5x: no note
+    note = longer_run_note(1e-2, [1e-3, 1e-2, 3e-2], sweep_steps=100, run_steps=150)
+    assert note is not None and "1.5x" in note and "run lr=0.001 for the 150 steps" in note  # the grid's next value down
+    note = longer_run_note(1e-4, [1e-4, 3e-4], sweep_steps=100, run_steps=2000)
+    assert "20x" in note and "run lr=3e-05 " in note and "--steps 2000" in note  # none below: a third, on the ladder
+
+
 @pytest.mark.parametrize("text, message", [("1e-3,x", "comma-separated"), ("", "at least one"),
                                            ("1e-3,-1", "> 0"), ("1e-3,0.001", "twice")])
 def test_bad_value_lists_are_one_line_errors(text, message):
@@ -93,9 +102,12 @@ def test_a_sweep_runs_picks_resumes_and_refuses_to_clobber(tiny_model_dir, revie
     picked = yaml.safe_load((out / "picked.yaml").read_text())
     assert picked["optimizer"] == {"name": "ZOSGD", "lr": float(expected.split("=")[1])}
     assert picked["version"] >= 8 and picked["train"] == {"batch_size": 4, "log_every": 1}  # the user's own settings
-    assert f"picked: {expected} " in lines[-1 if "note:" not in lines[-1] else -2]
+    assert any(line.startswith(f"picked: {expected} ") for line in lines)
     assert "**picked**" in (out / "sweep.md").read_text()
     assert any("note: the picked lr" in line for line in lines)  # two values: the pick is always at an edge
+    lower = "lr=0.001 " if expected == "lr=0.1" else "lr=0.0003 "  # the grid's value below, else a rung down
+    assert any("note: train.steps (1000) is 250x the sweep's 4 steps" in line and lower in line for line in lines)
+    assert "train.steps (1000) is 250x" in (out / "sweep.md").read_text()  # the notes stay with the table
 
     lines.clear()
     run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, log=lines.append)  # the same sweep again: nothing re-run

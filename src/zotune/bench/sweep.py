@@ -13,6 +13,8 @@ holds the table, ``picked.yaml`` the config with the picked values, ready for th
     zotune sweep --config my.yaml --out runs/sweep/mine --lr 1e-5,3e-5,1e-4,3e-4
     zotune train --config runs/sweep/mine/picked.yaml --out runs/mine train.steps=2000
 
+A long run (the config's ``train.steps``, 1.5x the sweep's steps or more) gets a note naming the rung below
+the pick to run at its length too (:func:`longer_run_note`): picks measured here held or needed less, never more.
 ``benchmarks/sweeps.py`` builds the tables of docs/sweeps.md with the same reading and ranking.
 """
 
@@ -40,6 +42,7 @@ from .runner import run_bench, say
 
 DEFAULT_STEPS = 100  # the sweeps of docs/sweeps.md: 100 ZO steps
 DIVERGENCE_RATIO = 10.0  # a cell whose loss passes 10x its first step's ends there
+LONGER_RUN = 1.5  # a long run this many times the sweep's steps or more: longer_run_note names a shorter lr to try
 PICKED, TABLE = "picked.yaml", "sweep.md"
 
 
@@ -241,13 +244,31 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     write_picked(out / PICKED, raw, cfg.version, picked)
     chosen = [c for c in swept if c.setting == picked]
     dev = rank_key(chosen)[0]  # its best dev, averaged over its seeds
-    log(f"picked: {picked} (best dev {metric} {dev:.3f}{' averaged over seeds' if len(chosen) > 1 else ''}); "
-        f"its config: {out / PICKED}")
+    lines = [f"picked: {picked} (best dev {metric} {dev:.3f}{' averaged over seeds' if len(chosen) > 1 else ''}); "
+             f"its config: {out / PICKED}"]
     values = setting_values(picked)
     for axis, ladder in (("lr", lrs), ("eps", eps or [])):
         if len(ladder) > 1 and float(values[axis]) in (min(ladder), max(ladder)):
-            log(f"note: the picked {axis} ({values[axis]}) is at the edge of the grid: a value beyond it may do better")
+            lines.append(f"note: the picked {axis} ({values[axis]}) is at the edge of the grid: a value beyond it may do better")
+    longer = longer_run_note(float(values["lr"]), lrs, steps, cfg.train.steps)
+    lines += [longer] if longer else []
+    for line in lines:
+        log(line)
+    (out / TABLE).write_text(text + "\n" + "\n\n".join(lines) + "\n", encoding="utf-8")
     return status
+
+
+def longer_run_note(lr: float, lrs: Sequence[float], sweep_steps: int, run_steps: int) -> str | None:
+    """A note when the long run (``train.steps``) is ``LONGER_RUN`` x the sweep's steps or more: the rung below
+    the picked ``lr`` to run at that length too (the grid's next value down, else a third of ``lr`` on the
+    1-3-10 ladder). Of the 20 picks of docs/sweeps.md run 1.5x to 20x longer, 9 needed a shorter lr there (6
+    of the 8 tried held a rung down, 2 two rungs) and none a longer one; the sweep's own dev curve did not tell which."""
+    if run_steps < LONGER_RUN * sweep_steps:
+        return None
+    lower = max((x for x in lrs if x < lr), default=around(lr)[1])
+    return (f"note: train.steps ({run_steps}) is {run_steps / sweep_steps:.3g}x the sweep's {sweep_steps} steps; "
+            f"of 20 picks run longer in docs/sweeps.md, 9 needed a shorter lr there and none a longer one: "
+            f"run lr={lower:g} for the {run_steps} steps too, or sweep at that length (--steps {run_steps})")
 
 
 def write_picked(path: Path, raw: dict[str, Any], version: int, picked: str) -> None:

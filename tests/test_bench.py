@@ -89,7 +89,9 @@ def test_ready_made_grids_expand(path, capsys):
     assert grid.cells and len({c.name for c in grid.cells}) == len(grid.cells)
     assert grid.budget.kind in ("forward_passes", "steps")
     assert main(["bench", "--grid", str(path), "--out", "/nonexistent/never-written", "--dry-run"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == len(grid.cells) + 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(grid.cells) + 3  # a line about the grid, the header, the cells, the time left
+    assert out[-1] == f"time left: not known until a cell of each configuration has run here ({len(grid.cells)} to run)"
     assert not Path("/nonexistent/never-written").exists()
 
 
@@ -324,15 +326,20 @@ def test_tiny_grid_runs_skips_fails_and_reports(tiny_model_dir, reviews_csv, tmp
     fresh = tmp_path / "fresh"
     lines.clear()  # the dry run shows what a run would copy in, and copies nothing
     assert run_bench(grid_path, fresh, log=lines.append, dry_run=True, archive=kept) == 0
-    columns = [re.split(r"\s{2,}", line) for line in lines[2:]]  # columns: two spaces or more apart
+    columns = [re.split(r"\s{2,}", line) for line in lines[2:-1]]  # columns: two spaces or more apart
     assert [c[6] for c in columns] == ["done (archived)", "partial (archived)", "done (archived)", "todo"]
     # progress: a finished cell's test score, an unfinished one's last step (of 4) and its last dev score
     scores = [json.loads((kept / "cells" / c[0] / "summary.json").read_text())["eval"]["accuracy"]
               for c in columns if c[6] == "done (archived)"]
-    assert [c[7] for c in columns if c[6] == "done (archived)"] == [f"test accuracy {s:.3f}" for s in scores]
+    assert [c[8] for c in columns if c[6] == "done (archived)"] == [f"test accuracy {s:.3f}" for s in scores]
     last = [json.loads(line) for line in (kept / "cells" / going.name / "metrics.jsonl").read_text().splitlines()][-1]
-    assert columns[1][7] == f"step {last['step'] + 1}/4, dev accuracy {last['dev']['accuracy']:.3f}"
-    assert len(columns[3]) == 7  # todo: no progress
+    assert columns[1][8] == f"step {last['step'] + 1}/4, dev accuracy {last['dev']['accuracy']:.3f}"
+    assert len(columns[3]) == 8  # todo: no progress
+    # time left: none for a finished cell, an unfinished one's steps to go at its own pace, a todo cell its
+    # configuration's finished seeds' wall time (AdamW seed 1: seed 0's); in all, a line under the table
+    assert [c[7] for c in columns] == ["-", "<1m", "-", "<1m"]
+    assert lines[-1] == ("time left: about <1m for 2 of the 2 unfinished cells, one at a time, at the pace of their "
+                         "configurations' cells run here so far")
     assert not fresh.exists()
     lines.clear()
     assert run_bench(grid_path, fresh, log=lines.append, report_only=True, archive=kept) == 0
@@ -386,11 +393,11 @@ def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, 
     override = [f"model.name={tiny_model_dir}", "optimizer.name=ZOSGD", "eval.icl_shots=2"]
     assert main(["bench", "--grid", str(path), "--out", str(tmp_path / "b"), "--dry-run", *override]) == 0
     listing = capsys.readouterr().out
-    cells = [line.split()[0] for line in listing.splitlines()[2:]]
+    cells = [line.split()[0] for line in listing.splitlines()[2:-1]]  # the last line: the time left
     assert cells == ["optimizer=ZOSGD,lr=0.001,seed=0", "optimizer=ZOSGD,lr=0.0001,seed=0",
                      "baseline=zero_shot,seed=0", "baseline=icl,seed=0"]  # lr is a training axis: not repeated
     assert f"overrides: {' '.join(override)}" in listing and "eval (icl)" in listing
-    assert all(str(tiny_model_dir) in line and "custom" in line for line in listing.splitlines()[2:])
+    assert all(str(tiny_model_dir) in line and "custom" in line for line in listing.splitlines()[2:-1])
 
     assert run_bench(path, tmp_path / "b", jobs=2, log=lambda *_: None, interactive=False, overrides=override) == 0
     rows = {r["run_dir"]: r for r in read_csv(tmp_path / "b" / "results.csv")}

@@ -31,7 +31,7 @@ def test_paper_grid_expands_with_its_models_and_states_its_gpu_hours(path, tmp_p
     assert main(["bench", "--grid", str(path), "--out", str(tmp_path / "b"), "--dry-run"]) == 0
     listing = capsys.readouterr().out.splitlines()
     grid = load_grid(path)
-    assert len(listing) == len(grid.cells) + 2
+    assert len(listing) == len(grid.cells) + 3 and listing[-1].startswith("time left: not known")
     models = {c.cfg.model.name for c in grid.cells}
     assert all(m.count("/") == 1 for m in models)  # hub models of the papers, not the embedded one
     assert not (tmp_path / "b").exists()  # a dry run writes nothing

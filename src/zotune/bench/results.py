@@ -99,6 +99,26 @@ class Result:
                      if rec.get("dev", {}).get(self.metric, -1.0) >= level - 1e-9), None)
 
 
+def seconds_left(result: Result, state: str, siblings: list[Result], device: str) -> float | None:
+    """About how long the cell has left to run on ``device`` (``cpu``, ``cuda``), one cell at a time: 0 when it
+    is done; an unfinished cell's remaining steps at its own pace so far (its last record's training
+    ``wall_s`` a step); a cell not started, the mean wall time of the finished ``siblings`` (its configuration's
+    other seeds) that ran on ``device``. None when neither is known."""
+    if state == "done":
+        return 0.0
+    steps = result.cell.cfg.train.steps
+    if state == "partial" and result.records and result.records[-1].get("wall_s"):
+        done = int(result.records[-1]["step"]) + 1
+        return float(result.records[-1]["wall_s"]) / done * max(steps - done, 0)
+    walls = [r.get("wall_s") for r in siblings if r.ok and r.device == device and r.get("wall_s")]
+    return sum(walls) / len(walls) if walls else None
+
+
+def configuration(cell: Cell) -> tuple:
+    """The cell's axis values but its seed: the cells that one configuration runs on several seeds share it."""
+    return tuple(sorted((k, repr(v)) for k, v in cell.axes.items() if k != SEED_AXIS))
+
+
 def collect(grid: Grid, bench: BenchDir) -> list[Result]:
     """Every cell's result, in grid order (a cell never run counts as failed: ``not run``)."""
     return [result_of(cell, bench) for cell in grid.cells]

@@ -43,7 +43,7 @@ from ..tasks import task_spec
 from .benchdir import BenchDir, Outcome
 from .grid import Cell, Grid, load_grid
 from .report import write_report
-from .results import result_of
+from .results import configuration, result_of, seconds_left
 
 ERROR_PREFIX = "zotune: error: "
 say = functools.partial(print, flush=True)  # progress lines show up at once in a log file too
@@ -252,38 +252,75 @@ def _interrupts(time_limit: float | None, log: Callable[[str], None]) -> Iterato
             signal.signal(s, handler)
 
 
-PLAN_HEADER = ("cell", "model", "task", "steps", "fwd/step", "forward passes", "state", "progress")
+PLAN_HEADER = ("cell", "model", "task", "steps", "fwd/step", "forward passes", "state", "time left", "progress")
 
 
-def plan_rows(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[tuple[str, ...]]:
-    """The dry run's rows (:data:`PLAN_HEADER`): every cell with its model, task, steps, forward passes, state and
-    progress (a finished cell's test score, an unfinished one's last step and dev score); with ``kept``
+def plan(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[tuple[tuple[str, ...], float | None]]:
+    """The dry run's rows (:data:`PLAN_HEADER`), each with its cell's seconds left (:func:`seconds_left` on this
+    machine's device; None: not known): every cell with its model, task, steps, forward passes, state, time left
+    and progress (a finished cell's test score, an unfinished one's last step and dev score); with ``kept``
     (``--archive``), a cell that a real run would copy in from it shows as ``done (archived)``."""
     restorable = set(bench.restorable_from(kept, grid)) if kept is not None else set()
+    sources = [kept if cell.name in restorable else bench for cell in grid.cells]
+    results = [result_of(cell, source) for cell, source in zip(grid.cells, sources)]
+    by_configuration: dict[tuple, list] = {}
+    for result in results:
+        by_configuration.setdefault(configuration(result.cell), []).append(result)
     rows = []
-    for cell in grid.cells:
-        source = kept if cell.name in restorable else bench
+    for cell, source, result in zip(grid.cells, sources, results):
         state = source.state(cell)
-        progress = result_of(cell, source).progress(state)
+        left = seconds_left(result, state, by_configuration[configuration(cell)], _device_here(cell))
         per_step = cell.forwards_per_step
         planned = cell.planned_forward_passes
         steps = f"eval ({cell.cfg.eval.baseline})" if cell.command == "eval" else str(cell.cfg.train.steps)
-        rows.append((cell.name, cell.cfg.model.name, task_spec(cell.cfg.task).name, steps,
-                     "block-wise" if per_step is None else str(per_step), "?" if planned is None else str(planned),
-                     f"{state} (archived)" if source is kept else state, progress))
+        rows.append(((cell.name, cell.cfg.model.name, task_spec(cell.cfg.task).name, steps,
+                      "block-wise" if per_step is None else str(per_step), "?" if planned is None else str(planned),
+                      f"{state} (archived)" if source is kept else state,
+                      "-" if left == 0 else "?" if left is None else _about(left), result.progress(state)), left))
     return rows
 
 
+def plan_rows(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[tuple[str, ...]]:
+    """The dry run's rows (:func:`plan`) without their seconds."""
+    return [row for row, _ in plan(grid, bench, kept)]
+
+
+def _device_here(cell: Cell) -> str:
+    """The device the cell would run on here (``model.device`` resolved on this machine)."""
+    from ..models.loader import resolve_device  # torch and transformers: only for a dry run
+
+    try:
+        return resolve_device(cell.cfg.model.device).type
+    except ConfigError:  # asks for a device this machine lacks: no cell run here to go by
+        return cell.cfg.model.device
+
+
+def _about(seconds: float) -> str:
+    """A time estimate to the minute: ``<1m``, ``45m``, ``3h05m``."""
+    minutes = round(seconds / 60)
+    return "<1m" if minutes < 1 else f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
 def plan_lines(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list[str]:
-    """The dry-run listing: a line about the grid, then :func:`plan_rows` as a table (text left-aligned, numbers
-    right-aligned)."""
-    rows = [PLAN_HEADER, *plan_rows(grid, bench, kept)]
+    """The dry-run listing: a line about the grid, :func:`plan_rows` as a table (text left-aligned, numbers
+    right-aligned), and the time the unfinished cells have left in all."""
+    planned = plan(grid, bench, kept)
+    rows = [PLAN_HEADER, *(row for row, _ in planned)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(PLAN_HEADER))]
     left = (0, len(PLAN_HEADER) - 1)
     given = f"; overrides: {' '.join(grid.overrides)}" if grid.overrides else ""
     lines = [f"grid {grid.path}: {len(grid.cells)} cells; budget: {grid.budget.describe()}{given}"]
     lines += ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
               for r in rows]
+    to_run = [seconds for _, seconds in planned if seconds != 0]
+    known = [seconds for seconds in to_run if seconds is not None]
+    unknown = len(to_run) - len(known)
+    if known:
+        lines.append(f"time left: about {_about(sum(known))} for {len(known)} of the {len(to_run)} unfinished cells, "
+                     "one at a time, at the pace of their configurations' cells run here so far"
+                     + (f" ({unknown} with none to go by: '?')" if unknown else ""))
+    elif to_run:
+        lines.append(f"time left: not known until a cell of each configuration has run here ({unknown} to run)")
     return lines
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from zotune.bench.sweep import (SweepCell, around, longer_run_note, parse_values, pick, rank_key, read_cell, run_sweep,
-                                sweep_table)
+from zotune.bench.sweep import (SweepCell, around, confirm_pick, dev_fall, late_dev, longer_run_note, parse_values, pick,
+                                rank_key, read_cell, run_sweep, sweep_table)
 from zotune.cli import main
 from zotune.errors import ConfigError
 
@@ -64,6 +64,19 @@ def test_a_long_run_gets_the_rung_below_the_pick_to_check():
     assert note is not None and "1.5x" in note and "run lr=0.001 for the 150 steps" in note  # the grid's next value down
     note = longer_run_note(1e-4, [1e-4, 3e-4], sweep_steps=100, run_steps=2000)
     assert "20x" in note and "run lr=3e-05 " in note and "--steps 2000" in note  # none below: a third, on the ladder
+
+
+def test_the_confirm_stage_ranks_by_the_late_dev_score_and_ties_go_to_the_lower_lr():
+    early = cell("lr=0.01,seed=0", [0.8, 0.7, 0.5, 0.5])  # best dev 0.8, but it ends at 0.5
+    steady = cell("lr=0.003,seed=0", [0.6, 0.6, 0.7, 0.7])
+    assert late_dev(early) == 0.5 and late_dev(steady) == 0.7  # the mean of the last half of the evaluations
+    assert pick([early, steady]) == "lr=0.01" and confirm_pick([early, steady]) == "lr=0.003"
+    level = cell("lr=0.01,seed=0", [0.6, 0.6, 0.7, 0.7])
+    assert confirm_pick([level, steady]) == "lr=0.003"  # a tie: the lower lr
+    blown = cell("lr=0.003,seed=0", [0.9, 0.9], losses=(0.7, 9.0))
+    assert confirm_pick([early, blown]) == "lr=0.01" and confirm_pick([blown]) is None  # diverged: never picked
+    assert "late dev (last half)" in sweep_table("t", [early, steady], late=True)
+    assert dev_fall([early]) == pytest.approx(0.3) and dev_fall([steady]) == 0.0  # 0.8 -> 0.5: walks off; 0.7 -> 0.7
 
 
 @pytest.mark.parametrize("text, message", [("1e-3,x", "comma-separated"), ("", "at least one"),
@@ -125,3 +138,43 @@ def test_a_sweep_runs_picks_resumes_and_refuses_to_clobber(tiny_model_dir, revie
     assert err == ["zotune: error: --lr takes comma-separated floats, got '1e-3,oops'",
                    "zotune: error: --eps sweeps a zeroth-order optimizer's perturbation; AdamW has none"]
     assert not (tmp_path / "x").exists()
+
+
+def test_confirm_runs_the_pick_and_the_rung_below_at_the_long_run_s_length(tiny_model_dir, reviews_csv, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "optimizer": {"name": "ZOSGD"},
+        "task": {"path": str(reviews_csv), "text_template": "{text} It was", "choices": {"0": " bad", "1": " good"},
+                 "k_shot": 4},
+        "train": {"batch_size": 4, "log_every": 1, "steps": 8}, "eval": {"batch_size": 8, "max_examples": 8}}))
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=r"train.steps \(8\), which must be more than the sweep's --steps \(8\)"):
+        run_sweep(config, out, lrs=[1e-3, 1e-1], steps=8, confirm=True, log=lines.append)
+    assert not out.exists()
+
+    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, confirm=True, log=lines.append)
+    first = next(line.split()[1] for line in lines if line.startswith("picked: "))
+    lower = "lr=0.001" if first == "lr=0.1" else "lr=0.0003"
+    assert not any(line.startswith("note: train.steps") for line in lines)  # --confirm does what the note asks
+    grid = yaml.safe_load((out / "confirm" / "grid.yaml").read_text())
+    assert grid["axes"] == {"optimizer.lr": sorted([float(lower[3:]), float(first[3:])]), "seed": [0]}
+    assert grid["budget"] == {"steps": 8} and grid["base"]["train"]["eval_every"] == 1  # 8 steps, at most 16 evaluations
+    assert grid["base"]["train"]["keep_best"] is False  # the long run keeps the config's own setting
+
+    def late(setting):  # the rule, from the long runs' own records: the mean dev over the last half
+        records = (out / "confirm" / "cells" / f"{setting},seed=0" / "metrics.jsonl").read_text().splitlines()
+        dev = [json.loads(x)["dev"]["accuracy"] for x in records if "dev" in json.loads(x)]
+        stopped = json.loads((out / "confirm" / "cells" / f"{setting},seed=0" / "summary.json").read_text())
+        return -1.0 if stopped.get("diverged_at_step") else sum(dev[len(dev) // 2:]) / len(dev[len(dev) // 2:])
+
+    expected = max([lower, first], key=lambda s: (late(s), -float(s[3:])))  # a tie: the lower lr
+    picked = yaml.safe_load((out / "picked.yaml").read_text())
+    assert picked["optimizer"]["lr"] == float(expected[3:]) and picked["train"]["steps"] == 8
+    assert any(line.startswith(f"confirmed: {expected} ") and f"confirm/cells/{expected},seed=0" in line for line in lines)
+    table = (out / "sweep.md").read_text()
+    assert "late dev (last half)" in table and f"picked: {first} " in table and f"confirmed: {expected} " in table
+
+    lines.clear()
+    run_sweep(config, out, lrs=[1e-3, 1e-1], steps=4, confirm=True, log=lines.append)  # again: nothing re-run
+    assert sum("2 finished (skipped), 0 to run" in line for line in lines) == 2

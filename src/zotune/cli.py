@@ -108,6 +108,9 @@ def _add_sweep_parser(subs) -> None:
     sw.add_argument("--steps", type=int, metavar="N", help="steps per cell (default: 100)")
     sw.add_argument("--eval-every", type=int, metavar="N", help="steps between dev evaluations (default: steps / 4)")
     sw.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, one process each (default 1)")
+    sw.add_argument("--confirm", action="store_true",
+                    help="then run the pick and the lr below it for the config's train.steps, and pick between them "
+                         "by their late dev score (the long run itself, twice)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
 
 
@@ -193,7 +196,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.config, args.out, lrs=args.lr and parse_values(args.lr, "--lr"),
             eps=args.eps and parse_values(args.eps, "--eps"),
             seeds=args.seeds and parse_values(args.seeds, "--seeds", int, positive=False), jobs=args.jobs,
-            overrides=args.overrides, overwrite=args.overwrite, dry_run=args.dry_run, **options)
+            overrides=args.overrides, overwrite=args.overwrite, dry_run=args.dry_run, confirm=args.confirm, **options)
 
     if args.command == "export":
         from .train.export import run_export

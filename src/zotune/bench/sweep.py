@@ -15,6 +15,8 @@ holds the table, ``picked.yaml`` the config with the picked values, ready for th
 
 A long run (the config's ``train.steps``, 1.5x the sweep's steps or more) gets a note naming the rung below
 the pick to run at its length too (:func:`longer_run_note`): picks measured here held or needed less, never more.
+``--confirm`` runs it: the pick and that rung for ``train.steps`` each, picked by their late dev score
+(:func:`confirm_sweep`).
 ``benchmarks/sweeps.py`` builds the tables of docs/sweeps.md with the same reading and ranking.
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..config import from_dict, raw_config, set_dotted
+from ..config import Config, from_dict, raw_config, set_dotted
 from ..errors import ConfigError
 from ..optim.factory import defaults_row, resolved_settings
 from ..optim.registry import is_zeroth_order
@@ -43,6 +45,8 @@ from .runner import run_bench, say
 DEFAULT_STEPS = 100  # the sweeps of docs/sweeps.md: 100 ZO steps
 DIVERGENCE_RATIO = 10.0  # a cell whose loss passes 10x its first step's ends there
 LONGER_RUN = 1.5  # a long run this many times the sweep's steps or more: longer_run_note names a shorter lr to try
+CONFIRM, CONFIRM_EVALS = "confirm", 16  # --confirm: its directory under --out; dev evaluations in each long run
+WALK_OFF = 0.1  # a confirmed setting whose dev falls more than this from its best to its late mean walks off
 PICKED, TABLE = "picked.yaml", "sweep.md"
 
 
@@ -130,27 +134,32 @@ def cell_order(name: str) -> list:
     return key
 
 
-def sweep_table(title: str, cells: Sequence[SweepCell]) -> str:
+def sweep_table(title: str, cells: Sequence[SweepCell], late: bool = False) -> str:
     """The markdown table of a sweep: a row per cell (dev at every evaluation, best dev and its step, test,
-    last loss), the picked setting's rows marked."""
+    last loss), the picked setting's rows marked. ``late``: the confirm stage's table, with each cell's
+    :func:`late_dev` and the pick by it (:func:`confirm_pick`)."""
     cells = sorted(cells, key=lambda c: cell_order(c.name))
     if not cells:
         return f"### {title}\n\n(no cells yet)\n"
-    picked = pick(cells)
+    picked = confirm_pick(cells) if late else pick(cells)
     steps = sorted({s for c in cells for s, _ in c.dev})
+    late_head, late_rule = (" late dev (last half) |", "---:|") if late else ("", "")
+    test_head = "test" if late else "test, best-dev weights"  # a long run keeps the config's train.keep_best
     lines = [f"### {title}", "",
-             f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) | test, best-dev weights | last loss | |",
-             "|---|---|---|---:|---:|---|"]
+             f"| cell | dev at steps {' / '.join(map(str, steps))} | best dev (step) |{late_head} {test_head} | last loss | |",
+             f"|---|---|---|{late_rule}---:|---:|---|"]
     for c in cells:
         by_step = dict(c.dev)
         dev = " / ".join(f"{by_step[s]:.3f}" if s in by_step else "-" for s in steps)
         best = f"{c.best[0]:.3f} ({-c.best[1]})" if c.best else "-"
+        score = late_dev(c) if late else None
+        late_cell = (f" {score:.3f} |" if score is not None else " - |") if late else ""
         test = f"{c.test:.3f}" if c.test is not None else "-"
         loss = f"{c.losses[-1]:.3f}" if c.losses else "-"
         status = "diverged" if c.diverged else "unfinished" if c.summary is None else ""
         if c.setting == picked:
             status = "**picked**" + (" (unfinished)" if c.summary is None else "")
-        lines.append(f"| {c.name} | {dev} | {best} | {test} | {loss} | {status} |")
+        lines.append(f"| {c.name} | {dev} | {best} |{late_cell} {test} | {loss} | {status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,11 +187,12 @@ def around(lr: float) -> list[float]:
 
 
 def sweep_grid(raw: dict[str, Any], lrs: list[float], eps: list[float] | None, seeds: list[int], steps: int,
-               eval_every: int, label: str = "") -> dict[str, Any]:
-    """The bench grid of a sweep of the config mapping ``raw`` (``label``: what it tunes, for the description)."""
+               eval_every: int, label: str = "", keep_best: bool = True) -> dict[str, Any]:
+    """The bench grid of a sweep of the config mapping ``raw`` (``label``: what it tunes, for the description;
+    ``keep_best``: each cell's final weights are its best on dev, as in MeZO's sweeps)."""
     base = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy, plain data
     set_dotted(base, "train.eval_every", eval_every)
-    set_dotted(base, "train.keep_best", True)
+    set_dotted(base, "train.keep_best", keep_best)
     if not (base.get("train") or {}).get("divergence_ratio"):
         set_dotted(base, "train.divergence_ratio", DIVERGENCE_RATIO)
     axes: dict[str, list] = {"optimizer.lr": lrs}
@@ -196,10 +206,12 @@ def sweep_grid(raw: dict[str, Any], lrs: list[float], eps: list[float] | None, s
 def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | None = None,
               eps: list[float] | None = None, seeds: Sequence[int] | None = None, steps: int = DEFAULT_STEPS,
               eval_every: int | None = None, jobs: int = 1, overrides: Sequence[str] = (), overwrite: bool = False,
-              dry_run: bool = False, log: Callable[[str], None] = say) -> int:
+              dry_run: bool = False, confirm: bool = False, log: Callable[[str], None] = say) -> int:
     """``zotune sweep``: run (or resume) the sweep, print its table and pick, write ``sweep.md`` and
-    ``picked.yaml``. Exit status 0 with a pick, 1 without one (every setting diverged) or when a cell failed.
-    Every input is checked before anything is written; ``dry_run`` writes nothing."""
+    ``picked.yaml``. With ``confirm``, then run the pick and the rung below it for the config's ``train.steps``
+    under ``out/confirm`` and pick between them by their late dev score (:func:`confirm_sweep`). Exit status 0
+    with a pick, 1 without one (every setting diverged) or when a cell failed. Every input is checked before
+    anything is written; ``dry_run`` writes nothing."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if steps < 1:
@@ -211,29 +223,22 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     cfg = from_dict(raw)
     if eps and not is_zeroth_order(cfg.optimizer.name):
         raise ConfigError(f"--eps sweeps a zeroth-order optimizer's perturbation; {cfg.optimizer.name} has none")
+    if confirm and cfg.train.steps <= steps:
+        raise ConfigError(f"--confirm runs the pick for train.steps ({cfg.train.steps}), which must be more than "
+                          f"the sweep's --steps ({steps})")
     lrs = lrs or around(resolved_settings(cfg)["lr"])
     label = f"{cfg.optimizer.name}, {defaults_row(cfg.tuning)}, {task_spec(cfg.task).name}"
-    grid = sweep_grid(raw, lrs, eps, list(seeds) if seeds else [cfg.seed], steps, eval_every, label)
-    grid_text = yaml.safe_dump(grid, sort_keys=False)
+    seeds = list(seeds) if seeds else [cfg.seed]
+    grid = sweep_grid(raw, lrs, eps, seeds, steps, eval_every, label)
     out = Path(out)
-    bench = BenchDir(out)
-    with tempfile.TemporaryDirectory() as tmp:  # every cell validated, stale ones found, before anything is written
-        draft = Path(tmp) / "grid.yaml"
-        draft.write_text(grid_text, encoding="utf-8")
-        cells = load_grid(draft).cells
-        if dry_run:  # the listing names the grid file a real run writes
-            return run_bench(draft, out, dry_run=True, log=lambda line: log(line.replace(str(draft), str(out / "grid.yaml"))))
-    stale = [c.name for c in cells if bench.state(c) == "stale"]
-    if stale and not overwrite:
-        raise ConfigError(f"{out} holds a sweep with other settings (cells {', '.join(stale)}): use another --out, "
-                          "or --overwrite to run those cells again")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.yaml").write_text(grid_text, encoding="utf-8")
+    cells = _checked_cells(grid, out, overwrite, dry_run, log)
+    if dry_run:
+        if confirm:
+            log(f"then (--confirm): the pick and the lr below it, {cfg.train.steps} steps each, in {out / CONFIRM}")
+        return 0
     status = run_bench(out / "grid.yaml", out, jobs=jobs, log=log)
     metric = task_spec(cfg.task).metric
-    swept = [read_cell(bench.run_dir(c), metric) for c in cells]
+    swept = [read_cell(BenchDir(out).run_dir(c), metric) for c in cells]
     text = sweep_table(f"{out.name}: {grid['description']} ({metric})", swept)
     (out / TABLE).write_text(text, encoding="utf-8")
     log(text)
@@ -250,25 +255,133 @@ def run_sweep(config: str | Path | None, out: str | Path, lrs: list[float] | Non
     for axis, ladder in (("lr", lrs), ("eps", eps or [])):
         if len(ladder) > 1 and float(values[axis]) in (min(ladder), max(ladder)):
             lines.append(f"note: the picked {axis} ({values[axis]}) is at the edge of the grid: a value beyond it may do better")
-    longer = longer_run_note(float(values["lr"]), lrs, steps, cfg.train.steps)
+    longer = None if confirm else longer_run_note(float(values["lr"]), lrs, steps, cfg.train.steps)
     lines += [longer] if longer else []
     for line in lines:
         log(line)
-    (out / TABLE).write_text(text + "\n" + "\n\n".join(lines) + "\n", encoding="utf-8")
+    text += "\n" + "\n\n".join(lines) + "\n"
+    (out / TABLE).write_text(text, encoding="utf-8")
+    if confirm:
+        status = max(status, confirm_sweep(raw, cfg, values, rung_below(float(values["lr"]), lrs), seeds, out,
+                                           text, jobs, overwrite, log))
     return status
+
+
+def _checked_cells(grid: dict[str, Any], out: Path, overwrite: bool, dry_run: bool, log: Callable[[str], None]) -> list:
+    """The grid's cells, every one validated and none stale in ``out`` (unless ``overwrite``) before anything is
+    written; then ``out/grid.yaml`` written (a dry run lists the cells instead and writes nothing)."""
+    grid_text = yaml.safe_dump(grid, sort_keys=False)
+    bench = BenchDir(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = Path(tmp) / "grid.yaml"
+        draft.write_text(grid_text, encoding="utf-8")
+        cells = load_grid(draft).cells
+        if dry_run:  # the listing names the grid file a real run writes
+            run_bench(draft, out, dry_run=True, log=lambda line: log(line.replace(str(draft), str(out / "grid.yaml"))))
+            return cells
+    stale = [c.name for c in cells if bench.state(c) == "stale"]
+    if stale and not overwrite:
+        raise ConfigError(f"{out} holds a sweep with other settings (cells {', '.join(stale)}): use another --out, "
+                          "or --overwrite to run those cells again")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(grid_text, encoding="utf-8")
+    return cells
+
+
+def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lower: float, seeds: list[int], out: Path,
+                  text: str, jobs: int, overwrite: bool, log: Callable[[str], None]) -> int:
+    """``--confirm``: the sweep's pick (``picked``, its lr and eps) and the rung below its lr (``lower``), each run
+    for the config's ``train.steps`` (the long run itself, dev every ``steps / CONFIRM_EVALS``) in
+    ``out/confirm``, picked by :func:`late_dev`, ties to the lower lr. Why: of issue 24's seven such pairs at 675
+    steps (seed 0) the late dev score picked the better-testing lr in 6 (the seventh walks off at both lrs and is
+    flagged: :func:`dev_fall`) and the best dev score in 5; over three seeds (two pairs) the late dev score in
+    both, the best dev score in neither (docs/sweeps.md).
+    ``picked.yaml`` becomes the confirmed setting; ``text`` (the sweep's table) gets the confirm table."""
+    steps = cfg.train.steps
+    eval_every = cfg.train.eval_every or max(1, steps // CONFIRM_EVALS)
+    eps = [float(picked["eps"])] if "eps" in picked else None
+    grid = sweep_grid(raw, [lower, float(picked["lr"])], eps, seeds, steps, eval_every,
+                      keep_best=cfg.train.keep_best)
+    grid["description"] = (f"confirm at the long run's length: the pick ({picked['lr']}) and the lr below it, {steps} "
+                           "steps, picked by the late dev score")
+    where = out / CONFIRM
+    cells = _checked_cells(grid, where, overwrite, False, log)
+    status = run_bench(where / "grid.yaml", where, jobs=jobs, log=log)
+    metric = task_spec(cfg.task).metric
+    runs = [read_cell(BenchDir(where).run_dir(c), metric) for c in cells]
+    confirmed = confirm_pick(runs)
+    table = sweep_table(f"{out.name}/{CONFIRM}: {grid['description']} ({metric})", runs, late=True)
+    log(table)
+    if confirmed is None:
+        lines = ["no confirmed pick: both settings diverged at the long run's length; try smaller learning rates"]
+        status = 1
+    else:
+        write_picked(out / PICKED, raw, cfg.version, confirmed)
+        name = next(c.name for c in cells if SweepCell(c.name).setting == confirmed)
+        lines = [f"confirmed: {confirmed} (late dev {metric} {confirm_key([r for r in runs if r.setting == confirmed]):.3f}"
+                 f"); its config: {out / PICKED}; its run (seed {seeds[0]}): {where / 'cells' / name}"]
+        chosen = [r for r in runs if r.setting == confirmed]
+        if (fall := dev_fall(chosen)) > WALK_OFF:
+            lines.append(f"note: its dev falls {fall:.3f} from its best to its late mean: it walks off; try lr="
+                         f"{rung_below(lower, []):g} (a rung below both)")
+        elif float(setting_values(confirmed)["lr"]) == lower:
+            lines.append(f"note: the lower lr won; one rung further down ({rung_below(lower, []):g}) may do better still")
+    for line in lines:
+        log(line)
+    (out / TABLE).write_text(text + "\n" + table + "\n" + "\n\n".join(lines) + "\n", encoding="utf-8")
+    return status
+
+
+def late_dev(cell: SweepCell) -> float | None:
+    """The cell's mean dev score over the last half of its evaluations (None without any): where a long run
+    ends up, less noisy than one evaluation and blind to an early peak."""
+    scores = [score for _, score in sorted(cell.dev)]
+    late = scores[len(scores) // 2:]
+    return sum(late) / len(late) if late else None
+
+
+def dev_fall(cells: Sequence[SweepCell]) -> float:
+    """How far a setting's dev falls from its best to its :func:`late_dev`, averaged over its seeds (0 without
+    dev scores). Over ``WALK_OFF`` it walks off: issue 24's walk-offs fell 0.14-0.20, the runs that held 0.01-0.05."""
+    falls = [c.best[0] - late_dev(c) for c in cells if c.dev]
+    return sum(falls) / len(falls) if falls else 0.0
+
+
+def confirm_key(cells: Sequence[SweepCell]) -> float:
+    """A setting's :func:`late_dev` averaged over its seeds; -1 when a seed diverged or has no dev score."""
+    scores = [late_dev(c) for c in cells]
+    if any(c.diverged for c in cells) or None in scores or not scores:
+        return -1.0
+    return sum(scores) / len(scores)
+
+
+def confirm_pick(cells: Sequence[SweepCell]) -> str | None:
+    """The setting with the highest :func:`confirm_key`, a tie to the lower lr; None when every setting diverged."""
+    settings: dict[str, list[SweepCell]] = {}
+    for c in cells:
+        settings.setdefault(c.setting, []).append(c)
+    ranked = sorted(settings, key=lambda s: (-confirm_key(settings[s]), float(setting_values(s)["lr"])))
+    return ranked[0] if ranked and confirm_key(settings[ranked[0]]) >= 0 else None
+
+
+def rung_below(lr: float, lrs: Sequence[float]) -> float:
+    """The grid's next value below ``lr``, else a third of ``lr`` on the 1-3-10 ladder."""
+    return max((x for x in lrs if x < lr), default=around(lr)[1])
 
 
 def longer_run_note(lr: float, lrs: Sequence[float], sweep_steps: int, run_steps: int) -> str | None:
     """A note when the long run (``train.steps``) is ``LONGER_RUN`` x the sweep's steps or more: the rung below
-    the picked ``lr`` to run at that length too (the grid's next value down, else a third of ``lr`` on the
-    1-3-10 ladder). Of the 20 picks of docs/sweeps.md run 1.5x to 20x longer, 9 needed a shorter lr there (6
-    of the 8 tried held a rung down, 2 two rungs) and none a longer one; the sweep's own dev curve did not tell which."""
+    the picked ``lr`` to run at that length too (:func:`rung_below`). Of the 20 picks of docs/sweeps.md run 1.5x
+    to 20x longer, 9 needed a shorter lr there (6 of the 8 tried held a rung down, 2 two rungs) and none a
+    longer one; the sweep's own dev curve did not tell which."""
     if run_steps < LONGER_RUN * sweep_steps:
         return None
-    lower = max((x for x in lrs if x < lr), default=around(lr)[1])
     return (f"note: train.steps ({run_steps}) is {run_steps / sweep_steps:.3g}x the sweep's {sweep_steps} steps; "
             f"of 20 picks run longer in docs/sweeps.md, 9 needed a shorter lr there and none a longer one: "
-            f"run lr={lower:g} for the {run_steps} steps too, or sweep at that length (--steps {run_steps})")
+            f"run lr={rung_below(lr, lrs):g} for the {run_steps} steps too (--confirm does, and picks), "
+            f"or sweep at that length (--steps {run_steps})")
 
 
 def write_picked(path: Path, raw: dict[str, Any], version: int, picked: str) -> None:

@@ -374,12 +374,12 @@ def rung_below(lr: float, lrs: Sequence[float]) -> float:
 def longer_run_note(lr: float, lrs: Sequence[float], sweep_steps: int, run_steps: int) -> str | None:
     """A note when the long run (``train.steps``) is ``LONGER_RUN`` x the sweep's steps or more: the rung below
     the picked ``lr`` to run at that length too (:func:`rung_below`). Of the 20 picks of docs/sweeps.md run 1.5x
-    to 20x longer, 9 needed a shorter lr there (6 of the 8 tried held a rung down, 2 two rungs) and none a
-    longer one; the sweep's own dev curve did not tell which."""
+    to 20x longer, 10 walked off, overfit or diverged there on some seed (6 of the 8 whose shorter lr ran long
+    held a rung down, 2 two rungs) and none wanted a longer lr; the sweep's own dev curve did not tell which."""
     if run_steps < LONGER_RUN * sweep_steps:
         return None
     return (f"note: train.steps ({run_steps}) is {run_steps / sweep_steps:.3g}x the sweep's {sweep_steps} steps; "
-            f"of 20 picks run longer in docs/sweeps.md, 9 needed a shorter lr there and none a longer one: "
+            f"of 20 picks run longer in docs/sweeps.md, 10 failed there on some seed and none wanted a longer lr: "
             f"run lr={rung_below(lr, lrs):g} for the {run_steps} steps too (--confirm does, and picks), "
             f"or sweep at that length (--steps {run_steps})")
 

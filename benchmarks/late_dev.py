@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zotune.bench.sweep import SweepCell, confirm_pick, dev_fall, late_dev, pick, read_cell
+from zotune.bench.sweep import SweepCell, confirm_pick, late_dev, pick, read_cell, setting_fall
 
 # grid under docs/bench -> (the configuration, the sweep's pick, a rung below)
 PAIRS = {
@@ -44,7 +44,7 @@ def row(name: str, seeds: list[int], runs: dict[str, list[SweepCell]]) -> str:
     picks = f"{pick(cells)}, {confirm_pick(cells)}"
     return (f"| {name}, {first[3:]} / {lower[3:]} | {', '.join(map(str, seeds))} "
             f"| {both(lambda cs: mean([c.test for c in cs]))} | {both(lambda cs: mean([c.best[0] for c in cs]))} "
-            f"| {both(lambda cs: mean([late_dev(c) for c in cs]))} | {both(dev_fall)} | {picks} |")
+            f"| {both(lambda cs: mean([late_dev(c) for c in cs]))} | {both(setting_fall)} | {picks} |")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import signal
 import statistics
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ import yaml
 from zotune.bench import load_grid, run_bench
 from zotune.bench.grid import cell_names
 from zotune.bench.benchdir import _same_config
+from zotune.bench.dev_scores import dev_fall, fell_far, late_score
 from zotune.bench.plots import memory_points
+from zotune.bench.report import late_format
 from zotune.bench.results import collect
 from zotune.bench.runner import BenchDir, plan_rows
 from zotune.cli import main
@@ -532,3 +535,18 @@ def test_forwards_table_says_how_many_cells_diverged():
     assert forwards_format([ok(), ok()]) == (None, "1350 (675 steps)")
     diverged = ok(forward_passes=882, steps=441, diverged_at_step=441)
     assert forwards_format([ok(), diverged]) == (None, "882/1350 (441/675 steps, 1 diverged)")
+
+
+def test_the_late_dev_score_reads_where_a_curve_ends_and_how_far_it_fell():
+    peak = [0.6, 0.8, 0.7, 0.6, 0.6, 0.5]  # an early peak, then down: the last half's mean is 0.567
+    assert late_score(peak) == pytest.approx(0.5666667) and dev_fall(peak) == pytest.approx(0.2333333)
+    assert fell_far(peak) and not fell_far([0.5, 0.6, 0.7, 0.7])  # a rising curve ends at its best
+    assert late_score([0.7]) == 0.7 and late_score([]) is None and dev_fall([]) is None and not fell_far([])
+
+    def result(dev):  # what late_format reads of a Result
+        return SimpleNamespace(ok=dev is not None, not_run=dev is None, dev_scores=dev or [])
+
+    value, text = late_format([result(peak), result([0.5, 0.6, 0.7, 0.7]), result(None)])
+    assert value == pytest.approx(round((0.5666667 + 0.7) / 2, 3)) and text.endswith(" (1 fell > 0.1)")
+    assert text.startswith(f"{(0.5666667 + 0.7) / 2:.3f} ± ")  # mean ± std over the finished cells
+    assert late_format([result(None)]) == (None, "not run")

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from zotune.bench.sweep import (SweepCell, around, confirm_pick, dev_fall, late_dev, longer_run_note, parse_values, pick,
-                                rank_key, read_cell, run_sweep, sweep_table)
+from zotune.bench.sweep import (SweepCell, around, confirm_pick, late_dev, longer_run_note, parse_values, pick,
+                                rank_key, read_cell, run_sweep, setting_fall, sweep_table)
 from zotune.cli import main
 from zotune.errors import ConfigError
 
@@ -76,7 +76,7 @@ def test_the_confirm_stage_ranks_by_the_late_dev_score_and_ties_go_to_the_lower_
     blown = cell("lr=0.003,seed=0", [0.9, 0.9], losses=(0.7, 9.0))
     assert confirm_pick([early, blown]) == "lr=0.01" and confirm_pick([blown]) is None  # diverged: never picked
     assert "late dev (last half)" in sweep_table("t", [early, steady], late=True)
-    assert dev_fall([early]) == pytest.approx(0.3) and dev_fall([steady]) == 0.0  # 0.8 -> 0.5: walks off; 0.7 -> 0.7
+    assert setting_fall([early]) == pytest.approx(0.3) and setting_fall([steady]) == 0.0  # 0.8 -> 0.5: walks off; 0.7 -> 0.7
 
 
 @pytest.mark.parametrize("text, message", [("1e-3,x", "comma-separated"), ("", "at least one"),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchdir import BenchDir
+from .dev_scores import FELL_FAR, fell_far, late_score
 from .grid import Grid
 from .plots import write_plots
 from .results import SEED_AXIS, Layout, Result, collect
@@ -77,6 +78,19 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
     diverged = sum(r.diverged for r in ok)
     note = f", {diverged} diverged" if diverged else ""
     return None, f"{'/'.join(map(str, fwd))} ({'/'.join(map(str, steps))} steps{note})"
+
+
+def late_format(results: list[Result]) -> tuple[float | None, str]:
+    """A group's late dev scores (:func:`~zotune.bench.dev_scores.late_score`: the mean of the last half of each
+    finished cell's dev evaluations) as ``mean ± std``, with ``k fell > 0.1`` when k cells' dev fell more than
+    ``FELL_FAR`` from its best to it; compared by the mean."""
+    curves = [r.dev_scores for r in results if r.ok and r.dev_scores]
+    if not curves:
+        return None, missing(results)
+    mean, std = mean_std([late_score(c) for c in curves])
+    fell = sum(fell_far(c) for c in curves)
+    text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") + (f" ({fell} fell > {FELL_FAR:g})" if fell else "")
+    return round(mean, 3), text
 
 
 def on_device(fmt: Format, device: str | None) -> Format:
@@ -149,6 +163,8 @@ def csv_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+LATE_EVALS = 4  # the late dev table: for cells evaluated on dev at least this often during training
+
 GPU_MEMORY = ("peak_cuda_allocated_mb", "peak_cuda_reserved_mb")  # summary.json keys of cells run on CUDA
 
 
@@ -208,6 +224,11 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     headers = None if len(metrics) == 1 else [f"{layout.col_label(c)} ({_col_metric(layout, c)})" for c in layout.col_keys]
     lines += [f"## Test {score} ({over})", "",
               *markdown_table(layout, score_format, "max", zero_shot_row(layout), headers), ""]
+    if sum(len(r.dev_scores) >= LATE_EVALS for r in results if r.ok) > 1:
+        lines += [f"## Late dev {score}: the mean of the last half of the dev evaluations ({over}; \"k fell > "
+                  f"{FELL_FAR:g}\": k cells' dev score fell more than that from its best to it, as every run whose lr "
+                  "was too long did in docs/sweeps.md)", "",
+                  *markdown_table(layout, late_format, "max", headers=headers), ""]
     if "task.align" in grid.axes:
         lines += alignment_lines(grid, results)
     if any(r.get("peak_cuda_allocated_mb") is not None for r in results):

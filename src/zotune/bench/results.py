@@ -90,8 +90,13 @@ class Result:
         if state != "partial" or not self.records:
             return ""
         where = f"step {int(self.records[-1]['step']) + 1}/{self.cell.cfg.train.steps}"
-        dev = [rec["dev"][self.metric] for rec in self.records if self.metric in rec.get("dev", {})]
-        return where + (f", dev {self.metric} {float(dev[-1]):.3f}" if dev else "")
+        dev = self.dev_scores
+        return where + (f", dev {self.metric} {dev[-1]:.3f}" if dev else "")
+
+    @property
+    def dev_scores(self) -> list[float]:
+        """The dev scores (the task's metric) of the cell's evaluations during training, in step order."""
+        return [float(rec["dev"][self.metric]) for rec in self.records if self.metric in rec.get("dev", {})]
 
     def forwards_to_dev(self, level: float) -> int | None:
         """Forward passes at the first dev evaluation that reached ``level`` (the task's metric); None if none did."""

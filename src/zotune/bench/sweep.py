@@ -39,6 +39,7 @@ from ..optim.registry import is_zeroth_order
 from ..tasks import task_spec
 from ..train.rundir import read_metrics
 from .benchdir import BenchDir
+from .dev_scores import FELL_FAR, dev_fall, late_score
 from .grid import load_grid
 from .runner import run_bench, say
 
@@ -46,7 +47,6 @@ DEFAULT_STEPS = 100  # the sweeps of docs/sweeps.md: 100 ZO steps
 DIVERGENCE_RATIO = 10.0  # a cell whose loss passes 10x its first step's ends there
 LONGER_RUN = 1.5  # a long run this many times the sweep's steps or more: longer_run_note names a shorter lr to try
 CONFIRM, CONFIRM_EVALS = "confirm", 16  # --confirm: its directory under --out; dev evaluations in each long run
-WALK_OFF = 0.1  # a confirmed setting whose dev falls more than this from its best to its late mean walks off
 PICKED, TABLE = "picked.yaml", "sweep.md"
 
 
@@ -296,7 +296,7 @@ def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lowe
     for the config's ``train.steps`` (the long run itself, dev every ``steps / CONFIRM_EVALS``) in
     ``out/confirm``, picked by :func:`late_dev`, ties to the lower lr. Why: of issue 24's seven such pairs at 675
     steps (seed 0) the late dev score picked the better-testing lr in 6 (the seventh walks off at both lrs and is
-    flagged: :func:`dev_fall`) and the best dev score in 5; over three seeds (two pairs) the late dev score in
+    flagged: :func:`setting_fall`) and the best dev score in 5; over three seeds (two pairs) the late dev score in
     both, the best dev score in neither (docs/sweeps.md).
     ``picked.yaml`` becomes the confirmed setting; ``text`` (the sweep's table) gets the confirm table."""
     steps = cfg.train.steps
@@ -323,9 +323,9 @@ def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lowe
         lines = [f"confirmed: {confirmed} (late dev {metric} {confirm_key([r for r in runs if r.setting == confirmed]):.3f}"
                  f"); its config: {out / PICKED}; its run (seed {seeds[0]}): {where / 'cells' / name}"]
         chosen = [r for r in runs if r.setting == confirmed]
-        if (fall := dev_fall(chosen)) > WALK_OFF:
-            lines.append(f"note: its dev falls {fall:.3f} from its best to its late mean: it walks off; try lr="
-                         f"{rung_below(lower, []):g} (a rung below both)")
+        if (fall := setting_fall(chosen)) > FELL_FAR:
+            lines.append(f"note: its dev falls {fall:.3f} from its best to its late mean, as every run whose lr was "
+                         f"too long did in docs/sweeps.md; try lr={rung_below(lower, []):g} (a rung below both)")
         elif float(setting_values(confirmed)["lr"]) == lower:
             lines.append(f"note: the lower lr won; one rung further down ({rung_below(lower, []):g}) may do better still")
     for line in lines:
@@ -335,17 +335,15 @@ def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lowe
 
 
 def late_dev(cell: SweepCell) -> float | None:
-    """The cell's mean dev score over the last half of its evaluations (None without any): where a long run
-    ends up, less noisy than one evaluation and blind to an early peak."""
-    scores = [score for _, score in sorted(cell.dev)]
-    late = scores[len(scores) // 2:]
-    return sum(late) / len(late) if late else None
+    """The cell's :func:`~zotune.bench.dev_scores.late_score`: its mean dev score over the last half of its
+    evaluations."""
+    return late_score([score for _, score in sorted(cell.dev)])
 
 
-def dev_fall(cells: Sequence[SweepCell]) -> float:
-    """How far a setting's dev falls from its best to its :func:`late_dev`, averaged over its seeds (0 without
-    dev scores). Over ``WALK_OFF`` it walks off: issue 24's walk-offs fell 0.14-0.20, the runs that held 0.01-0.05."""
-    falls = [c.best[0] - late_dev(c) for c in cells if c.dev]
+def setting_fall(cells: Sequence[SweepCell]) -> float:
+    """How far a setting's dev falls from its best to its late score (:func:`~zotune.bench.dev_scores.dev_fall`),
+    averaged over its seeds (0 without dev scores); over ``FELL_FAR`` its lr may be too long."""
+    falls = [dev_fall([score for _, score in sorted(c.dev)]) for c in cells if c.dev]
     return sum(falls) / len(falls) if falls else 0.0
 
 

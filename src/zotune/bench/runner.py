@@ -39,6 +39,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..models.loader import resolve_device
 from ..tasks import task_spec
 from .benchdir import BenchDir, Outcome
 from .grid import Cell, Grid, load_grid
@@ -287,8 +288,6 @@ def plan_rows(grid: Grid, bench: BenchDir, kept: BenchDir | None = None) -> list
 
 def _device_here(cell: Cell) -> str:
     """The device the cell would run on here (``model.device`` resolved on this machine)."""
-    from ..models.loader import resolve_device  # torch and transformers: only for a dry run
-
     try:
         return resolve_device(cell.cfg.model.device).type
     except ConfigError:  # asks for a device this machine lacks: no cell run here to go by

@@ -93,7 +93,7 @@ class Result:
         dev = self.dev_scores
         return where + (f", dev {self.metric} {dev[-1]:.3f}" if dev else "")
 
-    @property
+    @cached_property
     def dev_scores(self) -> list[float]:
         """The dev scores (the task's metric) of the cell's evaluations during training, in step order."""
         return [float(rec["dev"][self.metric]) for rec in self.records if self.metric in rec.get("dev", {})]

@@ -75,6 +75,11 @@ class SweepCell:
         return max(((score, -step) for step, score in self.dev), default=None)
 
     @property
+    def scores(self) -> list[float]:
+        """The dev scores in step order."""
+        return [score for _, score in sorted(self.dev)]
+
+    @property
     def test(self) -> float | None:
         """The final test score (with the best-dev weights under ``train.keep_best``)."""
         return ((self.summary or {}).get("eval") or {}).get(self.metric)
@@ -107,12 +112,17 @@ def rank_key(cells: Sequence[SweepCell]) -> tuple[float, float]:
     return (sum(max(s for _, s in c.dev) for c in cells) / len(cells), sum(scores) / len(scores))
 
 
-def pick(cells: Sequence[SweepCell]) -> str | None:
-    """The picked setting (:attr:`SweepCell.setting`), or None when every setting diverged or has no dev score."""
+def by_setting(cells: Sequence[SweepCell]) -> dict[str, list[SweepCell]]:
+    """The cells grouped by :attr:`SweepCell.setting` (a setting's seeds together), in order of appearance."""
     settings: dict[str, list[SweepCell]] = {}
     for c in cells:
         settings.setdefault(c.setting, []).append(c)
-    ranked = {s: rank_key(cs) for s, cs in settings.items()}
+    return settings
+
+
+def pick(cells: Sequence[SweepCell]) -> str | None:
+    """The picked setting (:attr:`SweepCell.setting`), or None when every setting diverged or has no dev score."""
+    ranked = {s: rank_key(cs) for s, cs in by_setting(cells).items()}
     best = max(ranked, key=ranked.get, default=None)
     return best if best is not None and ranked[best][0] >= 0 else None
 
@@ -319,15 +329,15 @@ def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lowe
         status = 1
     else:
         write_picked(out / PICKED, raw, cfg.version, confirmed)
-        name = next(c.name for c in cells if SweepCell(c.name).setting == confirmed)
-        lines = [f"confirmed: {confirmed} (late dev {metric} {confirm_key([r for r in runs if r.setting == confirmed]):.3f}"
-                 f"); its config: {out / PICKED}; its run (seed {seeds[0]}): {where / 'cells' / name}"]
-        chosen = [r for r in runs if r.setting == confirmed]
+        chosen = by_setting(runs)[confirmed]  # its seeds in the grid's order: seeds[0]'s first
+        lines = [f"confirmed: {confirmed} (late dev {metric} {confirm_key(chosen):.3f}); its config: {out / PICKED}; "
+                 f"its run (seed {seeds[0]}): {where / 'cells' / chosen[0].name}"]
+        further = rung_below(lower, [])
         if (fall := setting_fall(chosen)) > FELL_FAR:
             lines.append(f"note: its dev falls {fall:.3f} from its best to its late mean, as every run whose lr was "
-                         f"too long did in docs/sweeps.md; try lr={rung_below(lower, []):g} (a rung below both)")
+                         f"too long did in docs/sweeps.md; try lr={further:g} (a rung below both)")
         elif float(setting_values(confirmed)["lr"]) == lower:
-            lines.append(f"note: the lower lr won; one rung further down ({rung_below(lower, []):g}) may do better still")
+            lines.append(f"note: the lower lr won; one rung further down ({further:g}) may do better still")
     for line in lines:
         log(line)
     (out / TABLE).write_text(text + "\n" + table + "\n" + "\n\n".join(lines) + "\n", encoding="utf-8")
@@ -337,13 +347,13 @@ def confirm_sweep(raw: dict[str, Any], cfg: Config, picked: dict[str, str], lowe
 def late_dev(cell: SweepCell) -> float | None:
     """The cell's :func:`~zotune.bench.dev_scores.late_score`: its mean dev score over the last half of its
     evaluations."""
-    return late_score([score for _, score in sorted(cell.dev)])
+    return late_score(cell.scores)
 
 
 def setting_fall(cells: Sequence[SweepCell]) -> float:
     """How far a setting's dev falls from its best to its late score (:func:`~zotune.bench.dev_scores.dev_fall`),
     averaged over its seeds (0 without dev scores); over ``FELL_FAR`` its lr may be too long."""
-    falls = [dev_fall([score for _, score in sorted(c.dev)]) for c in cells if c.dev]
+    falls = [dev_fall(c.scores) for c in cells if c.dev]
     return sum(falls) / len(falls) if falls else 0.0
 
 
@@ -357,9 +367,7 @@ def confirm_key(cells: Sequence[SweepCell]) -> float:
 
 def confirm_pick(cells: Sequence[SweepCell]) -> str | None:
     """The setting with the highest :func:`confirm_key`, a tie to the lower lr; None when every setting diverged."""
-    settings: dict[str, list[SweepCell]] = {}
-    for c in cells:
-        settings.setdefault(c.setting, []).append(c)
+    settings = by_setting(cells)
     ranked = sorted(settings, key=lambda s: (-confirm_key(settings[s]), float(setting_values(s)["lr"])))
     return ranked[0] if ranked and confirm_key(settings[ranked[0]]) >= 0 else None
 

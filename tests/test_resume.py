@@ -19,7 +19,8 @@ import torch
 
 from zotune.cli import main
 from zotune.train import trainer
-from zotune.train.checkpoint import join_state, split_state
+from zotune.optim import ZOAdam
+from zotune.train.checkpoint import Checkpoints, Progress, join_state, split_state
 
 STEPS = 10
 LIGHT = ("tuning.scheme=lora", "tuning.hybrid.zo_layers=1", "optimizer.name=ZOAdam")  # fast; ZO and FO state
@@ -243,6 +244,32 @@ def test_state_splits_into_tensors_and_json_and_back():
     assert all(torch.equal(p, q) for p, q in zip(params, twin.param_groups[0]["params"]))
     with pytest.raises(TypeError, match="cannot checkpoint a set"):
         split_state({"x": {1, 2}})
+
+
+def test_a_resume_holds_the_optimizer_state_once(tmp_path):
+    """load_state_dict copies each saved tensor once (an optimizer never shares one with another); a checkpoint's
+    restore hands over the tensors it read instead (take=True), so a resumed ZO-Adam holds its two moments once,
+    not twice over, and continues bit for bit."""
+    w = torch.nn.Parameter(torch.randn(6))
+    opt = ZOAdam([w], lr=1e-2, eps=1e-2, seed=3)
+    opt.step(lambda: (w ** 2).sum())
+    saved = opt.state_dict()
+    copier = ZOAdam([torch.nn.Parameter(w.detach().clone())], lr=1e-2, eps=1e-2)
+    copier.load_state_dict(saved)
+    moment = copier.state[copier.param_groups[0]["params"][0]]["exp_avg"]
+    assert torch.equal(moment, saved["state"][0]["exp_avg"])
+    assert moment.data_ptr() != saved["state"][0]["exp_avg"].data_ptr()
+
+    Checkpoints(tmp_path, 1).save(Progress(step=1), [("w", w)], {"zo": opt})
+    checkpoint = Checkpoints(tmp_path, 1).latest()
+    read = checkpoint.state["optimizers"]["zo"]["state"][0]
+    twin_w = torch.nn.Parameter(torch.zeros(6))
+    twin = ZOAdam([twin_w], lr=1e-2, eps=1e-2)
+    checkpoint.restore([("w", twin_w)], {"zo": twin})
+    assert all(twin.state[twin_w][k] is read[k] for k in ("exp_avg", "exp_avg_sq"))
+    for o, p in ((opt, w), (twin, twin_w)):
+        o.step(lambda: (p ** 2).sum())
+    assert torch.equal(w, twin_w) and torch.equal(opt.state[w]["exp_avg_sq"], twin.state[twin_w]["exp_avg_sq"])
 
 
 def test_checkpoint_every_is_validated():

@@ -396,27 +396,36 @@ class ZOOptimizer(torch.optim.Optimizer):
         sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done, "skipped_steps": self.skipped_steps}
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch.optim, except that saved tensors keep their dtype: torch would cast float32
-        moments to a bfloat16 parameter's dtype, and the continuation would not be exact."""
+    def load_state_dict(self, state_dict: dict[str, Any], *, take: bool = False) -> None:
+        """As torch.optim, except that saved tensors keep their dtype (torch would cast float32 moments to a
+        bfloat16 parameter's dtype, and the continuation would not be exact) and each is copied once, onto its
+        parameter's device, so the optimizer never shares a tensor with ``state_dict``'s owner.
+
+        ``take=True``: the tensors are the caller's to give (a checkpoint has just read them, and nothing else
+        holds them): one already on its parameter's device is kept, not copied, so a resume holds the state
+        once (a full ZO-Adam's two moments: twice the model), not twice over."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
-        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})  # the groups; torch would copy the state once more
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in state_dict["state"]:
-                self.state[p] = {k: _restored(v, p) for k, v in state_dict["state"][saved_id].items()}
+        params = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        for saved_id, values in saved.items():
+            p = params.get(saved_id)
+            if p is None:
+                self.state[saved_id] = values  # not a parameter's: kept as torch keeps it
+            else:
+                self.state[p] = {k: _restored(v, p, take) for k, v in values.items()}
         if zo is not None:
             self.seed = int(zo["seed"])
             self.steps_done = int(zo["steps_done"])
             self.skipped_steps = int(zo["skipped_steps"])
 
 
-def _restored(value: Any, p: torch.Tensor) -> Any:
-    """A saved state value of ``p``, copied: a float32 tensor of p's size into :func:`state_like` (a file for
-    a ``p`` of an offloaded model, :func:`state_directory`), another tensor onto p's device, anything else
-    deep-copied."""
+def _restored(value: Any, p: torch.Tensor, take: bool = False) -> Any:
+    """A saved state value of ``p``: a float32 tensor of p's size copied into :func:`state_like` (a file for
+    a ``p`` of an offloaded model, :func:`state_directory`), another tensor onto p's device (copied unless
+    ``take`` and already there), anything else deep-copied."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
     if state_directory(p) is not None and value.dtype == torch.float32 and value.numel() == p.numel():
@@ -424,7 +433,7 @@ def _restored(value: Any, p: torch.Tensor) -> Any:
         home.copy_(value)
         release(home)
         return home
-    return value.to(device=p.device, copy=True)
+    return value.to(device=p.device, copy=not take)
 
 
 def release_all(p: torch.Tensor, state: dict) -> None:

@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 
 from ..errors import DataError, TrainingError
 from ..models.offload import release
+from ..optim.base import ZOOptimizer
 from ..tensorfile import TensorReader
 from ..trajectory import TrajectoryWriter
 from .weights import save_weights
@@ -149,7 +150,8 @@ class Checkpoint:
 
     @torch.no_grad()
     def restore(self, named: list[tuple[str, torch.nn.Parameter]], optimizers: Optimizers) -> None:
-        """Weights, optimizer states and RNG back into the live objects."""
+        """Weights, optimizer states and RNG back into the live objects. A ZO optimizer takes its state's tensors
+        as read (no copy), so a checkpoint restores once."""
         weights = self.state["weights"]
         if set(weights) != {n for n, _ in named}:
             self._misfit(f"{len(weights)} tensors saved, {len(named)} trainable")
@@ -164,8 +166,12 @@ class Checkpoint:
         if saved.keys() != {k for k, o in optimizers.items() if o is not None}:
             self._misfit(f"optimizers {sorted(saved)} saved")
         for key, state_dict in saved.items():
+            optimizer = optimizers[key]
             try:
-                optimizers[key].load_state_dict(state_dict)
+                if isinstance(optimizer, ZOOptimizer):
+                    optimizer.load_state_dict(state_dict, take=True)  # its tensors were read for it alone
+                else:
+                    optimizer.load_state_dict(state_dict)
             except (ValueError, KeyError) as err:
                 self._misfit(f"{key}: {err}")
         set_rng_state(self.state["rng"])

@@ -169,12 +169,14 @@ class ZOMuonSubspace(ZOMuon):
     """ZO-Muon as Lang et al. 2026 define it ("Powering up zeroth-order training via subspace gradient
     orthogonalization"; their code, OPTML-Group/ZO-Muon): :class:`ZOMuon`'s subspace rule with the settings of
     the paper's LLM command: rank 64, the basis redrawn every 100 steps, 4 one-sided queries (5 forwards a
-    step), no momentum, lr 1e-2 (on full fine-tuning 3e-1 since config version 8, its sweep's pick on the default
-    model), and the vectors (norms) stepped at 1e-7."""
+    step), no momentum, lr 1e-2 (on full fine-tuning 1e-1 since config version 22, measured at the fewer-forwards
+    grid's length on the default model; 3e-1, its 100-step sweep's pick, from version 8), and the vectors (norms)
+    stepped at 1e-7."""
 
     summary = "ZO-Muon in a random rank-64 subspace, orthogonalised there; 4 one-sided queries (Lang et al. 2026)"
-    # the paper's 1e-2 barely moves the default model in 100 steps; 3e-1 since version 8, its sweep's pick
-    default_lr = {(1, "*"): 1e-2, (8, "full"): 3e-1, (13, "lora-fa"): 3e-2}  # 13: its LoRA-FA sweep's pick
+    # the paper's 1e-2 barely moves the default model in 100 steps; 3e-1 from version 8, its sweep's pick, walks off
+    # at the fewer-forwards grid's 270 steps, where 1e-1 holds: 1e-1 since version 22 (configs/bench/zomuon-subspace-full-lr.yaml)
+    default_lr = {(1, "*"): 1e-2, (8, "full"): 3e-1, (13, "lora-fa"): 3e-2, (22, "full"): 1e-1}  # 13: its LoRA-FA sweep's pick
     default_n_queries = 4
     default_rank = 64
 

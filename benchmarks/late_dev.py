@@ -27,6 +27,7 @@ PAIRS = {
     "jaguar-full-lr": ("JAGUAR full", "lr=0.0001", "lr=3e-05"),
     "lozo-full-lr": ("LOZO full", "lr=0.0001", "lr=3e-05"),
     "hizoo-lora-fa-lr": ("HiZOO LoRA-FA", "lr=0.03", "lr=0.01"),  # run after the rules were set: out of sample
+    "zomuon-subspace-full-lr": ("ZOMuonSubspace full", "lr=0.3", "lr=0.1"),  # out of sample too
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     whole, cut = RUNS / "uninterrupted", RUNS / "resumed"
     for out in (whole, cut):
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out, ignore_errors=True)
     uninterrupted = finish(command(whole, args.steps, args.overrides), whole)
     interrupt(command(cut, args.steps, args.overrides), cut)
     resumed = finish(command(cut, args.steps, args.overrides), cut)

@@ -543,10 +543,15 @@ def test_the_late_dev_score_reads_where_a_curve_ends_and_how_far_it_fell():
     assert fell_far(peak) and not fell_far([0.5, 0.6, 0.7, 0.7])  # a rising curve ends at its best
     assert late_score([0.7]) == 0.7 and late_score([]) is None and dev_fall([]) is None and not fell_far([])
 
-    def result(dev):  # what late_format reads of a Result
-        return SimpleNamespace(ok=dev is not None, not_run=dev is None, dev_scores=dev or [])
+    def result(dev, diverged=False):  # what late_format reads of a Result
+        return SimpleNamespace(ok=dev is not None, not_run=dev is None, dev_scores=dev or [], diverged=diverged)
 
     value, text = late_format([result(peak), result([0.5, 0.6, 0.7, 0.7]), result(None)])
     assert value == pytest.approx(round((0.5666667 + 0.7) / 2, 3)) and text.endswith(" (1 fell > 0.1)")
     assert text.startswith(f"{(0.5666667 + 0.7) / 2:.3f} ± ")  # mean ± std over the finished cells
     assert late_format([result(None)]) == (None, "not run")
+    # a run that diverged after its last evaluation: its curve holds, the table still says so
+    _, text = late_format([result([0.6, 0.7, 0.7], diverged=True), result([0.6, 0.7])])
+    assert text.endswith(" ± 0.000 (1 diverged)")
+    _, text = late_format([result(peak, diverged=True)])
+    assert text == f"{0.5666667:.3f} (1 fell > 0.1, 1 diverged)"

@@ -83,13 +83,16 @@ def forwards_format(results: list[Result]) -> tuple[float | None, str]:
 def late_format(results: list[Result]) -> tuple[float | None, str]:
     """A group's late dev scores (:func:`~zotune.bench.dev_scores.late_score`: the mean of the last half of each
     finished cell's dev evaluations) as ``mean ± std``, with ``k fell > 0.1`` when k cells' dev fell more than
-    ``FELL_FAR`` from its best to it; compared by the mean."""
-    curves = [r.dev_scores for r in results if r.ok and r.dev_scores]
-    if not curves:
+    ``FELL_FAR`` from its best to it and ``k diverged`` when k of them ended early at ``train.divergence_ratio``
+    (which a dev curve misses when it happens after the last evaluation); compared by the mean."""
+    scored = [r for r in results if r.ok and r.dev_scores]
+    if not scored:
         return None, missing(results)
-    mean, std = mean_std([late_score(c) for c in curves])
-    fell = sum(fell_far(c) for c in curves)
-    text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") + (f" ({fell} fell > {FELL_FAR:g})" if fell else "")
+    mean, std = mean_std([late_score(r.dev_scores) for r in scored])
+    fell = sum(fell_far(r.dev_scores) for r in scored)
+    diverged = sum(r.diverged for r in scored)
+    notes = [f"{fell} fell > {FELL_FAR:g}"] * bool(fell) + [f"{diverged} diverged"] * bool(diverged)
+    text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") + (f" ({', '.join(notes)})" if notes else "")
     return round(mean, 3), text
 
 
@@ -227,7 +230,8 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     if sum(len(r.dev_scores) >= LATE_EVALS for r in results if r.ok) > 1:
         lines += [f"## Late dev {score}: the mean of the last half of the dev evaluations ({over}; \"k fell > "
                   f"{FELL_FAR:g}\": k cells' dev score fell more than that from its best to it, as every run whose lr "
-                  "was too long did in docs/sweeps.md)", "",
+                  "was too long did in docs/sweeps.md; \"k diverged\": k cells ended early at `train.divergence_ratio`, "
+                  "which their dev curves miss when it came after the last evaluation)", "",
                   *markdown_table(layout, late_format, "max", headers=headers), ""]
     if "task.align" in grid.axes:
         lines += alignment_lines(grid, results)

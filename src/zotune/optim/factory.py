@@ -65,8 +65,8 @@ MEASURED = Defaults(
 # classes'; 10: LOZO's LoRA-FA lr; 11: Sparse-MeZO's; 12: ZO-SGD-Momentum's; 13: ZOMuonSubspace's;
 # 14: ZO-Muon's, their classes'; 15: ZO-Muon's lr and plain_lr on full, its class's; 16: ZO-Muon's and JAGUAR's
 # LoRA-FA lr at the fewer-forwards grid's length, their classes'; 17: JAGUAR's and LOZO's full lr, 18: FZOO's LoRA-FA
-# lr, 19: ZO-SGD's, 20: Sparse-MeZO's and 21: HiZOO's LoRA-FA lr, 22: ZOMuonSubspace's full lr, the same way, their
-# classes')
+# lr, 19: ZO-SGD's, 20: Sparse-MeZO's and 21: HiZOO's LoRA-FA lr, 22: ZOMuonSubspace's and 23: HiZOO's full lr, the
+# same way, their classes')
 DEFAULTS_BY_VERSION = {v: MEZO if v < 3 else MEASURED for v in VERSIONS}
 
 

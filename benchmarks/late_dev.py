@@ -28,6 +28,7 @@ PAIRS = {
     "lozo-full-lr": ("LOZO full", "lr=0.0001", "lr=3e-05"),
     "hizoo-lora-fa-lr": ("HiZOO LoRA-FA", "lr=0.03", "lr=0.01"),  # run after the rules were set: out of sample
     "zomuon-subspace-full-lr": ("ZOMuonSubspace full", "lr=0.3", "lr=0.1"),  # out of sample too
+    "hizoo-full-lr": ("HiZOO full", "lr=0.0001", "lr=3e-05"),  # out of sample too
 }
 
 

@@ -65,7 +65,9 @@ def test_optimizers_lists_every_optimizer_with_its_versioned_defaults(capsys):
     table = out.split("\n\n")[0].splitlines()[1:]  # the table, before the notes and the summaries
     rows = {line.split()[0]: line.split() for line in table}
     assert set(optimizer_names()) <= set(rows)
-    assert rows["FZOO"][1:5] == ["ZO", "9", "3e-3", "/"] and rows["AdamW"][1:4] == ["FO", "1", "1e-5"]
+    assert rows["FZOO"][1:5] == ["ZO", "9", "3e-3*", "/"] and rows["AdamW"][1:4] == ["FO", "1", "1e-5"]
+    # * marks an lr measured on the optimizer itself; ZO-SGD-Cons inherits the family's (ZO-SGD's sweeps)
+    assert rows["HiZOO"][3] == "3e-5*" and rows["ZOSGDConservative"][3:6] == ["1e-4", "/", "1e-3"]
     assert f"config version {CONFIG_VERSION} (new runs)" in out
     assert all(cls.summary for cls in ZEROTH_ORDER.values())  # every optimizer says what it is and where from
     assert main(["optimizers", "--version", "2"]) == 0  # MeZO's published values

@@ -62,6 +62,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import yaml
 
 from zotune.config import from_dict, load_config, unresolved_versioned_defaults
 from zotune.models import load_model
@@ -170,10 +171,15 @@ def build(model_name: str, scheme: str) -> Session:
     return Session.build(cfg, log=lambda *_: None, with_data=False)
 
 
-def optimizer(session: Session, name: str, distribution: str | None = None) -> torch.optim.Optimizer:
-    """``name`` over the session's model, built as the trainer builds it, with its own defaults."""
+def optimizer(session: Session, entry: str, distribution: str | None = None) -> torch.optim.Optimizer:
+    """``entry`` (a name, or ``NAME:key=value``: one option over its defaults, e.g. ``ZOMuon:ns_form=iterative``)
+    over the session's model, built as the trainer builds it, with its own defaults."""
+    name, _, option = entry.partition(":")
     raw = unresolved_versioned_defaults(session.cfg)  # its own defaults (n_queries, noise table, ...)
     raw["optimizer"] |= {"name": name, **({"distribution": distribution} if distribution else {})}
+    if option:
+        key, _, value = option.partition("=")
+        raw["optimizer"]["options"] = {**raw["optimizer"].get("options", {}), key: yaml.safe_load(value)}
     cfg = from_dict(raw)
     return dataclasses.replace(session, cfg=cfg).optimizers(log=lambda *_: None)[0]
 
@@ -213,10 +219,16 @@ def measure(session: Session, shape: str, repeats: int, family: list[str], refer
         fns["MeZO-ref"] = lambda: mezo_reference_step(model, closure, LR, EPS, SEED)
     if mezo is not None:
         fns["mezo"] = lambda: mezo.update(model, batch, lm_loss, EPS, LR, SEED)
-    fns |= {f"update {name}": (lambda o=opts[name]: replay_last(o)) for name in UPDATES if name in opts}
+    fns |= {f"update {name}": (lambda o=opts[name]: replay_last(o)) for name in timed_updates(opts)}
     with weights_restored(session.trainable):
         timings = interleaved_timings(fns, repeats, stat)
     return timings | {f"forwards {name}": float(o.forwards_per_step) for name, o in opts.items()}
+
+
+def timed_updates(entries) -> list[str]:
+    """The entries whose update is timed alone: those of an optimizer in ``UPDATES``, in that order."""
+    return sorted((e for e in dict.fromkeys(entries) if e.partition(":")[0] in UPDATES),
+                  key=lambda e: UPDATES.index(e.partition(":")[0]))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -236,22 +248,24 @@ def print_tables(results: dict[tuple[str, str], dict[str, float]], trainable: di
         print(row)
     if family:
         print("\nevery ZO optimizer's step: / (2 x forward) | / (its forwards x forward) | / ZOSGD's step")
-        print(f"{'optimizer':<19}{'forwards':>9}" + "".join(f"{f'{scheme} {shape}':>22}" for scheme, shape in results))
+        print(f"{'optimizer':<26}{'forwards':>9}" + "".join(f"{f'{scheme} {shape}':>22}" for scheme, shape in results))
         for name in ["ZOSGD", *family]:
             first = next(iter(results.values()))
-            row = f"{name:<19}{first[f'forwards {name}']:>9.0f}"
+            row = f"{name:<26}{first[f'forwards {name}']:>9.0f}"
             for r in results.values():
                 fwd = r["forward"]
                 row += f"{r[name] / (2 * fwd):>8.2f}{r[name] / (r[f'forwards {name}'] * fwd):>7.2f}{r[name] / r['ZOSGD']:>7.2f}"
             print(row)
-    timed = [name for name in UPDATES if name == "ZOSGD" or name in family]
+    timed = timed_updates(["ZOSGD", *family])
     print("\nupdate alone (replayed from the step's record, no forward), s; extra: (update - ZOSGD's update) / ZOSGD's step")
-    print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>17}" for name in timed)
-          + "".join(f"{name + ' extra':>21}" for name in timed[1:]))
+    seconds = {name: max(17, len(name) + 4) for name in timed}  # column widths
+    extra = {name: max(21, len(name) + 8) for name in timed}
+    print(f"{'scheme':<7}{'batch':>7}" + "".join(f"{name + ' s':>{seconds[name]}}" for name in timed)
+          + "".join(f"{name + ' extra':>{extra[name]}}" for name in timed[1:]))
     for (scheme, shape), r in results.items():
         base = r["update ZOSGD"]
-        print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[f'update {name}']:>17.3f}" for name in timed)
-              + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>21.2f}" for name in timed[1:]))
+        print(f"{scheme:<7}{shape:>7}" + "".join(f"{r[f'update {name}']:>{seconds[name]}.3f}" for name in timed)
+              + "".join(f"{(r[f'update {name}'] - base) / r['ZOSGD']:>{extra[name]}.2f}" for name in timed[1:]))
 
 
 def thin_copy(model_name: str, out: Path) -> str:
@@ -277,7 +291,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="16x64,4x32", help="batch x tokens, comma-separated")
     parser.add_argument("--schemes", default="full,lora")
-    parser.add_argument("--family", default=",".join(FAMILY), help="optimizers timed against ZOSGD ('' for none)")
+    parser.add_argument("--family", default=",".join(FAMILY),
+                        help="optimizers timed against ZOSGD ('' for none); NAME:key=value sets one option")
     parser.add_argument("--no-reference", action="store_true", help="skip the MeZO reference timing")
     parser.add_argument("--no-mezo", action="store_true", help="skip the PyPI mezo package")
     parser.add_argument("--stat", choices=sorted(STATS), default="median",

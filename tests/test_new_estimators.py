@@ -139,8 +139,8 @@ def test_defaults_follow_the_config_version():
     from zotune.optim.factory import build_optimizer, resolved_hparams
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 15, 16, 18, 19, 20, 21, 22, 23)}
-    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 15: 1e-5, 16: 1e-5, 18: 1e-5, 19: 1e-5, 20: 1e-5, 21: 1e-5, 22: 1e-5, 23: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
+    alphas = {v: build_optimizer(OptimizerConfig(name="HiZOO"), params, "full", seed=0, version=v).alpha for v in (1, 4, 5, 8, 15, 16, 18, 19, 20, 21, 22, 23, 24)}
+    assert alphas == {1: 1e-3, 4: 1e-3, 5: 1e-5, 8: 1e-5, 15: 1e-5, 16: 1e-5, 18: 1e-5, 19: 1e-5, 20: 1e-5, 21: 1e-5, 22: 1e-5, 23: 1e-5, 24: 1e-5} and HiZOO(params, lr=1e-4).alpha == alphas[CONFIG_VERSION]
     given = OptimizerConfig(name="HiZOO", options={"alpha": 1e-6})
     assert build_optimizer(given, params, "full", seed=0, version=4).alpha == 1e-6
     lrs = {name: [resolved_hparams(OptimizerConfig(name=name), "full", v)[0] for v in range(1, 16)]
@@ -214,6 +214,14 @@ def test_defaults_follow_the_config_version():
              for v in (14, 15) for row in ("full", "lora-fa")}
     assert plain == {(14, "full"): None, (14, "lora-fa"): None, (15, "full"): 5e-6, (15, "lora-fa"): None}
     assert build_optimizer(OptimizerConfig(name="ZOMuonSubspace"), params, "full", seed=0, version=15).param_groups[0]["plain_lr"] == 1e-7
+    # 24: ZO-Muon's full-rank Newton-Schulz in its spectral form on a CPU ("auto"), plain_lr kept; LoRA-FA (its
+    # matrices small) and ZOMuonSubspace (r x n) keep the iteration, and so does a run recorded before
+    forms = {(v, row): build_optimizer(OptimizerConfig(name="ZOMuon"), params, row, seed=0, version=v).param_groups[0]
+             for v in (23, 24) for row in ("full", "lora-fa")}
+    assert {k: (g["ns_form"], g["plain_lr"]) for k, g in forms.items()} == {
+        (23, "full"): ("iterative", 5e-6), (23, "lora-fa"): ("iterative", None),
+        (24, "full"): ("auto", 5e-6), (24, "lora-fa"): ("iterative", None)}
+    assert build_optimizer(OptimizerConfig(name="ZOMuonSubspace"), params, "full", seed=0, version=24).param_groups[0]["ns_form"] == "iterative"
     # a row's own entry (momentum's lr on full) leaves the other rows the family's; an entry for "*" (HiZOO's alpha)
     # holds in every row
     assert resolved_hparams(OptimizerConfig(name="ZOSGDMomentum"), "lora-fa", 6)[0] == 3e-2

@@ -31,7 +31,7 @@ OWN_WEIGHTS_SCHEMES = ("full", "top")  # the schemes that tune the model's own w
 PRECISION_CHECKS = ("error", "warn", "ignore")
 OBJECTIVES = ("loss", "accuracy", "f1")
 BASELINES = ("zero_shot", "icl", "linear_probe")
-# The defaults' generations: 23: HiZOO's full fine-tuning lr at the fewer-forwards grid's length (its class's); 22: ZOMuonSubspace's full fine-tuning lr at the fewer-forwards grid's length (its class's); 21: HiZOO's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 20: Sparse-MeZO's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 19: ZO-SGD's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 18: FZOO's LoRA-FA lr at the fewer-forwards grid's length (its class's); 17: JAGUAR's and LOZO's full fine-tuning lr at the fewer-forwards grid's length (their classes'); 16: ZO-Muon's and JAGUAR's LoRA-FA lr at the fewer-forwards grid's length (their classes'); 15: ZO-Muon's lr and plain_lr on full fine-tuning (its class's); 14: ZO-Muon's LoRA-FA lr; 13: ZOMuonSubspace's LoRA-FA lr; 12: ZO-SGD-Momentum's LoRA-FA lr (its class's default_lr); 11: Sparse-MeZO's
+# The defaults' generations: 24: ZO-Muon's Newton-Schulz in its spectral form on a CPU for full fine-tuning (its class's default_options); 23: HiZOO's full fine-tuning lr at the fewer-forwards grid's length (its class's); 22: ZOMuonSubspace's full fine-tuning lr at the fewer-forwards grid's length (its class's); 21: HiZOO's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 20: Sparse-MeZO's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 19: ZO-SGD's LoRA-FA lr at the fewer-forwards grid's length, three seeds (its class's); 18: FZOO's LoRA-FA lr at the fewer-forwards grid's length (its class's); 17: JAGUAR's and LOZO's full fine-tuning lr at the fewer-forwards grid's length (their classes'); 16: ZO-Muon's and JAGUAR's LoRA-FA lr at the fewer-forwards grid's length (their classes'); 15: ZO-Muon's lr and plain_lr on full fine-tuning (its class's); 14: ZO-Muon's LoRA-FA lr; 13: ZOMuonSubspace's LoRA-FA lr; 12: ZO-SGD-Momentum's LoRA-FA lr (its class's default_lr); 11: Sparse-MeZO's
 # LoRA-FA lr (its class's default_lr); 10: the next LoRA-FA
 # sweeps' learning rates (LOZO: its class's default_lr);
 # 9: the LoRA-FA sweeps' learning rates done so far (ZO-Adam, ZO-SGD-Sign, FZOO, JAGUAR:
@@ -40,9 +40,9 @@ BASELINES = ("zero_shot", "icl", "linear_probe")
 # default_lr); 5: HiZOO's measured alpha (its class's default_options); 4: FZOO's measured lr (its class's default_lr); 3: learning rates
 # measured on the default model (zotune.optim.factory); 2: the noise table by default
 # (DEFAULT_NOISE_TABLE_MB); 1: before versions
-CONFIG_VERSION = 23
+CONFIG_VERSION = 24
 UNVERSIONED = 1  # the version of a recorded config.yaml that names none (written before versions)
-VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
+VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24)
 DEFAULT_NOISE_TABLE_MB = 64.0
 DROPOUT = ("off", "model_default")  # train.dropout
 SCHEDULES = ("constant", "linear", "cosine")  # zotune.train.schedule.lr_factor

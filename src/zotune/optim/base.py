@@ -403,11 +403,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         ``take=True``: the tensors are the caller's to give (a checkpoint has just read them, and nothing else
         holds them): one already on its parameter's device is kept, not copied, so a resume holds the state
-        once (a full ZO-Adam's two moments: twice the model), not twice over."""
+        once (a full ZO-Adam's two moments: twice the model), not twice over.
+
+        A saved group lacking an option added since (ZO-Muon's ``ns_form``) takes the value this optimizer
+        was built with."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})  # the groups; torch would copy the state once more
+        for group in self.param_groups:  # a group saved before an option existed takes this optimizer's value of it
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for saved_id, values in saved.items():

@@ -66,7 +66,7 @@ MEASURED = Defaults(
 # 14: ZO-Muon's, their classes'; 15: ZO-Muon's lr and plain_lr on full, its class's; 16: ZO-Muon's and JAGUAR's
 # LoRA-FA lr at the fewer-forwards grid's length, their classes'; 17: JAGUAR's and LOZO's full lr, 18: FZOO's LoRA-FA
 # lr, 19: ZO-SGD's, 20: Sparse-MeZO's and 21: HiZOO's LoRA-FA lr, 22: ZOMuonSubspace's and 23: HiZOO's full lr, the
-# same way, their classes')
+# same way, their classes'; 24: ZO-Muon's Newton-Schulz form on full fine-tuning, its class's default_options)
 DEFAULTS_BY_VERSION = {v: MEZO if v < 3 else MEASURED for v in VERSIONS}
 
 

@@ -12,10 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import ZotuneError
+from .errors import EXIT_INTERRUPTED, ZotuneError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def _add_run_args(sub: argparse.ArgumentParser) -> None:

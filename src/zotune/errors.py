@@ -6,6 +6,9 @@ and exits non-zero, without a traceback. Programming errors stay ordinary except
 """
 
 
+EXIT_INTERRUPTED = 130  # a command stopped by Ctrl-C or SIGTERM (a run checkpointed: the same command goes on)
+
+
 class ZotuneError(Exception):
     """An error caused by user input, reported as one line without a traceback."""
 

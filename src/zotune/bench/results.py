@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..errors import EXIT_INTERRUPTED
 from ..tasks import task_spec
 from ..train.rundir import read_metrics
 from .benchdir import BenchDir, Outcome, recorded_device
@@ -130,8 +131,11 @@ def collect(grid: Grid, bench: BenchDir) -> list[Result]:
 
 
 def result_of(cell: Cell, bench: BenchDir) -> Result:
-    """The cell's result in ``bench`` (a cell never run counts as failed: ``not run``)."""
-    outcome = bench.outcome(cell) or Outcome("failed", NOT_RUN)
+    """The cell's result in ``bench`` (a cell never run counts as failed: ``not run``, and so does one interrupted
+    with a checkpoint to go on from, e.g. by ``--time-limit``: unfinished, not failed)."""
+    outcome = bench.outcome(cell)
+    if outcome is None or (outcome.returncode == EXIT_INTERRUPTED and bench.state(cell) == "partial"):
+        outcome = Outcome("failed", NOT_RUN)
     summary_path = bench.run_dir(cell) / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if outcome.status == "ok" else None
     if summary and summary.get("wall_s", 0) < summary.get("train_wall_s", 0):

@@ -48,8 +48,8 @@ def _spectral(x: torch.Tensor, steps: int) -> torch.Tensor:
     """The iteration in closed form: ``X = U S V^T`` becomes ``U p(S) V^T`` each step, ``p(s) = a s + b s^3 + c s^5``,
     so after ``steps`` it is ``Q X`` with ``Q = E diag(f) E^T``, ``X X^T = E diag(s^2) E^T`` and ``f`` the product of
     the steps' ``p(s) / s``: two m x m x n products and an m x m ``eigh`` in place of ``steps`` iterations of three
-    matmuls, all in float32. A matrix ``eigh`` cannot take (not finite: a diverged run's step, which must carry its
-    NaN on) goes through the iteration."""
+    matmuls, all in float32. A matrix ``eigh`` refuses (``LinAlgError``) goes through the iteration; a non-finite one
+    (a diverged run's momentum) comes out NaN either way, as that run's step must."""
     gram = x @ x.T
     try:
         squares, vectors = torch.linalg.eigh(gram)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from zotune.bench import load_grid, run_bench
-from zotune.bench.grid import cell_names
+from zotune.bench.grid import cell_names, whole_grid
 from zotune.bench.benchdir import _same_config
 from zotune.bench.dev_scores import dev_fall, fell_far, late_score
 from zotune.bench.plots import memory_points
@@ -415,6 +415,27 @@ def test_command_line_overrides_and_baseline_cells(tiny_model_dir, reviews_csv, 
         load_grid(write_grid(tmp_path / "bad.yaml", {**grid, "baselines": ["oracle"]}))
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_grid(path, ["model.name"])
+
+
+def test_a_grid_run_in_pieces_reports_on_the_whole_grid(tiny_model_dir, reviews_csv, tmp_path):
+    """Overrides that only pick cells (``seed=1``: a grid run in pieces, on machines that share an --archive) write the
+    report of the whole grid, the other pieces' archived cells included, never one of the piece alone; an override
+    that changes the cells (or picks a value the axis lacks) reports on its cells."""
+    grid = tiny_grid(tiny_model_dir, reviews_csv)
+    grid["overrides"] = []
+    path, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "kept"
+    assert run_bench(path, tmp_path / "a", log=lambda _: None, overrides=["seed=0"], archive=kept) == 0
+    assert "4 cells, 2 ok, 0 failed, 2 not run yet." in (kept / "report.md").read_text()
+    assert sorted(p.name for p in (kept / "cells").iterdir()) == ["optimizer=AdamW,seed=0", "optimizer=ZOSGD,seed=0"]
+    piece = ["optimizer.name=ZOSGD", "seed=1"]  # another machine, another --out
+    assert run_bench(path, tmp_path / "b", log=lambda _: None, overrides=piece, archive=kept) == 0
+    for report in (kept / "report.md", tmp_path / "b" / "report.md"):
+        assert "4 cells, 3 ok, 0 failed, 1 not run yet." in report.read_text()
+    assert sorted(r["run_dir"] for r in read_csv(kept / "results.csv")) == \
+        sorted(f"cells/{cell.name}" for cell in load_grid(path).cells)
+    assert len(whole_grid(load_grid(path, piece)).cells) == 4
+    for alone in (["seed=7"], ["seed=0", "eval.max_examples=4"]):
+        assert len(whole_grid(load_grid(path, alone)).cells) == 2
 
 
 def _recorded_on(cell_dir: Path, device_type: str) -> None:

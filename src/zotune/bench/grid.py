@@ -166,6 +166,17 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
                 path.parent / memory_csv if memory_csv else None, tuple(overrides), tuple(sorted(set(levels))))
 
 
+def whole_grid(grid: Grid) -> Grid:
+    """The grid file's own cells when every command-line override only picks cells out of it (names an axis and
+    one of its values: a grid run in pieces, ``seed=2``), so that its report covers the whole grid; else ``grid``
+    itself (an override that changes the cells, ``train.steps=5``, reports on those cells alone)."""
+    if not grid.overrides:
+        return grid
+    whole = load_grid(grid.path)
+    picks = [parse_override(item) for item in grid.overrides]
+    return whole if all(key in whole.axes and value in whole.axes[key] for key, value in picks) else grid
+
+
 def _mapping(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}

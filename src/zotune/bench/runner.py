@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..models.loader import resolve_device
 from ..tasks import task_spec
 from .benchdir import BenchDir, Outcome
-from .grid import Cell, Grid, load_grid
+from .grid import Cell, Grid, load_grid, whole_grid
 from .report import write_report
 from .results import configuration, result_of, seconds_left
 
@@ -342,7 +342,8 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
     which gets the report and every finished cell's record afterwards (:meth:`BenchDir.archive_into`):
     a grid run in pieces on machines whose disks do not last. The cells run seed by seed (every cell of the
     first seed before the second's), so that a run cut short has each configuration once. ``time_limit``: after
-    that many seconds the bench stops as on Ctrl-C (running cells checkpoint, report and archive written)."""
+    that many seconds the bench stops as on Ctrl-C (running cells checkpoint, report and archive written). Overrides
+    that only pick cells (``seed=2``: a piece of the grid) still write the whole grid's report (:func:`whole_grid`)."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if time_limit is not None and not time_limit > 0:
@@ -358,15 +359,16 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         for line in plan_lines(grid, bench, kept):
             log(line)
         return 0
+    whole = whole_grid(grid)  # what the report covers: the grid file's cells, where the overrides only pick some
     if kept is not None:
-        if restored := bench.restore_from(kept, grid):
+        if restored := bench.restore_from(kept, whole):
             log(f"{len(restored)} cells copied in from {kept.root}")
     if report_only:
         if not (bench.root / "cells").is_dir():
             raise ConfigError(f"--out {bench.root} holds no bench run to report on")
-        report = write_report(grid, bench)
-        finished = sum(bench.state(c) == "done" for c in grid.cells)
-        log(f"report of {finished} finished cells of {len(grid.cells)}: {report}")
+        report = write_report(whole, bench)
+        finished = sum(bench.state(c) == "done" for c in whole.cells)
+        log(f"report of {finished} finished cells of {len(whole.cells)}: {report}")
         _archive(bench, kept, grid, log)
         return 0
     bench.prepare(grid)
@@ -377,11 +379,11 @@ def run_bench(grid_path: str | Path, out: str | Path, jobs: int = 1, dry_run: bo
         with _interrupts(time_limit if todo else None, log):
             run_cells(todo, bench, jobs, log, interactive)
     except KeyboardInterrupt:
-        write_report(grid, bench)  # of the cells finished so far
+        write_report(whole, bench)  # of the cells finished so far
         _archive(bench, kept, grid, log)  # the cells stopped at a step: their trajectories go on next time
         raise KeyboardInterrupt(f"interrupted: the finished cells are kept in {bench.root}; run the same command "
                                 "again to go on") from None
-    report = write_report(grid, bench)
+    report = write_report(whole, bench)
     failed = [c.name for c in grid.cells if (o := bench.outcome(c)) is None or o.status != "ok"]
     log(f"report: {report}")
     _archive(bench, kept, grid, log)

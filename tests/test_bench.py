@@ -17,11 +17,11 @@ import yaml
 
 from zotune.bench import load_grid, run_bench
 from zotune.bench.grid import cell_names, whole_grid
-from zotune.bench.benchdir import _same_config
+from zotune.bench.benchdir import Outcome, _same_config
 from zotune.bench.dev_scores import dev_fall, fell_far, late_score
 from zotune.bench.plots import memory_points
-from zotune.bench.report import late_format
-from zotune.bench.results import collect
+from zotune.bench.report import late_format, report_lines
+from zotune.bench.results import Result, collect
 from zotune.bench.runner import BenchDir, plan_rows
 from zotune.cli import main
 from zotune.config import CONFIG_VERSION, OptimizerConfig, from_dict, load_config
@@ -144,6 +144,9 @@ def test_cell_names_are_safe_and_unique():
     ({"budget": {"forward_passes": 40}, "base": {"optimizer": {"blockwise": True}}}, "block-wise"),
     ({"dev_levels": [0.7, 70]}, "dev_levels must be a list of dev scores in (0, 1]"),
     ({"dev_levels": 0.7}, "dev_levels must be a list"),
+    ({"axes": {"seed": [0, 1]}, "paired_with": {"seed": 0}}, "paired_with: 'seed' is not an axis"),
+    ({"axes": {"optimizer.name": ["ZOSGD"]}, "paired_with": {"optimizer.name": "FZOO"}}, "has no value 'FZOO'"),
+    ({"axes": {"optimizer.name": ["ZOSGD"]}, "paired_with": "ZOSGD"}, "paired_with must name one axis"),
     ([1, 2], "must hold a mapping"),
 ])
 def test_malformed_grid_is_one_line_and_exit_2(tmp_path, capsys, grid, needle):
@@ -577,3 +580,38 @@ def test_the_late_dev_score_reads_where_a_curve_ends_and_how_far_it_fell():
     assert text.endswith(" ± 0.000 (1 diverged)")
     _, text = late_format([result(peak, diverged=True)])
     assert text == f"{0.5666667:.3f} (1 fell > 0.1, 1 diverged)"
+
+
+def test_paired_tables_subtract_the_partner_on_the_same_seed(tmp_path):
+    """``paired_with: {optimizer.name: ZOSGD}``: each cell minus ZOSGD's on its scheme and seed, so a seed that
+    lifts every method (seed 1 here, +0.2) cancels: FZOO is ahead on both seeds by 0.02 and 0.04, though its
+    scores' spread (0.1 apart) would hide that in a mean ± std table. A piece of the grid (an axis override) keeps
+    the pairing; an unfinished partner leaves its pair out."""
+    path = write_grid(tmp_path / "grid.yaml", {
+        "base": {"task": {"name": "rotten_tomatoes"}, "train": {"steps": 2}},
+        "axes": {"optimizer.name": ["ZOSGD", "FZOO"], "tuning.scheme": ["full"], "seed": [0, 1]},
+        "paired_with": {"optimizer.name": "ZOSGD"}})
+    grid = load_grid(path)
+    assert grid.paired_with == ("optimizer.name", "ZOSGD")
+    assert load_grid(path, ["optimizer.name=FZOO"]).paired_with == ("optimizer.name", "ZOSGD")
+    scores = {("ZOSGD", 0): 0.50, ("ZOSGD", 1): 0.70, ("FZOO", 0): 0.52, ("FZOO", 1): 0.74}
+    devs = {("ZOSGD", 0): [0.5] * 4, ("ZOSGD", 1): [0.6, 0.6, 0.7, 0.7], ("FZOO", 0): [0.6] * 4, ("FZOO", 1): [0.6] * 4}
+    results = []
+    for cell in grid.cells:
+        key = (cell.axes["optimizer.name"], cell.axes["seed"])
+        run_dir = tmp_path / cell.name
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "forward_passes": 2 * i + 2, "dev": {"accuracy": d}}) + "\n"
+            for i, d in enumerate(devs[key])))
+        results.append(Result(cell, Outcome("ok"), {"eval": {"accuracy": scores[key]}, "forward_passes": 4}, run_dir))
+    report = "\n".join(report_lines(grid, results, []))
+    title = "Test accuracy minus ZOSGD's on the same scheme and seed"
+    assert table_row(report, title, "ZOSGD") == ["reference"]
+    assert table_row(report, title, "FZOO") == [f"+0.030 ± {statistics.stdev([0.02, 0.04]):.3f} (ahead on 2/2)"]
+    # late dev: FZOO 0.6 and 0.6 against ZOSGD's 0.5 and 0.7 (the mean of each curve's last half)
+    assert table_row(report, "Late dev accuracy minus ZOSGD's", "FZOO") == [
+        f"+0.000 ± {statistics.stdev([0.1, -0.1]):.3f} (ahead on 1/2)"]
+    results[1] = Result(results[1].cell, Outcome("failed", "not run"), None, results[1].run_dir)  # ZOSGD seed 1
+    report = "\n".join(report_lines(grid, results, []))
+    assert table_row(report, title, "FZOO") == ["+0.020 (ahead on 1/1)"]

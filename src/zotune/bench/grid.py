@@ -14,6 +14,7 @@ Format (docs/contract.md, "Benchmark grid", extended by ``budget``, ``descriptio
     baselines: [zero_shot, icl, linear_probe]       # optional: `zotune eval` cells, rows of the report
     memory_csv: memory.csv                          # optional, relative to the grid file
     dev_levels: [0.625, 0.7]                        # optional: a report table of the forward passes to reach each
+    paired_with: {optimizer.name: ZOSGD}            # optional: report tables of each cell minus this one on its seed
 
 Each key of ``axes`` and ``set`` is a dotted config key and replaces that node (a mapping value
 replaces the whole section); ``base`` may use nested or dotted keys. ``when`` is matched against
@@ -24,7 +25,10 @@ gives each cell ``N // forward passes per step`` steps (equal forward-pass budge
 axes that are not the optimizer's, training's or tuning's (``optimizer.*``, ``train.*``, ``tuning.*``): its row in the report
 is the baseline (``ICL``), beside the optimizers. ``load_grid(path, overrides)`` applies
 ``key=value`` overrides (``zotune bench --grid G model.name=...``) to every cell, last; an override
-of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. ``train.save_weights``
+of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. ``paired_with`` names one axis (not the seed) and one of
+its values: the report then pairs each cell with the cell that differs from it on that axis alone
+(``optimizer.name: ZOSGD``: the same scheme and seed, so the same training sentences) and tables
+the differences, which a seed's spread does not blur. ``train.save_weights``
 is false in a cell unless the grid sets it. Every cell's config is validated before anything runs: a
 malformed grid is one :class:`~zotune.errors.ConfigError` line.
 """
@@ -46,7 +50,8 @@ from ..errors import ConfigError
 from ..optim.factory import run_forwards_per_step
 from ..tasks import task_spec
 
-GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv", "dev_levels")
+GRID_KEYS = ("description", "base", "axes", "overrides", "budget", "baselines", "memory_csv", "dev_levels",
+             "paired_with")
 BASELINE_LABELS = {"zero_shot": "zero-shot", "icl": "ICL", "linear_probe": "LP"}  # their rows in the report
 TRAINING_AXES = ("optimizer.", "train.", "tuning.")  # axes a baseline (an evaluation) does not vary over
 BUDGET_KINDS = ("forward_passes", "steps")
@@ -122,6 +127,7 @@ class Grid:
     memory_csv: Path | None = None
     overrides: tuple[str, ...] = ()  # key=value applied to every cell (the command line's)
     dev_levels: tuple[float, ...] = ()  # the report's "forward passes to reach a dev score" levels
+    paired_with: tuple[str, Any] | None = None  # (axis, value): the report's paired differences against that cell
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -144,6 +150,7 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
         raise ConfigError(f"{where}: description must be a text, got {description!r}")
     base = _base(raw.get("base"), where)
     axes = _axes(raw.get("axes"), where)
+    paired_with = _paired_with(raw.get("paired_with"), axes, where)
     final = dict(parse_override(item) for item in overrides)
     axes = {k: [final[k]] if k in final else v for k, v in axes.items()}
     budget = _budget(raw.get("budget"), where)
@@ -163,7 +170,8 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
                                                for v in levels):
         raise ConfigError(f"{where}: dev_levels must be a list of dev scores in (0, 1], got {levels!r}")
     return Grid(path, description.strip(), axes, budget, cells,
-                path.parent / memory_csv if memory_csv else None, tuple(overrides), tuple(sorted(set(levels))))
+                path.parent / memory_csv if memory_csv else None, tuple(overrides), tuple(sorted(set(levels))),
+                paired_with)
 
 
 def whole_grid(grid: Grid) -> Grid:
@@ -206,6 +214,23 @@ def _axes(value: Any, where: str) -> dict[str, list[Any]]:
             raise ConfigError(f"{where}: axis '{key}' lists a value twice: {values!r}")
         axes[str(key)] = values
     return axes
+
+
+def _paired_with(value: Any, axes: dict[str, list[Any]], where: str) -> tuple[str, Any] | None:
+    """``paired_with`` as (axis, value): one axis of the grid file (not the seed) and one of its values."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ConfigError(f"{where}: paired_with must name one axis and one of its values "
+                          f"(paired_with: {{optimizer.name: ZOSGD}}), got {value!r}")
+    (key, val), = value.items()
+    if key not in axes or key == "seed":
+        choices = ", ".join(k for k in axes if k != "seed") or "none"
+        raise ConfigError(f"{where}: paired_with: '{key}' is not an axis of the grid (axes but the seed: {choices})")
+    if val not in axes[key]:
+        raise ConfigError(f"{where}: paired_with: {key} has no value {val!r} (its values: "
+                          f"{', '.join(map(str, axes[key]))})")
+    return key, val
 
 
 def _overrides(value: Any, where: str) -> list[Override]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .benchdir import BenchDir
 from .dev_scores import FELL_FAR, fell_far, late_score
-from .grid import Grid
+from .grid import Grid, axis_label, value_label
 from .plots import write_plots
 from .results import SEED_AXIS, Layout, Result, collect
 
@@ -94,6 +94,37 @@ def late_format(results: list[Result]) -> tuple[float | None, str]:
     notes = [f"{fell} fell > {FELL_FAR:g}"] * bool(fell) + [f"{diverged} diverged"] * bool(diverged)
     text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") + (f" ({', '.join(notes)})" if notes else "")
     return round(mean, 3), text
+
+
+def paired_format(value: Callable[[Result], float | None], partner: Callable[[Result], Result | None]) -> Format:
+    """A :data:`Format` of paired differences: each cell's ``value`` minus that of its ``partner`` (the grid's
+    ``paired_with`` cell on the same seed) as ``mean ± std (ahead on k/n)`` over the pairs where both have a value;
+    "reference" for the partners' own row; compared by the mean."""
+    def fmt(results: list[Result]) -> tuple[float | None, str]:
+        if results and all(partner(r) is r for r in results):
+            return None, "reference"
+        diffs = [mine - theirs for r in results if r.ok and (p := partner(r)) is not None and p.ok
+                 and (mine := value(r)) is not None and (theirs := value(p)) is not None]
+        if not diffs:
+            return None, missing(results) or "-"
+        mean, std = mean_std(diffs)
+        ahead = sum(d > 1e-9 for d in diffs)
+        text = f"{mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f" (ahead on {ahead}/{len(diffs)})"
+        return round(mean, 3), text
+    return fmt
+
+
+def partners(grid: Grid, results: list[Result]) -> Callable[[Result], Result | None]:
+    """Each result's ``paired_with`` partner: the result whose cell differs from it on that axis alone, where it has
+    the grid's value (itself for those cells; None when the grid pairs nothing or the partner is not in ``results``)."""
+    if grid.paired_with is None:
+        return lambda r: None
+    axis, value = grid.paired_with
+
+    def key(axes: dict[str, Any]) -> str:
+        return json.dumps(axes, sort_keys=True, default=str)
+    by_axes = {key(r.cell.axes): r for r in results}
+    return lambda r: by_axes.get(key({**r.cell.axes, axis: value})) if axis in r.cell.axes else None
 
 
 def on_device(fmt: Format, device: str | None) -> Format:
@@ -233,6 +264,8 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
                   "was too long did in docs/sweeps.md; \"k diverged\": k cells ended early at `train.divergence_ratio`, "
                   "which their dev curves miss when it came after the last evaluation)", "",
                   *markdown_table(layout, late_format, "max", headers=headers), ""]
+    if grid.paired_with is not None:
+        lines += paired_lines(grid, results, layout, score, headers)
     if "task.align" in grid.axes:
         lines += alignment_lines(grid, results)
     if any(r.get("peak_cuda_allocated_mb") is not None for r in results):
@@ -259,6 +292,27 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
                   ", ".join(f"`{r.cell.name}`" for r in waiting), ""]
     if plots:
         lines += ["## Plots", "", *[f"![{title}]({name})" for name, title in plots], ""]
+    return lines
+
+
+def late_dev(result: Result) -> float | None:
+    """The cell's late dev score (:func:`~zotune.bench.dev_scores.late_score`), None without dev evaluations."""
+    return late_score(result.dev_scores) if result.dev_scores else None
+
+
+def paired_lines(grid: Grid, results: list[Result], layout: Layout, score: str, headers: list[str] | None) -> list[str]:
+    """The tables of ``paired_with``: each cell's test score, and its late dev score, minus its partner's."""
+    axis, value = grid.paired_with
+    partner = partners(grid, results)
+    ref = value_label(value) if axis == "optimizer.name" else f"{axis_label(axis)}={value_label(value)}"
+    others = [k for k in grid.axes if k not in (axis, SEED_AXIS)]
+    same = " and ".join([*(axis_label(k) for k in others), "seed"])
+    lines = [f"## Test {score} minus {ref}'s on the same {same} (paired: mean ± std of the differences, and on how "
+             f"many pairs the cell is ahead; a seed's spread, which the tables above carry, cancels out)", "",
+             *markdown_table(layout, paired_format(lambda r: r.score, partner), "max", headers=headers), ""]
+    if sum(len(r.dev_scores) >= LATE_EVALS for r in results if r.ok) > 1:
+        lines += [f"## Late dev {score} minus {ref}'s, paired the same way", "",
+                  *markdown_table(layout, paired_format(late_dev, partner), "max", headers=headers), ""]
     return lines
 
 

@@ -19,7 +19,7 @@ from zotune.bench import load_grid, run_bench
 from zotune.bench.grid import cell_names, whole_grid
 from zotune.bench.benchdir import Outcome, _same_config
 from zotune.bench.dev_scores import dev_fall, fell_far, late_score
-from zotune.bench.plots import memory_points
+from zotune.bench.plots import memory_points, paired_differences
 from zotune.bench.report import late_format, report_lines
 from zotune.bench.results import Result, collect
 from zotune.bench.runner import BenchDir, plan_rows
@@ -612,6 +612,9 @@ def test_paired_tables_subtract_the_partner_on_the_same_seed(tmp_path):
     # late dev: FZOO 0.6 and 0.6 against ZOSGD's 0.5 and 0.7 (the mean of each curve's last half)
     assert table_row(report, "Late dev accuracy minus ZOSGD's", "FZOO") == [
         f"+0.000 ± {statistics.stdev([0.1, -0.1]):.3f} (ahead on 1/2)"]
+    assert paired_differences(grid, results, tmp_path / "paired.png")[0] == "paired.png"
+    assert (tmp_path / "paired.png").stat().st_size > 0
     results[1] = Result(results[1].cell, Outcome("failed", "not run"), None, results[1].run_dir)  # ZOSGD seed 1
     report = "\n".join(report_lines(grid, results, []))
     assert table_row(report, title, "FZOO") == ["+0.020 (ahead on 1/1)"]
+    assert paired_differences(grid, [r for r in results if r.cell.axes["seed"] == 1], tmp_path / "none.png") is None

@@ -129,6 +129,14 @@ class Grid:
     dev_levels: tuple[float, ...] = ()  # the report's "forward passes to reach a dev score" levels
     paired_with: tuple[str, Any] | None = None  # (axis, value): the report's paired differences against that cell
 
+    @property
+    def partner_label(self) -> str:
+        """The ``paired_with`` cells in a few words: the optimizer's name (``ZOSGD``), else ``lr=3e-05``."""
+        if self.paired_with is None:
+            return ""
+        axis, value = self.paired_with
+        return value_label(value) if axis == "optimizer.name" else f"{axis_label(axis)}={value_label(value)}"
+
 
 # -- loading -------------------------------------------------------------------------------
 def load_grid(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Grid:

@@ -7,6 +7,8 @@
 - ``accuracy_vs_memory.png``: score against peak memory, one point per row and column, a panel per device;
 - ``forwards_to_dev_level.png``: per column, the forward passes each row needed to first reach each of the
   grid's ``dev_levels`` (bars: the mean over the seeds that reached it, dots: each seed, k/n above);
+- ``paired_differences.png``: with the grid's ``paired_with``, per column, each row's test and late dev scores
+  minus its partner's on the same seed (a dot per seed, a bar at their mean);
 - ``accuracy_vs_queries.png``: score against the query budget q (axis ``optimizer.n_queries``);
 - ``alignment_gap.png``: score with and without task alignment (axis ``task.align``);
 - ``memory_vs_seq_len.png``: from the grid's ``memory_csv`` (a ``zotune memory`` CSV), when given.
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid
-from .results import Layout, Result
+from .dev_scores import late_score
+from .results import Layout, Result, partners
 
 MARKERS = "osD^v<>pPX*h"
 
@@ -36,6 +39,8 @@ def write_plots(grid: Grid, results: list[Result], root: Path) -> list[tuple[str
              accuracy_vs_memory(grid, ok, root / "accuracy_vs_memory.png")]
     if grid.dev_levels:
         drawn.append(forwards_to_dev_level(grid, ok, root / "forwards_to_dev_level.png"))
+    if grid.paired_with is not None:
+        drawn.append(paired_differences(grid, ok, root / "paired_differences.png"))
     if "optimizer.n_queries" in grid.axes:
         drawn.append(accuracy_vs_queries(grid, ok, root / "accuracy_vs_queries.png"))
     if "task.align" in grid.axes:
@@ -222,6 +227,42 @@ def forwards_to_dev_level(grid: Grid, results: list[Result], path: Path) -> tupl
         ax.grid(alpha=0.3, axis="y")
     _legend(fig, layout.row_labels)
     return _save(fig, path, f"Forward passes to reach a dev score ({grid.budget.short()})")
+
+
+def paired_differences(grid: Grid, results: list[Result], path: Path) -> tuple[str, str] | None:
+    """Per column, a row per optimizer (the partners' own row left out): its cells' test score and late dev score
+    minus their ``paired_with`` partners' on the same seed, a dot per pair and a bar at their mean, with the zero
+    line (level with the partner); returns ``(file name, title)``, None when no pair has finished."""
+    layout = Layout.of(grid.axes, results)
+    partner = partners(grid, results)
+    measures = (("test", lambda r: r.score), ("late dev", lambda r: late_score(r.dev_scores)))
+    diffs: dict[tuple, list[list[float]]] = {}
+    for (row, col), group in layout.groups.items():
+        pairs = [(r, p) for r in group if r.ok and (p := partner(r)) is not None and p is not r and p.ok]
+        diffs[(row, col)] = [[f(r) - f(p) for r, p in pairs if f(r) is not None and f(p) is not None]
+                             for _, f in measures]
+    rows = [row for row in layout.row_keys if any(any(diffs.get((row, col), [[], []])) for col in layout.col_keys)]
+    if not rows:
+        return None
+    fig, axes = _panels(len(layout.col_keys), height=0.45 * len(rows) + 1.6)
+    for j, col in enumerate(layout.col_keys):
+        ax = axes[0][j]
+        for i, row in enumerate(rows):
+            for k, (name, _) in enumerate(measures):
+                values = diffs.get((row, col), [[], []])[k]
+                if not values:
+                    continue
+                y = i + (k - 0.5) * 0.35
+                ax.barh(y, statistics.fmean(values), 0.32, color=f"C{k}", alpha=0.45, label=f"{name}: mean of the seeds")
+                ax.plot(values, [y] * len(values), "o", color=f"C{k}", markersize=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), [layout.row_label(row) for row in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"minus {grid.partner_label}'s {results[0].metric}, same seed (right: ahead)")
+        ax.set_title(layout.col_label(col))
+        ax.grid(alpha=0.3, axis="x")
+    _legend(fig)
+    return _save(fig, path, f"Each cell minus {grid.partner_label} on the same seed (dots: seeds, bars: their mean)")
 
 
 def accuracy_vs_queries(grid: Grid, results: list[Result], path: Path) -> tuple[str, str]:

@@ -19,9 +19,9 @@ from typing import Any
 
 from .benchdir import BenchDir
 from .dev_scores import FELL_FAR, fell_far, late_score
-from .grid import Grid, axis_label, value_label
+from .grid import Grid, axis_label
 from .plots import write_plots
-from .results import SEED_AXIS, Layout, Result, collect
+from .results import SEED_AXIS, Layout, Result, collect, partners
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -112,19 +112,6 @@ def paired_format(value: Callable[[Result], float | None], partner: Callable[[Re
         text = f"{mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f" (ahead on {ahead}/{len(diffs)})"
         return round(mean, 3), text
     return fmt
-
-
-def partners(grid: Grid, results: list[Result]) -> Callable[[Result], Result | None]:
-    """Each result's ``paired_with`` partner: the result whose cell differs from it on that axis alone, where it has
-    the grid's value (itself for those cells; None when the grid pairs nothing or the partner is not in ``results``)."""
-    if grid.paired_with is None:
-        return lambda r: None
-    axis, value = grid.paired_with
-
-    def key(axes: dict[str, Any]) -> str:
-        return json.dumps(axes, sort_keys=True, default=str)
-    by_axes = {key(r.cell.axes): r for r in results}
-    return lambda r: by_axes.get(key({**r.cell.axes, axis: value})) if axis in r.cell.axes else None
 
 
 def on_device(fmt: Format, device: str | None) -> Format:
@@ -297,14 +284,13 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
 
 def late_dev(result: Result) -> float | None:
     """The cell's late dev score (:func:`~zotune.bench.dev_scores.late_score`), None without dev evaluations."""
-    return late_score(result.dev_scores) if result.dev_scores else None
+    return late_score(result.dev_scores)
 
 
 def paired_lines(grid: Grid, results: list[Result], layout: Layout, score: str, headers: list[str] | None) -> list[str]:
     """The tables of ``paired_with``: each cell's test score, and its late dev score, minus its partner's."""
-    axis, value = grid.paired_with
+    axis, ref = grid.paired_with[0], grid.partner_label
     partner = partners(grid, results)
-    ref = value_label(value) if axis == "optimizer.name" else f"{axis_label(axis)}={value_label(value)}"
     others = [k for k in grid.axes if k not in (axis, SEED_AXIS)]
     same = " and ".join([*(axis_label(k) for k in others), "seed"])
     lines = [f"## Test {score} minus {ref}'s on the same {same} (paired: mean ± std of the differences, and on how "

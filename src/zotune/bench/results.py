@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import EXIT_INTERRUPTED
@@ -142,6 +143,19 @@ def result_of(cell: Cell, bench: BenchDir) -> Result:
         # a resumed run's summary from before its wall_s counted the processes it resumed: their training time
         summary["wall_s"] = summary["train_wall_s"]
     return Result(cell, outcome, summary, bench.run_dir(cell))
+
+
+def partners(grid: Grid, results: list[Result]) -> Callable[[Result], Result | None]:
+    """Each result's ``paired_with`` partner: the result whose cell differs from it on that axis alone, where it has
+    the grid's value (itself for those cells; None when the grid pairs nothing or the partner is not in ``results``)."""
+    if grid.paired_with is None:
+        return lambda r: None
+    axis, value = grid.paired_with
+
+    def key(axes: dict[str, Any]) -> str:
+        return json.dumps(axes, sort_keys=True, default=str)
+    by_axes = {key(r.cell.axes): r for r in results}
+    return lambda r: by_axes.get(key({**r.cell.axes, axis: value})) if axis in r.cell.axes else None
 
 
 # -- layout --------------------------------------------------------------------------------

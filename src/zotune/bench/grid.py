@@ -25,11 +25,11 @@ gives each cell ``N // forward passes per step`` steps (equal forward-pass budge
 axes that are not the optimizer's, training's or tuning's (``optimizer.*``, ``train.*``, ``tuning.*``): its row in the report
 is the baseline (``ICL``), beside the optimizers. ``load_grid(path, overrides)`` applies
 ``key=value`` overrides (``zotune bench --grid G model.name=...``) to every cell, last; an override
-of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. ``paired_with`` names one axis (not the seed) and one of
-its values: the report then pairs each cell with the cell that differs from it on that axis alone
-(``optimizer.name: ZOSGD``: the same scheme and seed, so the same training sentences) and tables
-the differences, which a seed's spread does not blur. ``train.save_weights``
-is false in a cell unless the grid sets it. Every cell's config is validated before anything runs: a
+of an axis leaves that axis one value, and ``train.steps=N`` replaces the budget. ``paired_with``
+names one axis (not the seed) and one of its values: the report then pairs each cell with the cell
+that differs from it on that axis alone (``optimizer.name: ZOSGD``: the same scheme and seed, so the
+same training sentences) and tables the differences, which a seed's spread does not blur.
+``train.save_weights`` is false in a cell unless the grid sets it. Every cell's config is validated before anything runs: a
 malformed grid is one :class:`~zotune.errors.ConfigError` line.
 """
 

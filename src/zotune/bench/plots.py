@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid
-from .dev_scores import late_score
 from .results import Layout, Result, partners
 
 MARKERS = "osD^v<>pPX*h"
@@ -235,7 +234,7 @@ def paired_differences(grid: Grid, results: list[Result], path: Path) -> tuple[s
     line (level with the partner); returns ``(file name, title)``, None when no pair has finished."""
     layout = Layout.of(grid.axes, results)
     partner = partners(grid, results)
-    measures = (("test", lambda r: r.score), ("late dev", lambda r: late_score(r.dev_scores)))
+    measures = (("test", lambda r: r.score), ("late dev", lambda r: r.late_dev))
     diffs: dict[tuple, list[list[float]]] = {}
     for (row, col), group in layout.groups.items():
         pairs = [(r, p) for r in group if r.ok and (p := partner(r)) is not None and p is not r and p.ok]

@@ -282,11 +282,6 @@ def report_lines(grid: Grid, results: list[Result], plots: list[tuple[str, str]]
     return lines
 
 
-def late_dev(result: Result) -> float | None:
-    """The cell's late dev score (:func:`~zotune.bench.dev_scores.late_score`), None without dev evaluations."""
-    return late_score(result.dev_scores)
-
-
 def paired_lines(grid: Grid, results: list[Result], layout: Layout, score: str, headers: list[str] | None) -> list[str]:
     """The tables of ``paired_with``: each cell's test score, and its late dev score, minus its partner's."""
     axis, ref = grid.paired_with[0], grid.partner_label
@@ -298,7 +293,7 @@ def paired_lines(grid: Grid, results: list[Result], layout: Layout, score: str, 
              *markdown_table(layout, paired_format(lambda r: r.score, partner), "max", headers=headers), ""]
     if sum(len(r.dev_scores) >= LATE_EVALS for r in results if r.ok) > 1:
         lines += [f"## Late dev {score} minus {ref}'s, paired the same way", "",
-                  *markdown_table(layout, paired_format(late_dev, partner), "max", headers=headers), ""]
+                  *markdown_table(layout, paired_format(lambda r: r.late_dev, partner), "max", headers=headers), ""]
     return lines
 
 

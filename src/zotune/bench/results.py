@@ -14,6 +14,7 @@ from ..errors import EXIT_INTERRUPTED
 from ..tasks import task_spec
 from ..train.rundir import read_metrics
 from .benchdir import BenchDir, Outcome, recorded_device
+from .dev_scores import late_score
 from .grid import Cell, Grid, axis_label, value_label
 
 COLUMN_AXES = ("model.name", "task", "task.name", "tuning.scheme")  # ZO-Bench's columns; the rest are rows
@@ -99,6 +100,11 @@ class Result:
     def dev_scores(self) -> list[float]:
         """The dev scores (the task's metric) of the cell's evaluations during training, in step order."""
         return [float(rec["dev"][self.metric]) for rec in self.records if self.metric in rec.get("dev", {})]
+
+    @property
+    def late_dev(self) -> float | None:
+        """Where the dev curve ends up: :func:`~zotune.bench.dev_scores.late_score` of its scores (None without)."""
+        return late_score(self.dev_scores)
 
     def forwards_to_dev(self, level: float) -> int | None:
         """Forward passes at the first dev evaluation that reached ``level`` (the task's metric); None if none did."""

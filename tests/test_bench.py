@@ -429,6 +429,8 @@ def test_a_grid_run_in_pieces_reports_on_the_whole_grid(tiny_model_dir, reviews_
     path, kept = write_grid(tmp_path / "grid.yaml", grid), tmp_path / "kept"
     assert run_bench(path, tmp_path / "a", log=lambda _: None, overrides=["seed=0"], archive=kept) == 0
     assert "4 cells, 2 ok, 0 failed, 2 not run yet." in (kept / "report.md").read_text()
+    score = table_row((kept / "report.md").read_text(), "Test accuracy", "ZOSGD")[0].strip("*")
+    assert score.endswith(" (1/2 run)") and "ok)" not in score  # a cell not run yet has not failed
     assert sorted(p.name for p in (kept / "cells").iterdir()) == ["optimizer=AdamW,seed=0", "optimizer=ZOSGD,seed=0"]
     piece = ["optimizer.name=ZOSGD", "seed=1"]  # another machine, another --out
     assert run_bench(path, tmp_path / "b", log=lambda _: None, overrides=piece, archive=kept) == 0

@@ -44,15 +44,18 @@ def missing(results: list[Result]) -> str:
 
 
 def score_format(results: list[Result]) -> tuple[float | None, str]:
-    """A group's test scores as ``mean ± std`` (with ``k/n ok`` when some cells failed); compared by the mean,
-    rounded to 3 digits."""
+    """A group's test scores as ``mean ± std``, with ``k/n ok`` when some of the n cells that ran failed and ``k/n
+    run`` when some have not run yet (a grid run in pieces); compared by the mean, rounded to 3 digits."""
     values = [r.score for r in results if r.score is not None]
     if not values:
         return None, missing(results)
     mean, std = mean_std(values)
     text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
-    if len(values) < len(results):
-        text += f" ({len(values)}/{len(results)} ok)"
+    ran = [r for r in results if not r.not_run]
+    if len(values) < len(ran):
+        text += f" ({len(values)}/{len(ran)} ok)"
+    if len(ran) < len(results):
+        text += f" ({len(ran)}/{len(results)} run)"
     return round(mean, 3), text
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid
-from .results import Layout, Result, partners
+from .results import Layout, Result, partner_differences, partners
 
 MARKERS = "osD^v<>pPX*h"
 
@@ -237,9 +237,7 @@ def paired_differences(grid: Grid, results: list[Result], path: Path) -> tuple[s
     measures = (("test", lambda r: r.score), ("late dev", lambda r: r.late_dev))
     diffs: dict[tuple, list[list[float]]] = {}
     for (row, col), group in layout.groups.items():
-        pairs = [(r, p) for r in group if r.ok and (p := partner(r)) is not None and p is not r and p.ok]
-        diffs[(row, col)] = [[f(r) - f(p) for r, p in pairs if f(r) is not None and f(p) is not None]
-                             for _, f in measures]
+        diffs[(row, col)] = [partner_differences(group, partner, f) for _, f in measures]
     rows = [row for row in layout.row_keys if any(any(diffs.get((row, col), [[], []])) for col in layout.col_keys)]
     if not rows:
         return None

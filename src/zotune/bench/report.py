@@ -21,7 +21,7 @@ from .benchdir import BenchDir
 from .dev_scores import FELL_FAR, fell_far, late_score
 from .grid import Grid, axis_label
 from .plots import write_plots
-from .results import SEED_AXIS, Layout, Result, collect, partners
+from .results import SEED_AXIS, Layout, Result, collect, partner_differences, partners
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -106,8 +106,7 @@ def paired_format(value: Callable[[Result], float | None], partner: Callable[[Re
     def fmt(results: list[Result]) -> tuple[float | None, str]:
         if results and all(partner(r) is r for r in results):
             return None, "reference"
-        diffs = [mine - theirs for r in results if r.ok and (p := partner(r)) is not None and p.ok
-                 and (mine := value(r)) is not None and (theirs := value(p)) is not None]
+        diffs = partner_differences(results, partner, value)
         if not diffs:
             return None, missing(results) or "-"
         mean, std = mean_std(diffs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_INTERRUPTED
@@ -162,6 +162,13 @@ def partners(grid: Grid, results: list[Result]) -> Callable[[Result], Result | N
         return json.dumps(axes, sort_keys=True, default=str)
     by_axes = {key(r.cell.axes): r for r in results}
     return lambda r: by_axes.get(key({**r.cell.axes, axis: value})) if axis in r.cell.axes else None
+
+
+def partner_differences(results: list[Result], partner: Callable[[Result], Result | None],
+                        value: Callable[[Result], float | None]) -> list[float]:
+    """``value`` of each finished result minus that of its finished ``partner`` (another cell), where both have one."""
+    return [mine - theirs for r in results if r.ok and (p := partner(r)) is not None and p is not r and p.ok
+            and (mine := value(r)) is not None and (theirs := value(p)) is not None]
 
 
 # -- layout --------------------------------------------------------------------------------
